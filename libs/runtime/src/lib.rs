@@ -1,0 +1,34 @@
+//! The one way a mesh service starts: configuration from the environment,
+//! telemetry (logs + OTLP traces), the gRPC server with health, reflection
+//! and per-RPC metrics, readiness driven by dependency checks, the Redis
+//! Cluster connection, and draining shutdown.
+//!
+//! # Layout
+//! - [`config`]: `Lookup` over the environment (or a map in tests), typed reads.
+//! - [`telemetry`]: tracing subscriber + OpenTelemetry OTLP exporter.
+//! - [`trace_context`]: W3C `traceparent` in gRPC metadata.
+//! - [`grpc`]: the server layer (span, request id, metrics) on every RPC.
+//! - [`health`]: liveness/readiness semantics and dependency checks.
+//! - [`server`]: listeners, health + reflection, serve and drain.
+//! - [`redis`]: the Redis Cluster pool and its readiness check.
+//! - `metrics`: the Prometheus registry and `/metrics` endpoint.
+
+pub mod config;
+pub mod grpc;
+pub mod health;
+mod killable;
+mod metrics;
+pub mod redis;
+pub mod server;
+pub mod telemetry;
+pub mod trace_context;
+
+pub use config::{ConfigError, Env, Lookup, LookupExt, ServerConfig};
+pub use health::{Check, Health, LIVENESS, READINESS};
+pub use metrics::{latency_buckets, latency_histogram};
+pub use prometheus_client;
+pub use server::{ServeError, Server, shutdown_signal};
+pub use telemetry::{Telemetry, TelemetryConfig};
+
+/// Exit code for a bad configuration (`EX_CONFIG` is 78; sysexits' `EX_USAGE`, 64, is what operators expect here).
+pub const EXIT_CONFIG: u8 = 64;

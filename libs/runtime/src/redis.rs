@@ -1,0 +1,157 @@
+//! The Redis Cluster connection every Redis-backed service uses: a small
+//! pool of fred cluster clients (each pipelines to every node), hard
+//! command timeouts so a dead node never hangs a caller, and endless
+//! reconnection with backoff.
+
+use std::time::Duration;
+
+use fred::{
+    clients::Pool,
+    interfaces::{ClientLike, ClusterInterface},
+    types::config::{
+        ClusterDiscoveryPolicy, Config, ConnectionConfig, PerformanceConfig, ReconnectPolicy, ServerConfig,
+        TcpConfig,
+    },
+};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::{
+    config::{ConfigError, Lookup, LookupExt},
+    health::Check,
+};
+
+/// Keys read by [`RedisConfig::from_lookup`].
+pub mod keys {
+    /// Comma-separated cluster seed nodes, `host:port` or `redis://[user:pass@]host:port`.
+    pub const URLS: &str = "MESH_REDIS_URLS";
+    /// Prefix of every key the service writes (isolates tenants and tests).
+    pub const KEY_PREFIX: &str = "MESH_REDIS_KEY_PREFIX";
+    /// Clients in the pool.
+    pub const POOL_SIZE: &str = "MESH_REDIS_POOL_SIZE";
+    /// Default timeout of one command (ms).
+    pub const COMMAND_TIMEOUT_MS: &str = "MESH_REDIS_COMMAND_TIMEOUT_MS";
+    /// Timeout of one connection attempt (ms).
+    pub const CONNECT_TIMEOUT_MS: &str = "MESH_REDIS_CONNECT_TIMEOUT_MS";
+}
+
+/// How to reach the Redis Cluster.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// Seed nodes; may hold credentials, hence secret.
+    pub urls: Vec<SecretString>,
+    /// Prefix for every key, e.g. `mesh:`.
+    pub key_prefix: String,
+    /// Clients in the pool (each multiplexes all callers).
+    pub pool_size: usize,
+    /// Default command timeout.
+    pub command_timeout: Duration,
+    /// Connection attempt timeout.
+    pub connect_timeout: Duration,
+}
+
+impl RedisConfig {
+    /// Reads the Redis settings; `MESH_REDIS_URLS` is required.
+    pub fn from_lookup(l: &impl Lookup) -> Result<Self, ConfigError> {
+        let urls = l.secret_list(keys::URLS);
+        if urls.is_empty() {
+            return Err(ConfigError::new(keys::URLS, "is required"));
+        }
+        let c = Self {
+            urls,
+            key_prefix: l.string(keys::KEY_PREFIX).unwrap_or_else(|| "mesh:".to_owned()),
+            pool_size: l.parse_or(keys::POOL_SIZE, 4)?,
+            command_timeout: l.millis_or(keys::COMMAND_TIMEOUT_MS, Duration::from_millis(500))?,
+            connect_timeout: l.millis_or(keys::CONNECT_TIMEOUT_MS, Duration::from_millis(1000))?,
+        };
+        c.fred_config()?;
+        Ok(c)
+    }
+
+    /// Settings for the given seed nodes with defaults for the rest.
+    pub fn new(urls: impl IntoIterator<Item = impl Into<String>>, key_prefix: impl Into<String>) -> Self {
+        Self {
+            urls: urls.into_iter().map(|u| SecretString::from(u.into())).collect(),
+            key_prefix: key_prefix.into(),
+            pool_size: 4,
+            command_timeout: Duration::from_millis(500),
+            connect_timeout: Duration::from_millis(1000),
+        }
+    }
+
+    fn fred_config(&self) -> Result<Config, ConfigError> {
+        let mut hosts = Vec::new();
+        let mut creds = (None, None);
+        for url in &self.urls {
+            let url = url.expose_secret();
+            let full = if url.contains("://") { url.to_owned() } else { format!("redis://{url}") };
+            // Never echo the URL: it may carry a password.
+            let parsed = Config::from_url(&full).map_err(|_| {
+                ConfigError::new(keys::URLS, "an entry is not host:port or redis://[user:pass@]host:port")
+            })?;
+            if creds.1.is_none() {
+                creds = (parsed.username.clone(), parsed.password.clone());
+            }
+            for h in parsed.server.hosts() {
+                hosts.push((h.host.to_string(), h.port));
+            }
+        }
+        Ok(Config {
+            server: ServerConfig::Clustered {
+                hosts: hosts.into_iter().map(Into::into).collect(),
+                policy: ClusterDiscoveryPolicy::default(),
+            },
+            username: creds.0,
+            password: creds.1,
+            fail_fast: true,
+            ..Config::default()
+        })
+    }
+}
+
+/// Builds and starts the pool. Returns at once: connections are made in the
+/// background and re-made forever, so a service can start (not ready) while
+/// Redis is down.
+pub fn connect(config: &RedisConfig) -> Result<Pool, ConfigError> {
+    let fred_config = config.fred_config()?;
+    let perf =
+        PerformanceConfig { default_command_timeout: config.command_timeout, ..PerformanceConfig::default() };
+    let conn = ConnectionConfig {
+        connection_timeout: config.connect_timeout,
+        internal_command_timeout: config.connect_timeout,
+        // Retrying on another node after a MOVED/failover is fine; retrying
+        // the same dead node until the deadline is not.
+        max_command_attempts: 2,
+        tcp: TcpConfig { nodelay: Some(true), ..TcpConfig::default() },
+        ..ConnectionConfig::default()
+    };
+    let pool = fred::types::Builder::from_config(fred_config)
+        .set_performance_config(perf)
+        .set_connection_config(conn)
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2))
+        .build_pool(config.pool_size.max(1))
+        .map_err(|e| ConfigError::new(keys::URLS, format!("cannot build client: {}", e.details())))?;
+    let _handles = pool.connect_pool();
+    Ok(pool)
+}
+
+/// Readiness check: the cluster answers and reports `cluster_state:ok`.
+pub fn check(pool: &Pool) -> Check {
+    let pool = pool.clone();
+    Check::new("redis", move || {
+        let client = pool.next().clone();
+        async move {
+            let info: String =
+                client.cluster_info().await.map_err(|e| format!("cluster info failed: {}", e.details()))?;
+            if info.lines().any(|l| l.trim() == "cluster_state:ok") {
+                Ok(())
+            } else {
+                Err("cluster_state is not ok".to_owned())
+            }
+        }
+    })
+}
+
+/// Waits until the pool is connected, or `timeout`.
+pub async fn wait_connected(pool: &Pool, timeout: Duration) -> bool {
+    tokio::time::timeout(timeout, pool.wait_for_connect()).await.is_ok_and(|r| r.is_ok())
+}

@@ -1,0 +1,284 @@
+//! Serving: binds the gRPC and metrics listeners, adds health and reflection
+//! (v1 and v1alpha) for every served service, runs readiness checks, and on
+//! shutdown drains: readiness NOT_SERVING at once, then in-flight calls get
+//! the grace period to finish.
+
+use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::Duration};
+
+use prometheus_client::registry::Registry;
+use prost::Message;
+use tokio::net::TcpListener;
+use tokio_stream::{StreamExt as _, wrappers::TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    body::Body,
+    server::NamedService,
+    service::{Routes, RoutesBuilder},
+};
+
+use crate::{
+    config::ServerConfig,
+    grpc::GrpcServerLayer,
+    health::{Check, Health},
+    killable::KillableIo,
+    metrics::{self, HealthMetrics, ServerMetrics},
+};
+
+/// Errors while starting or serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A listener could not be bound.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Reflection could not be built from the descriptor sets.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A server being assembled: listeners are bound, services are added, then
+/// [`Server::serve`] runs it.
+#[derive(Debug)]
+pub struct Server {
+    config: ServerConfig,
+    grpc: TcpListener,
+    metrics_listener: TcpListener,
+    registry: Registry,
+    routes: RoutesBuilder,
+    service_names: Vec<String>,
+    descriptor_sets: Vec<&'static [u8]>,
+    checks: Vec<Check>,
+}
+
+impl Server {
+    /// Binds both listeners from `config` (port 0 picks a free port).
+    pub async fn bind(config: ServerConfig) -> Result<Self, ServeError> {
+        let grpc = TcpListener::bind(config.listen_addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr: config.listen_addr, source })?;
+        let metrics_listener = TcpListener::bind(config.metrics_addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr: config.metrics_addr, source })?;
+        Ok(Self {
+            config,
+            grpc,
+            metrics_listener,
+            registry: Registry::default(),
+            routes: RoutesBuilder::default(),
+            service_names: Vec::new(),
+            descriptor_sets: vec![mesh_proto::FILE_DESCRIPTOR_SET],
+            checks: Vec::new(),
+        })
+    }
+
+    /// The bound gRPC address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.grpc.local_addr().expect("bound listener has an address")
+    }
+
+    /// The bound metrics address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        metrics::bound(&self.metrics_listener)
+    }
+
+    /// The metrics registry, for the service's own metrics.
+    pub fn registry(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// Adds a gRPC service; its full name is served by health and reflection.
+    pub fn add_service<S>(&mut self, svc: S) -> &mut Self
+    where
+        S: tower::Service<http::Request<Body>, Error = std::convert::Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.service_names.push(S::NAME.to_owned());
+        self.routes.add_service(svc);
+        self
+    }
+
+    /// Adds the encoded descriptor set of services that are not in `mesh-proto`.
+    pub fn add_descriptor_set(&mut self, set: &'static [u8]) -> &mut Self {
+        self.descriptor_sets.push(set);
+        self
+    }
+
+    /// Adds a dependency that readiness waits for.
+    pub fn add_check(&mut self, check: Check) -> &mut Self {
+        self.checks.push(check);
+        self
+    }
+
+    /// Serves until `shutdown` resolves, then drains (see the module docs).
+    /// `on_ready` receives the [`Health`] handle once serving starts.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
+        self.serve_with(shutdown, |_| {}).await
+    }
+
+    /// As [`Server::serve`], handing the [`Health`] handle to `on_health` first.
+    pub async fn serve_with(
+        mut self,
+        shutdown: impl Future<Output = ()> + Send,
+        on_health: impl FnOnce(&Health),
+    ) -> Result<(), ServeError> {
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let health =
+            Health::new(reporter, self.service_names.clone(), HealthMetrics::register(&mut self.registry))
+                .await;
+        on_health(&health);
+
+        let mut served = self.service_names.clone();
+        served.extend(
+            [
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ]
+            .map(String::from),
+        );
+        let reflection = || {
+            let mut b = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+            for set in &self.descriptor_sets {
+                b = b.register_encoded_file_descriptor_set(set);
+            }
+            for name in &served {
+                b = b.with_service_name(name.clone());
+            }
+            b
+        };
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
+
+        let mut descriptor_sets = self.descriptor_sets.clone();
+        descriptor_sets.extend([
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ]);
+        let known = known_methods(&descriptor_sets, &served);
+        let layer = GrpcServerLayer::new(ServerMetrics::register(&mut self.registry), known);
+
+        self.routes.add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha);
+        let routes: Routes = self.routes.routes();
+
+        let grpc_addr = self.grpc.local_addr().ok();
+        let metrics_addr = self.metrics_listener.local_addr().ok();
+        tracing::info!(grpc = ?grpc_addr, metrics = ?metrics_addr, services = ?self.service_names, "serving");
+
+        let checks_task = tokio::spawn(health.clone().run_checks(
+            self.checks,
+            self.config.health_interval,
+            self.config.health_timeout,
+            self.config.health_failure_threshold,
+        ));
+
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let metrics_task = tokio::spawn(metrics::serve_metrics(
+            self.metrics_listener,
+            Arc::new(self.registry),
+            stopped(stop_rx.clone()),
+        ));
+
+        let cut = CancellationToken::new();
+        let incoming = TcpListenerStream::new(self.grpc).map({
+            let cut = cut.clone();
+            move |conn| {
+                conn.map(|s| {
+                    let _ = s.set_nodelay(true);
+                    KillableIo::new(s, &cut)
+                })
+            }
+        });
+        let server = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .layer(layer)
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
+        tokio::pin!(server);
+
+        let early = tokio::select! {
+            r = &mut server => Some(r),
+            () = shutdown => None,
+        };
+        let result = match early {
+            Some(r) => r.map_err(ServeError::from),
+            None => {
+                tracing::info!(grace = ?self.config.shutdown_grace, "shutting down: readiness NOT_SERVING, draining");
+                health.drain().await;
+                tokio::time::sleep(self.config.drain_delay).await;
+                let _ = stop_tx.send(true);
+                match tokio::time::timeout(self.config.shutdown_grace, &mut server).await {
+                    Ok(r) => r.map_err(ServeError::from),
+                    Err(_) => {
+                        tracing::warn!("grace period over, cutting calls still in flight");
+                        cut.cancel();
+                        // Connections fail at their next read or write; give
+                        // their tasks a moment to notice and close.
+                        let _ = tokio::time::timeout(Duration::from_secs(1), &mut server).await;
+                        Ok(())
+                    }
+                }
+            }
+        };
+        let _ = stop_tx.send(true);
+        checks_task.abort();
+        let _ = metrics_task.await;
+        tracing::info!("stopped");
+        result
+    }
+}
+
+/// `/package.Service/Method` for every method of the served services.
+fn known_methods(sets: &[&[u8]], served: &[String]) -> HashSet<String> {
+    let served: HashSet<&str> = served.iter().map(String::as_str).collect();
+    let mut known = HashSet::new();
+    for set in sets {
+        let Ok(fds) = prost_types::FileDescriptorSet::decode(*set) else { continue };
+        for file in &fds.file {
+            for svc in &file.service {
+                let full = format!("{}.{}", file.package(), svc.name());
+                if !served.contains(full.as_str()) {
+                    continue;
+                }
+                for m in &svc.method {
+                    known.insert(format!("/{full}/{}", m.name()));
+                }
+            }
+        }
+    }
+    known
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("can listen for SIGTERM");
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

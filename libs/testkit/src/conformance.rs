@@ -1,0 +1,132 @@
+//! Checks every mesh service must pass, shared so each service's test binary
+//! runs the same assertions against its own server.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{Context as _, bail, ensure};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::{
+    Process, channel,
+    grpc::{health_status, run_grpcurl, wait_for_health},
+};
+
+/// `liveness`, `readiness`, `""` and every full service name answer SERVING
+/// (waiting up to `timeout` for dependencies to be checked).
+pub async fn assert_serving(addr: SocketAddr, full_names: &[&str], timeout: Duration) -> anyhow::Result<()> {
+    let ch = channel(addr).await;
+    wait_for_health(&ch, "readiness", ServingStatus::Serving, timeout).await?;
+    for name in ["liveness", "readiness", ""].iter().chain(full_names) {
+        let status = health_status(&ch, name).await.with_context(|| format!("health of {name:?}"))?;
+        ensure!(status == ServingStatus::Serving, "{name:?} is {status:?}");
+    }
+    let unknown = health_status(&ch, "no.such.Service").await;
+    ensure!(
+        matches!(&unknown, Err(s) if s.code() == tonic::Code::NotFound),
+        "an unknown service name must be NOT_FOUND, got {unknown:?}"
+    );
+    Ok(())
+}
+
+/// grpcurl 1.8.6 (reflection v1alpha) lists exactly the served services plus
+/// health and reflection, and can describe each served service.
+pub async fn assert_reflection(addr: SocketAddr, full_names: &[&str]) -> anyhow::Result<()> {
+    let target = addr.to_string();
+    let (ok, out, err) = run_grpcurl(&["-plaintext", &target, "list"]).await?;
+    ensure!(ok, "grpcurl list failed: {err}");
+    let mut listed: Vec<&str> = out.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    listed.sort_unstable();
+    let mut want: Vec<&str> = full_names.to_vec();
+    want.extend([
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]);
+    want.sort_unstable();
+    ensure!(listed == want, "grpcurl list: got {listed:?}, want {want:?}");
+    for name in full_names {
+        let (ok, out, err) = run_grpcurl(&["-plaintext", &target, "describe", name]).await?;
+        ensure!(ok && out.contains("service"), "grpcurl describe {name} failed: {err}");
+    }
+    let (ok, out, err) = run_grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"service":"liveness"}"#,
+        &target,
+        "grpc.health.v1.Health/Check",
+    ])
+    .await?;
+    ensure!(ok && out.contains("SERVING"), "grpcurl health check failed: {out}{err}");
+    Ok(())
+}
+
+/// Sends SIGTERM to a running service binary: readiness must go NOT_SERVING
+/// while it drains, and the process must exit 0 within `grace`.
+pub async fn assert_sigterm_drains(
+    process: &mut Process,
+    addr: SocketAddr,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let ch = channel(addr).await;
+    ensure!(
+        health_status(&ch, "liveness").await? == ServingStatus::Serving,
+        "liveness must be SERVING before SIGTERM"
+    );
+    // A Watch stream observes every transition, so the NOT_SERVING state is
+    // seen even if the process exits right after publishing it.
+    let mut watch = tonic_health::pb::health_client::HealthClient::new(ch.clone())
+        .watch(tonic_health::pb::HealthCheckRequest { service: "readiness".into() })
+        .await?
+        .into_inner();
+    process.terminate()?;
+    let mut saw_not_serving = false;
+    let deadline = tokio::time::Instant::now() + grace;
+    while let Ok(Ok(Some(msg))) = tokio::time::timeout_at(deadline, watch.message()).await {
+        if msg.status() == ServingStatus::NotServing {
+            saw_not_serving = true;
+            break;
+        }
+    }
+    ensure!(saw_not_serving, "readiness never went NOT_SERVING after SIGTERM");
+    drop(watch);
+    let status = process.wait(grace).await?;
+    if !status.success() {
+        bail!("process exited with {status}");
+    }
+    Ok(())
+}
+
+/// Readiness follows a dependency: SERVING, then `stop` → `readiness`, `""`
+/// and the full names NOT_SERVING within `within` while `liveness` stays
+/// SERVING, then `start` → SERVING again. Returns how long the drop took.
+pub async fn assert_readiness_follows<Stop, Start>(
+    addr: SocketAddr,
+    full_names: &[&str],
+    within: Duration,
+    stop: Stop,
+    start: Start,
+) -> anyhow::Result<Duration>
+where
+    Stop: Future<Output = anyhow::Result<()>>,
+    Start: Future<Output = anyhow::Result<()>>,
+{
+    let ch = channel(addr).await;
+    wait_for_health(&ch, "readiness", ServingStatus::Serving, Duration::from_secs(15)).await?;
+    stop.await.context("stopping the dependency")?;
+    let took = wait_for_health(&ch, "readiness", ServingStatus::NotServing, within).await?;
+    ensure!(
+        health_status(&ch, "liveness").await? == ServingStatus::Serving,
+        "liveness must stay SERVING while a dependency is down"
+    );
+    for name in [""].iter().chain(full_names) {
+        let s = health_status(&ch, name).await?;
+        ensure!(s == ServingStatus::NotServing, "{name:?} is {s:?} while a dependency is down");
+    }
+    start.await.context("restarting the dependency")?;
+    wait_for_health(&ch, "readiness", ServingStatus::Serving, Duration::from_secs(20)).await?;
+    for name in full_names {
+        let s = health_status(&ch, name).await?;
+        ensure!(s == ServingStatus::Serving, "{name:?} is {s:?} after the dependency returned");
+    }
+    Ok(took)
+}

@@ -1,0 +1,30 @@
+//! Test helpers every mesh crate shares.
+//!
+//! - [`infra`]: the local PostgreSQL pair and Redis Cluster (started by
+//!   `deploy/local/infra.sh` when not running), and private copies of them
+//!   for tests that stop or kill infrastructure.
+//! - [`isolate`]: a fresh database schema or Redis key prefix per test.
+//! - [`spawn`]: run a service (or any server) on `127.0.0.1:0` and stop it
+//!   gracefully or abruptly; run a service binary as a child process.
+//! - [`grpc`]: channels, health checks, metrics scraping, grpcurl.
+//! - [`otlp`]: an in-process OTLP trace receiver collecting exported spans.
+//! - [`conformance`]: what every mesh service must do (health, reflection, SIGTERM).
+//! - [`echo`]: a plain tonic echo service (benchmark baseline, runtime tests).
+
+pub mod conformance;
+pub mod echo;
+pub mod grpc;
+pub mod infra;
+pub mod isolate;
+pub mod otlp;
+pub mod spawn;
+
+pub use grpc::{channel, grpcurl, health_status, scrape_metrics, wait_for_health};
+pub use infra::{Infra, PrivateInfra, repo_root};
+pub use isolate::{TestDb, redis_prefix};
+pub use spawn::{Process, Running, free_addr, spawn};
+
+/// Quiet test telemetry (logs only with `TEST_LOG` set); call once per test.
+pub fn init_telemetry() -> mesh_runtime::Telemetry {
+    mesh_runtime::telemetry::init_for_tests("mesh-test", None)
+}

@@ -1,0 +1,113 @@
+//! Running servers under test: in-process (graceful stop) or as a real
+//! binary (SIGTERM, SIGKILL, exit codes).
+
+use std::{net::SocketAddr, pin::Pin, process::ExitStatus, time::Duration};
+
+use anyhow::Context as _;
+use nix::{sys::signal, unistd::Pid};
+use tokio::{sync::oneshot, task::JoinHandle};
+
+/// The shutdown future handed to a spawned server.
+pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A server running in this process.
+#[derive(Debug)]
+pub struct Running {
+    /// gRPC address.
+    pub addr: SocketAddr,
+    /// Metrics address.
+    pub metrics_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// Runs `serve(shutdown)` in a task: pass `|sd| app.serve(sd)`.
+pub fn spawn<F, Fut, E>(addr: SocketAddr, metrics_addr: SocketAddr, serve: F) -> Running
+where
+    F: FnOnce(Shutdown) -> Fut,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    let (tx, rx) = oneshot::channel::<()>();
+    let fut = serve(Box::pin(async move {
+        let _ = rx.await;
+    }));
+    let task = tokio::spawn(async move { fut.await.map_err(|e| anyhow::anyhow!("{e}")) });
+    Running { addr, metrics_addr, stop: Some(tx), task }
+}
+
+impl Running {
+    /// Starts a graceful shutdown without waiting for it.
+    pub fn begin_stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Shuts down gracefully and returns the server's result.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.begin_stop();
+        self.task.await.context("server task panicked")?
+    }
+
+    /// Waits for the server to finish (after [`Running::begin_stop`]).
+    pub async fn join(self) -> anyhow::Result<()> {
+        self.task.await.context("server task panicked")?
+    }
+}
+
+/// A service binary running as a child process.
+#[derive(Debug)]
+pub struct Process {
+    child: tokio::process::Child,
+}
+
+impl Process {
+    /// Starts `binary` (e.g. `env!("CARGO_BIN_EXE_mesh-ratelimit")`) with `env`
+    /// on top of a clean environment (PATH and HOME kept). Output goes to the
+    /// test's output when `TEST_LOG` is set, else nowhere.
+    pub fn start(binary: &str, env: &[(String, String)]) -> anyhow::Result<Self> {
+        let mut cmd = tokio::process::Command::new(binary);
+        cmd.env_clear();
+        for key in ["PATH", "HOME", "RUST_LOG", "RUST_BACKTRACE"] {
+            if let Ok(v) = std::env::var(key) {
+                cmd.env(key, v);
+            }
+        }
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
+        if std::env::var_os("TEST_LOG").is_none() {
+            cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        }
+        cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
+        Ok(Self { child: cmd.spawn().with_context(|| format!("starting {binary}"))? })
+    }
+
+    fn signal(&self, sig: signal::Signal) -> anyhow::Result<()> {
+        let pid = self.child.id().context("process already reaped")?;
+        signal::kill(Pid::from_raw(pid as i32), sig)?;
+        Ok(())
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        self.signal(signal::Signal::SIGTERM)
+    }
+
+    /// Sends SIGKILL, as a crash or an OOM kill would.
+    pub fn kill(&self) -> anyhow::Result<()> {
+        self.signal(signal::Signal::SIGKILL)
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub async fn wait(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .context("process did not exit in time")?
+            .context("waiting for process")
+    }
+}
+
+/// A free loopback port (bound then released; fine for tests).
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port")
+}

@@ -1,0 +1,59 @@
+//! Boot, health, reflection, dependency loss and shutdown.
+
+use std::time::Duration;
+
+use mesh_testkit::{Infra, PrivateInfra, Process, conformance, free_addr};
+
+use crate::helpers::{SERVED, config, spawn_app};
+
+#[tokio::test]
+async fn serves_health_and_reflection() {
+    let _t = mesh_testkit::init_telemetry();
+    let app = spawn_app(config(Infra::shared()).await).await;
+    conformance::assert_serving(app.addr, SERVED, Duration::from_secs(10)).await.unwrap();
+    conformance::assert_reflection(app.addr, SERVED).await.unwrap();
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn readiness_follows_the_postgres_primary() {
+    let _t = mesh_testkit::init_telemetry();
+    let private = PrivateInfra::new();
+    private.start_pg().await.unwrap();
+    let app = spawn_app(config(&private.infra).await).await;
+    let took = conformance::assert_readiness_follows(
+        app.addr,
+        SERVED,
+        Duration::from_secs(5),
+        private.stop_pg_primary(),
+        private.start_pg(),
+    )
+    .await
+    .unwrap();
+    eprintln!("readiness NOT_SERVING {took:?} after the postgres primary stopped");
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_zero() {
+    let infra = Infra::shared();
+    let db = mesh_testkit::TestDb::new(infra).await.unwrap();
+    let addr = free_addr();
+    let mut env = vec![
+        ("MESH_LISTEN_ADDR".to_owned(), addr.to_string()),
+        ("MESH_METRICS_ADDR".to_owned(), free_addr().to_string()),
+        ("MESH_HEALTH_INTERVAL_MS".to_owned(), "200".to_owned()),
+    ];
+    env.extend(infra.env(&db.schema, &mesh_testkit::redis_prefix()));
+    let mut process = Process::start(env!("CARGO_BIN_EXE_mesh-data"), &env).unwrap();
+    conformance::assert_serving(addr, SERVED, Duration::from_secs(20)).await.unwrap();
+    conformance::assert_sigterm_drains(&mut process, addr, Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_configuration_exits_64() {
+    let env = vec![("MESH_LISTEN_ADDR".to_owned(), "not-an-address".to_owned())];
+    let mut process = Process::start(env!("CARGO_BIN_EXE_mesh-data"), &env).unwrap();
+    let status = process.wait(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(status.code(), Some(64));
+}
