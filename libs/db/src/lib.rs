@@ -24,3 +24,22 @@ pub use config::{DbConfig, keys};
 pub use lsn::Lsn;
 pub use pools::{Db, DbError, Reader, ServedBy};
 pub use sqlx;
+
+/// A client span for one PostgreSQL statement, with the OpenTelemetry
+/// database semantic-convention attributes: `db.system.name = "postgresql"`,
+/// `db.operation.name` (e.g. `INSERT`), `db.collection.name` (the table) and
+/// `db.query.text`, the parameterised statement (`$1` placeholders, never
+/// values). Instrument the future of the statement with it.
+pub fn span(operation: &'static str, table: &'static str, statement: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "postgres",
+        otel.name = %format_args!("{operation} {table}"),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        db.system = "postgresql",
+        db.system.name = "postgresql",
+        db.operation.name = operation,
+        db.collection.name = table,
+        db.query.text = statement,
+    )
+}

@@ -155,3 +155,25 @@ pub fn check(pool: &Pool) -> Check {
 pub async fn wait_connected(pool: &Pool, timeout: Duration) -> bool {
     tokio::time::timeout(timeout, pool.wait_for_connect()).await.is_ok_and(|r| r.is_ok())
 }
+
+/// A client span for one Redis round trip, with the OpenTelemetry database
+/// semantic-convention attributes: `db.system.name = "redis"`,
+/// `db.operation.name` (e.g. `EVALSHA`, `GET`) and, for scripts, the script's
+/// name (never its arguments: keys and values can carry user data).
+/// Instrument the future of the round trip with it.
+pub fn span(operation: &'static str, script: Option<&'static str>) -> tracing::Span {
+    let name = match script {
+        Some(s) => format!("{operation} {s}"),
+        None => operation.to_owned(),
+    };
+    tracing::info_span!(
+        "redis",
+        otel.name = %name,
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        db.system = "redis",
+        db.system.name = "redis",
+        db.operation.name = operation,
+        db.redis.script = script.unwrap_or(""),
+    )
+}

@@ -55,6 +55,7 @@ pub struct Server {
     service_names: Vec<String>,
     descriptor_sets: Vec<&'static [u8]>,
     checks: Vec<Check>,
+    draining: CancellationToken,
 }
 
 impl Server {
@@ -75,6 +76,7 @@ impl Server {
             service_names: Vec::new(),
             descriptor_sets: vec![mesh_proto::FILE_DESCRIPTOR_SET],
             checks: Vec::new(),
+            draining: CancellationToken::new(),
         })
     }
 
@@ -114,6 +116,13 @@ impl Server {
     pub fn add_descriptor_set(&mut self, set: &'static [u8]) -> &mut Self {
         self.descriptor_sets.push(set);
         self
+    }
+
+    /// A token cancelled when draining starts (SIGTERM): long-lived streams
+    /// should end then (e.g. with UNAVAILABLE, so clients resume elsewhere)
+    /// instead of holding the grace period open.
+    pub fn draining(&self) -> CancellationToken {
+        self.draining.child_token()
     }
 
     /// Adds a dependency that readiness waits for.
@@ -224,6 +233,7 @@ impl Server {
             None => {
                 tracing::info!(grace = ?self.config.shutdown_grace, "shutting down: readiness NOT_SERVING, draining");
                 health.drain().await;
+                self.draining.cancel();
                 tokio::time::sleep(self.config.drain_delay).await;
                 let _ = stop_tx.send(true);
                 match tokio::time::timeout(self.config.shutdown_grace, &mut server).await {

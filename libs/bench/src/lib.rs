@@ -1,0 +1,187 @@
+//! Shared core of mesh's benchmark programs (`src/bin/*`): a closed-loop load
+//! generator with N concurrent callers, latency histograms, the process RSS,
+//! and the plain tonic echo server every benchmark compares against in the
+//! same run. Results and the commands that made them live in `results/`.
+//!
+//! Benchmarks report ratios measured in one run (ours vs echo, vs
+//! redis-benchmark, vs pgbench): absolute numbers drift on shared machines.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use hdrhistogram::Histogram;
+
+/// How a load run is shaped.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    /// Concurrent callers, each issuing calls back to back.
+    pub concurrency: usize,
+    /// Measured duration.
+    pub duration: Duration,
+    /// Unmeasured warm-up before it.
+    pub warmup: Duration,
+}
+
+/// What a load run measured.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Label for the table.
+    pub name: String,
+    /// Successful calls in the measured window.
+    pub ok: u64,
+    /// Failed calls in the measured window.
+    pub errors: u64,
+    /// The first error seen, if any.
+    pub first_error: Option<String>,
+    /// Measured wall time.
+    pub elapsed: Duration,
+    /// Latency of successful calls, in microseconds.
+    pub latency_us: Histogram<u64>,
+}
+
+impl Report {
+    /// Successful calls per second.
+    pub fn throughput(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// A latency quantile in microseconds.
+    pub fn quantile_us(&self, q: f64) -> u64 {
+        self.latency_us.value_at_quantile(q)
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "| {} | {:.0} | {} | {} | {} | {} | {} |",
+            self.name,
+            self.throughput(),
+            self.quantile_us(0.50),
+            self.quantile_us(0.90),
+            self.quantile_us(0.99),
+            self.quantile_us(0.999),
+            self.errors,
+        )
+    }
+}
+
+/// The Markdown header matching [`Report`]'s `Display`.
+pub const TABLE_HEADER: &str = "| target | calls/s | p50 µs | p90 µs | p99 µs | p99.9 µs | errors |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |";
+
+/// Runs `call(worker_index)` from `load.concurrency` tasks back to back for
+/// warm-up + duration; measures only the duration.
+pub async fn run<F, Fut, E>(name: &str, load: Load, call: F) -> Report
+where
+    F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send,
+    E: fmt::Display,
+{
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::with_capacity(load.concurrency);
+    for worker in 0..load.concurrency {
+        let call = call.clone();
+        let (measuring, stop) = (measuring.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+            let (mut ok, mut errors, mut first_error) = (0u64, 0u64, None);
+            while !stop.load(Ordering::Relaxed) {
+                let start = Instant::now();
+                let result = call(worker).await;
+                if !measuring.load(Ordering::Relaxed) {
+                    continue;
+                }
+                match result {
+                    Ok(()) => {
+                        ok += 1;
+                        let _ = hist.record(start.elapsed().as_micros().max(1) as u64);
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| e.to_string());
+                    }
+                }
+            }
+            (hist, ok, errors, first_error)
+        }));
+    }
+    tokio::time::sleep(load.warmup).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(load.duration).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+
+    let mut report = Report {
+        name: name.to_owned(),
+        ok: 0,
+        errors: 0,
+        first_error: None,
+        elapsed,
+        latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
+    };
+    for t in tasks {
+        let (hist, ok, errors, first_error) = t.await.expect("worker panicked");
+        report.latency_us.add(&hist).expect("same bounds");
+        report.ok += ok;
+        report.errors += errors;
+        if report.first_error.is_none() {
+            report.first_error = first_error;
+        }
+    }
+    report
+}
+
+/// Resident set size of a process in KiB (Linux `/proc/<pid>/status`).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Starts the plain tonic echo server (no mesh runtime, no layers) on
+/// 127.0.0.1:0 in this process: the baseline of every comparison.
+pub async fn spawn_plain_echo() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let incoming = tokio_stream_listener(listener);
+        let _ = tonic::transport::Server::builder()
+            .add_service(mesh_testkit::echo::server())
+            .serve_with_incoming(incoming)
+            .await;
+    });
+    addr
+}
+
+fn tokio_stream_listener(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |l| async move {
+        let r = l.accept().await.map(|(s, _)| {
+            let _ = s.set_nodelay(true);
+            s
+        });
+        Some((r, l))
+    })
+}
+
+/// Channels to `addr`, one per `n` (HTTP/2 connections are the unit of
+/// parallelism on the server side; callers share them round-robin).
+pub async fn channels(addr: SocketAddr, n: usize) -> Vec<tonic::transport::Channel> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(mesh_testkit::channel(addr).await);
+    }
+    out
+}
