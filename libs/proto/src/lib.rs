@@ -46,6 +46,56 @@ pub mod mesh {
     }
 }
 
+/// `envoy.*` packages: the vendored Envoy rate-limit service (RLS v3) API,
+/// wire-compatible with Envoy (see `proto/envoy/README.md`).
+pub mod envoy {
+    /// `envoy.config.*`.
+    pub mod config {
+        /// `envoy.config.core`.
+        pub mod core {
+            /// `envoy.config.core.v3`.
+            pub mod v3 {
+                tonic::include_proto!("envoy.config.core.v3");
+            }
+        }
+    }
+    /// `envoy.extensions.*`.
+    pub mod extensions {
+        /// `envoy.extensions.common`.
+        pub mod common {
+            /// `envoy.extensions.common.ratelimit`.
+            pub mod ratelimit {
+                /// `envoy.extensions.common.ratelimit.v3`.
+                pub mod v3 {
+                    tonic::include_proto!("envoy.extensions.common.ratelimit.v3");
+                }
+            }
+        }
+    }
+    /// `envoy.r#type.*`.
+    pub mod r#type {
+        /// `envoy.type.v3`.
+        pub mod v3 {
+            tonic::include_proto!("envoy.r#type.v3");
+        }
+    }
+    /// `envoy.service.*`.
+    pub mod service {
+        /// `envoy.service.ratelimit`.
+        pub mod ratelimit {
+            /// `envoy.service.ratelimit.v3`.
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.ratelimit.v3");
+                /// Fully-qualified service name, as used by health and reflection.
+                pub const SERVICE_NAME: &str = "envoy.service.ratelimit.v3.RateLimitService";
+            }
+        }
+    }
+}
+
+/// Envoy's rate-limit service API (`envoy.service.ratelimit.v3`).
+pub use envoy::service::ratelimit::v3 as envoy_rls;
+
 pub use mesh::{audit::v1 as audit, data::v1 as data, ratelimit::v1 as ratelimit, session::v1 as session};
 
 #[cfg(test)]
@@ -70,6 +120,7 @@ mod tests {
             super::ratelimit::SERVICE_NAME,
             super::audit::SERVICE_NAME,
             super::data::SERVICE_NAME,
+            super::envoy_rls::SERVICE_NAME,
         ] {
             assert!(services.iter().any(|s| s == name), "{name} missing from {services:?}");
         }
