@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use mesh_runtime::{ConfigError, Lookup, LookupExt, ServerConfig, redis::RedisConfig};
 
@@ -9,6 +9,52 @@ pub const DEFAULT_PORT: u16 = 50052;
 pub mod keys {
     /// Rules file or directory (Envoy ratelimit YAML).
     pub const RULES: &str = "MESH_RATELIMIT_RULES";
+    /// How often the rules path is checked for changes (ms).
+    pub const RULES_POLL_MS: &str = "MESH_RATELIMIT_RULES_POLL_MS";
+    /// Hard deadline of the Redis part of one Check (ms), after which the
+    /// domain's failure mode decides.
+    pub const REDIS_TIMEOUT_MS: &str = "MESH_RATELIMIT_REDIS_TIMEOUT_MS";
+    /// Consecutive Redis failures that open the circuit breaker.
+    pub const BREAKER_FAILURES: &str = "MESH_RATELIMIT_BREAKER_FAILURES";
+    /// How long the breaker first stays open (ms); repeated trips back off up to 8×.
+    pub const BREAKER_OPEN_MS: &str = "MESH_RATELIMIT_BREAKER_OPEN_MS";
+    /// Entries of the local cache of keys already over their limit (0 disables it).
+    pub const LOCAL_CACHE_SIZE: &str = "MESH_RATELIMIT_LOCAL_CACHE_SIZE";
+    /// Keys the in-memory fallback limiter tracks at most.
+    pub const FALLBACK_SIZE: &str = "MESH_RATELIMIT_FALLBACK_SIZE";
+}
+
+/// Tuning of the rate-limit engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Hard deadline of the Redis part of one Check. The default, 10 ms, is
+    /// ten times a loaded Redis round trip on a LAN and half of Envoy's
+    /// default rate-limit filter timeout (20 ms), so Envoy receives the
+    /// domain's failure-mode answer instead of timing out itself.
+    pub redis_timeout: Duration,
+    /// Consecutive failures that open the breaker.
+    pub breaker_failures: u32,
+    /// First open period of the breaker.
+    pub breaker_open: Duration,
+    /// Size of the over-limit cache (0: off).
+    pub local_cache_size: usize,
+    /// Keys tracked by the fallback limiter.
+    pub fallback_size: usize,
+    /// Rules poll period.
+    pub rules_poll: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            redis_timeout: Duration::from_millis(10),
+            breaker_failures: 5,
+            breaker_open: Duration::from_millis(1000),
+            local_cache_size: 100_000,
+            fallback_size: 100_000,
+            rules_poll: Duration::from_millis(1000),
+        }
+    }
 }
 
 /// The rate-limit service's configuration.
@@ -20,6 +66,8 @@ pub struct Config {
     pub redis: RedisConfig,
     /// Where the rules are.
     pub rules: Option<PathBuf>,
+    /// Deadlines, breaker, caches, reload.
+    pub engine: EngineConfig,
 }
 
 impl Config {
@@ -30,10 +78,69 @@ impl Config {
 
     /// Reads any [`Lookup`].
     pub fn from_lookup(l: &impl Lookup) -> Result<Self, ConfigError> {
+        let d = EngineConfig::default();
+        let engine = EngineConfig {
+            redis_timeout: l.millis_or(keys::REDIS_TIMEOUT_MS, d.redis_timeout)?,
+            breaker_failures: l.parse_or(keys::BREAKER_FAILURES, d.breaker_failures)?,
+            breaker_open: l.millis_or(keys::BREAKER_OPEN_MS, d.breaker_open)?,
+            local_cache_size: l.parse_or(keys::LOCAL_CACHE_SIZE, d.local_cache_size)?,
+            fallback_size: l.parse_or(keys::FALLBACK_SIZE, d.fallback_size)?,
+            rules_poll: l.millis_or(keys::RULES_POLL_MS, d.rules_poll)?,
+        };
+        if engine.redis_timeout.is_zero() {
+            return Err(ConfigError::new(keys::REDIS_TIMEOUT_MS, "must be at least 1"));
+        }
+        if engine.breaker_failures == 0 {
+            return Err(ConfigError::new(keys::BREAKER_FAILURES, "must be at least 1"));
+        }
+        if engine.breaker_open.is_zero() {
+            return Err(ConfigError::new(keys::BREAKER_OPEN_MS, "must be at least 1"));
+        }
+        if engine.rules_poll.is_zero() {
+            return Err(ConfigError::new(keys::RULES_POLL_MS, "must be at least 1"));
+        }
         Ok(Self {
             server: ServerConfig::from_lookup(l, DEFAULT_PORT)?,
             redis: RedisConfig::from_lookup(l)?,
             rules: l.string(keys::RULES).map(PathBuf::from),
+            engine,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &str)]) -> HashMap<&'static str, String> {
+        let mut m: HashMap<&'static str, String> = pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
+        m.entry("MESH_REDIS_URLS").or_insert_with(|| "127.0.0.1:7000".to_owned());
+        m
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = Config::from_lookup(&map(&[])).unwrap();
+        assert_eq!(c.engine.redis_timeout, Duration::from_millis(10));
+        assert!(c.rules.is_none());
+        let c = Config::from_lookup(&map(&[
+            (keys::REDIS_TIMEOUT_MS, "25"),
+            (keys::RULES, "/etc/rules"),
+            (keys::LOCAL_CACHE_SIZE, "0"),
+        ]))
+        .unwrap();
+        assert_eq!(c.engine.redis_timeout, Duration::from_millis(25));
+        assert_eq!(c.engine.local_cache_size, 0);
+        assert_eq!(c.rules.as_deref(), Some(std::path::Path::new("/etc/rules")));
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = Config::from_lookup(&map(&[(keys::REDIS_TIMEOUT_MS, "0")])).unwrap_err();
+        assert_eq!(e.key, keys::REDIS_TIMEOUT_MS);
+        let e = Config::from_lookup(&map(&[(keys::BREAKER_FAILURES, "many")])).unwrap_err();
+        assert_eq!(e.key, keys::BREAKER_FAILURES);
     }
 }

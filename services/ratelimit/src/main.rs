@@ -30,7 +30,8 @@ async fn main() -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
             telemetry.shutdown().await;
-            return ExitCode::FAILURE;
+            // A bad rules file is as much a configuration error as a bad variable.
+            return if e.is_config() { ExitCode::from(EXIT_CONFIG) } else { ExitCode::FAILURE };
         }
     };
 

@@ -1,4 +1,8 @@
 //! Integration tests of the rate-limit service against the real Redis Cluster.
 
+mod envoy;
+mod failover;
 mod helpers;
 mod lifecycle;
+mod limits;
+mod rules;

@@ -1,0 +1,132 @@
+-- mesh rate limit: decide every descriptor of one slot group atomically.
+--
+-- KEYS[i]  one key per descriptor (all in one hash slot).
+-- ARGV     6 values per descriptor: algorithm (1 fixed_window, 2 sliding_window,
+--          3 token_bucket), limit, period_ms, burst, hits, shadow (0/1).
+--
+-- Decides every descriptor first; writes only when every enforced (non-shadow)
+-- descriptor fits, so a refused group consumes nothing. A shadow descriptor
+-- that is over is reported but neither blocks nor consumes (as it would if
+-- it were enforced). Time is the Redis server's, so every instance agrees.
+--
+-- Returns {applied, then 6 integers per descriptor: over, remaining,
+-- reset_ms, retry_ms (-1: never, the hits exceed the capacity), retry1_ms
+-- (until a single hit fits), marker (the window written, for undo)}.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local n = #KEYS
+local plans = {}
+local all_fit = true
+
+for i = 1, n do
+  local b = (i - 1) * 6
+  local alg = tonumber(ARGV[b + 1])
+  local limit = tonumber(ARGV[b + 2])
+  local period = tonumber(ARGV[b + 3])
+  local burst = tonumber(ARGV[b + 4])
+  local hits = tonumber(ARGV[b + 5])
+  local shadow = ARGV[b + 6] == '1'
+  local need = hits
+  if need == 0 then need = 1 end
+  local p = { alg = alg, hits = hits, shadow = shadow, period = period }
+
+  if alg == 3 then
+    local T = period / limit
+    local dvt = T * burst
+    local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+    if tat < now then tat = now end
+    local function wait(h)
+      if h > burst then return -1 end
+      local at = tat + h * T - dvt
+      if at <= now + 0.001 then return 0 end
+      return at - now
+    end
+    p.wait = wait(need)
+    p.retry1 = wait(1)
+    p.new_tat = tat + hits * T
+    p.marker = 0
+    p.rem_now = math.floor((dvt - (tat - now)) / T + 1e-9)
+    p.reset_now = tat - now
+    p.rem_after = math.floor((dvt - (p.new_tat - now)) / T + 1e-9)
+    p.reset_after = p.new_tat - now
+  else
+    local w = math.floor(now / period)
+    local h = redis.call('HMGET', KEYS[i], 'w', 'c', 'p')
+    local sw, c, prev = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
+    if sw == nil then
+      c, prev = 0, 0
+    elseif sw == w - 1 then
+      prev, c = c, 0
+    elseif sw ~= w then
+      c, prev = 0, 0
+    end
+    if alg == 1 then prev = 0 end
+    local left = (w + 1) * period - now
+    local est = prev * left / period + c
+    local function wait(h)
+      if h > limit then return -1 end
+      if est + h <= limit + 1e-9 then return 0 end
+      if c + h <= limit then
+        -- The previous window's weight has to decay far enough.
+        return left - (limit - c - h) * period / prev
+      end
+      -- Only the next window, where this window's count is the previous one.
+      if alg == 1 then return left end
+      local into = period - (limit - h) * period / c
+      if into < 0 then into = 0 end
+      return left + into
+    end
+    p.wait = wait(need)
+    p.retry1 = wait(1)
+    p.w, p.c, p.prev = w, c, prev
+    p.marker = w
+    p.rem_now = math.floor(limit - est + 1e-9)
+    p.rem_after = math.floor(limit - est - hits + 1e-9)
+    -- Fully recovered: a fixed window at its end; a sliding window once
+    -- neither this window's count nor the previous one's weighs any more.
+    local function reset(count)
+      if alg == 1 then return left end
+      if count > 0 then return left + period end
+      if prev > 0 then return left end
+      return 0
+    end
+    p.reset_now = reset(c)
+    p.reset_after = reset(c + hits)
+  end
+  if p.wait ~= 0 and not shadow then all_fit = false end
+  plans[i] = p
+end
+
+local out = { all_fit and 1 or 0 }
+for i = 1, n do
+  local p = plans[i]
+  local applied = all_fit and p.wait == 0
+  local remaining, reset = p.rem_now, p.reset_now
+  if applied then remaining, reset = p.rem_after, p.reset_after end
+  if remaining < 0 then remaining = 0 end
+  if applied and p.hits > 0 then
+    if p.alg == 3 then
+      local ttl = math.ceil(p.new_tat - now) + 1000
+      redis.call('SET', KEYS[i], string.format('%.3f', p.new_tat), 'PX', ttl)
+    else
+      redis.call('HSET', KEYS[i], 'w', p.w, 'c', p.c + p.hits, 'p', p.prev)
+      -- A sliding window still needs this window's count during the next one.
+      local keep = p.period
+      if p.alg == 2 then keep = 2 * p.period end
+      redis.call('PEXPIRE', KEYS[i], math.ceil((p.w * p.period + keep) - now) + 1000)
+    end
+  end
+  local over = 0
+  if p.wait ~= 0 then over = 1 end
+  local retry = -1
+  if p.wait >= 0 then retry = math.ceil(p.wait) end
+  local retry1 = -1
+  if p.retry1 >= 0 then retry1 = math.ceil(p.retry1) end
+  out[#out + 1] = over
+  out[#out + 1] = remaining
+  out[#out + 1] = math.ceil(reset)
+  out[#out + 1] = retry
+  out[#out + 1] = retry1
+  out[#out + 1] = p.marker
+end
+return out

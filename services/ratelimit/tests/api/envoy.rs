@@ -1,0 +1,88 @@
+//! Envoy's `ShouldRateLimit` on the same engine as `Check`.
+
+use mesh_proto::{
+    envoy::extensions::common::ratelimit::v3::{RateLimitDescriptor, rate_limit_descriptor},
+    envoy_rls::{RateLimitRequest, rate_limit_response, rate_limit_service_client::RateLimitServiceClient},
+    ratelimit::Code,
+};
+use mesh_testkit::Infra;
+
+use crate::helpers::{RulesFile, check, client, config_with, desc, spawn_app};
+
+const RULES: &str = r#"
+domain: edge
+descriptors:
+  - key: remote_address
+    rate_limit: { unit: hour, requests_per_unit: 4, name: per_ip }
+  - key: path
+    value: /api/*
+    rate_limit: { unit: hour, requests_per_unit: 100 }
+"#;
+
+fn envoy_req(domain: &str, entries: &[(&str, &str)], hits: Option<u64>) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: domain.into(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: entries
+                .iter()
+                .map(|(k, v)| rate_limit_descriptor::Entry { key: (*k).into(), value: (*v).into() })
+                .collect(),
+            limit: None,
+            hits_addend: hits,
+        }],
+        hits_addend: 0,
+    }
+}
+
+#[tokio::test]
+async fn should_rate_limit_gives_the_same_answers_as_check() {
+    let _t = mesh_testkit::init_telemetry();
+    let rules = RulesFile::new(RULES);
+    let app = spawn_app(config_with(Infra::shared(), &rules)).await;
+    let mut mesh = client(&app).await;
+    let mut envoy = RateLimitServiceClient::new(mesh_testkit::channel(app.addr).await);
+
+    // Both APIs count against the same counter, alternately, and agree on
+    // every code and remaining count.
+    for i in 0..6u32 {
+        let ip = [("remote_address", "10.0.0.1")];
+        let (code, remaining, name) = if i % 2 == 0 {
+            let r = envoy.should_rate_limit(envoy_req("edge", &ip, None)).await.unwrap().into_inner();
+            let s = &r.statuses[0];
+            assert_eq!(r.overall_code, s.code);
+            let code =
+                if r.overall_code() == rate_limit_response::Code::Ok { Code::Ok } else { Code::OverLimit };
+            let limit = s.current_limit.clone().unwrap();
+            assert_eq!(limit.unit(), rate_limit_response::rate_limit::Unit::Hour);
+            assert_eq!(limit.requests_per_unit, 4);
+            (code, s.limit_remaining, limit.name)
+        } else {
+            let a = check(&mut mesh, "edge", vec![desc(&ip, None)]).await;
+            let s = &a.resp.statuses[0];
+            (a.resp.overall_code(), s.limit_remaining, s.current_limit.clone().unwrap().name)
+        };
+        let want = if i < 4 { Code::Ok } else { Code::OverLimit };
+        assert_eq!(code, want, "call {i}");
+        assert_eq!(remaining, 3u32.saturating_sub(i), "call {i}");
+        assert_eq!(name, "per_ip");
+    }
+
+    // Wildcard values, unknown descriptors and per-descriptor hits_addend.
+    let r = envoy
+        .should_rate_limit(envoy_req("edge", &[("path", "/api/users")], Some(10)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.overall_code(), rate_limit_response::Code::Ok);
+    assert_eq!(r.statuses[0].limit_remaining, 90);
+    let a = check(&mut mesh, "edge", vec![desc(&[("path", "/api/users")], Some(0))]).await;
+    assert_eq!(a.remaining(0), 90);
+    let r = envoy.should_rate_limit(envoy_req("edge", &[("user", "x")], None)).await.unwrap().into_inner();
+    assert_eq!(r.overall_code(), rate_limit_response::Code::Ok);
+    assert!(r.statuses[0].current_limit.is_none());
+
+    // Bad input is refused the same way.
+    let e = envoy.should_rate_limit(envoy_req("", &[("k", "v")], None)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    app.stop().await.unwrap();
+}
