@@ -113,12 +113,23 @@ pub struct Db {
     inner: Arc<Inner>,
 }
 
-fn options(url: &str, key: &'static str, config: &DbConfig, app: &str) -> Result<PgConnectOptions, DbError> {
+fn options(
+    url: &str,
+    key: &'static str,
+    config: &DbConfig,
+    app: &str,
+    role: Option<&str>,
+) -> Result<PgConnectOptions, DbError> {
     let mut opts = PgConnectOptions::from_str(url).map_err(|_| DbError::Url { key })?.application_name(app);
     let timeout = config.statement_timeout.as_millis().to_string();
     let mut settings = vec![("statement_timeout", timeout)];
     if let Some(schema) = &config.schema {
         settings.push(("search_path", schema.clone()));
+    }
+    if let Some(role) = role {
+        // `role` is the setting behind SET ROLE: in the startup packet it is
+        // in force before the first statement, with no extra round trip.
+        settings.push(("role", role.to_owned()));
     }
     opts = opts.options(settings);
     Ok(opts)
@@ -141,11 +152,34 @@ impl Db {
     /// Creates the pools (connections are made on first use, so this works
     /// while the database is down), registers metrics and starts the replica monitor.
     pub fn connect(config: &DbConfig, app: &str, registry: &mut Registry) -> Result<Self, DbError> {
-        let primary_opts = options(config.write_url.expose_secret(), crate::keys::WRITE_URL, config, app)?;
+        Self::connect_with_role(config, app, registry, None)
+    }
+
+    /// As [`Db::connect`], but every connection (primary and replicas) runs
+    /// as `role` (`SET ROLE` at connect time, through the startup options),
+    /// so a service can log in as a schema owner yet hold only the privileges
+    /// it was granted. The login role must be a member of `role`. Migrations
+    /// need the owner: run them through a separate [`Db::connect`].
+    pub fn connect_as(
+        config: &DbConfig,
+        app: &str,
+        registry: &mut Registry,
+        role: &str,
+    ) -> Result<Self, DbError> {
+        Self::connect_with_role(config, app, registry, Some(role))
+    }
+
+    fn connect_with_role(
+        config: &DbConfig,
+        app: &str,
+        registry: &mut Registry,
+        role: Option<&str>,
+    ) -> Result<Self, DbError> {
+        let primary_opts = options(config.write_url.expose_secret(), crate::keys::WRITE_URL, config, app, role)?;
         let primary = pool(primary_opts, config);
         let mut replicas = Vec::new();
         for url in &config.read_urls {
-            let opts = options(url.expose_secret(), crate::keys::READ_URLS, config, app)?;
+            let opts = options(url.expose_secret(), crate::keys::READ_URLS, config, app, role)?;
             let name = format!("{}:{}", opts.get_host(), opts.get_port());
             replicas.push(Replica {
                 name,

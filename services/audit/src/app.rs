@@ -3,12 +3,21 @@ use std::net::SocketAddr;
 use mesh_db::{Db, DbError};
 use mesh_proto::audit::audit_service_server::AuditServiceServer;
 use mesh_runtime::{ConfigError, ServeError, Server};
+use prometheus_client::registry::Registry;
+use sha2::{Digest, Sha256};
 use sqlx::migrate::Migrator;
+use tokio_util::sync::CancellationToken;
 
-use crate::{Config, api::Api};
+use crate::{
+    Config,
+    api::Api,
+    appender::Appender,
+    store::{self, WRITER_ROLE},
+    tail::Hub,
+};
 
 /// The service's schema, embedded at build time (no database needed to build).
-static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+pub(crate) static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -28,18 +37,51 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct App {
     server: Server,
+    /// Stops the background tasks when serving ends.
+    stop: CancellationToken,
+}
+
+/// The NOTIFY channel of a schema's appends (at most 63 bytes, like any identifier).
+pub(crate) fn channel_name(schema: &str) -> String {
+    let readable = format!("{schema}.appended");
+    if readable.len() <= 63 {
+        readable
+    } else {
+        format!("audit.{}", hex::encode(&Sha256::digest(schema.as_bytes())[..16]))
+    }
 }
 
 impl App {
-    /// Binds the listeners, creates the pools and runs migrations on the
-    /// primary (waiting up to the configured timeout for it to answer).
+    /// Binds the listeners, runs migrations on the primary as the login role
+    /// (waiting up to the configured timeout for it to answer), then serves
+    /// as `mesh_audit_writer`, which can append and read but never change or
+    /// remove an event.
     pub async fn build(config: Config) -> Result<Self, StartError> {
         let mut server = Server::bind(config.server).await?;
-        let db = Db::connect(&config.db, "mesh-audit", server.registry())?;
-        db.migrate(&MIGRATOR, config.db.migrate_timeout).await?;
+        {
+            // A pool of its own, with throwaway metrics: only the owner may migrate.
+            let owner = Db::connect(&config.db, "mesh-audit-migrate", &mut Registry::default())?;
+            owner.migrate(&MIGRATOR, config.db.migrate_timeout).await?;
+            owner.primary().close().await;
+        }
+        let db = Db::connect_as(&config.db, "mesh-audit", server.registry(), WRITER_ROLE)?;
+        let head = store::read_head(db.primary()).await.map_err(DbError::from)?;
+        let channel = channel_name(config.db.schema.as_deref().unwrap_or("public"));
+        let stop = CancellationToken::new();
+        let appender =
+            Appender::start(db.primary().clone(), &config.audit, channel.clone(), server.registry());
+        let hub = Hub::start(
+            db.primary().clone(),
+            channel,
+            config.audit.tail_buffer,
+            head.last(),
+            stop.clone(),
+            server.registry(),
+        );
         server.add_check(db.primary_check());
-        server.add_service(AuditServiceServer::new(Api::new(db)));
-        Ok(Self { server })
+        let api = Api::new(db, appender, hub, config.audit, server.draining());
+        server.add_service(AuditServiceServer::new(api));
+        Ok(Self { server, stop })
     }
 
     /// The gRPC address.
@@ -54,6 +96,21 @@ impl App {
 
     /// Serves until `shutdown` resolves, then drains.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+        let _stop = self.stop.drop_guard();
         self.server.serve(shutdown).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_names_fit_an_identifier() {
+        assert_eq!(channel_name("audit"), "audit.appended");
+        let long = "s".repeat(63);
+        let c = channel_name(&long);
+        assert!(c.len() <= 63 && c.starts_with("audit."));
+        assert_ne!(c, channel_name(&"t".repeat(63)));
     }
 }

@@ -1,8 +1,44 @@
+//! Configuration from the environment.
+//!
+//! Besides the shared server (`MESH_LISTEN_ADDR`, …) and database
+//! (`MESH_DATABASE_*`) settings, the audit service reads:
+//!
+//! | variable | default | meaning |
+//! | --- | --- | --- |
+//! | `MESH_AUDIT_BATCH_MAX` | 512 | most events one group commit writes |
+//! | `MESH_AUDIT_BATCH_LINGER_US` | 0 | how long a batch waits for more events after its first (µs); batches also form on their own while the previous one commits |
+//! | `MESH_AUDIT_QUEUE_CAPACITY` | 20000 | appends waiting for a batch; beyond it Append answers UNAVAILABLE |
+//! | `MESH_AUDIT_TAIL_BUFFER` | 8192 | recent events kept in memory for live Tail subscribers |
+//! | `MESH_AUDIT_TAIL_SUBSCRIBER_BUFFER` | 256 | events queued for one Tail subscriber before it counts as slow |
+//! | `MESH_AUDIT_MAX_FUTURE_SKEW_MS` | 300000 | how far in the future `occurred_at` may be |
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
 use mesh_db::DbConfig;
-use mesh_runtime::{ConfigError, Lookup, ServerConfig};
+use mesh_runtime::{ConfigError, Lookup, LookupExt, ServerConfig};
 
 /// Default gRPC port.
 pub const DEFAULT_PORT: u16 = 50053;
+
+/// Keys read by [`Config::from_lookup`] beyond the server and database ones.
+pub mod keys {
+    /// Most events per group commit.
+    pub const BATCH_MAX: &str = "MESH_AUDIT_BATCH_MAX";
+    /// Extra wait for a batch to fill (µs).
+    pub const BATCH_LINGER_US: &str = "MESH_AUDIT_BATCH_LINGER_US";
+    /// Appends waiting for a batch.
+    pub const QUEUE_CAPACITY: &str = "MESH_AUDIT_QUEUE_CAPACITY";
+    /// Recent events kept in memory for Tail.
+    pub const TAIL_BUFFER: &str = "MESH_AUDIT_TAIL_BUFFER";
+    /// Events queued per Tail subscriber.
+    pub const TAIL_SUBSCRIBER_BUFFER: &str = "MESH_AUDIT_TAIL_SUBSCRIBER_BUFFER";
+    /// Allowed future skew of `occurred_at` (ms).
+    pub const MAX_FUTURE_SKEW_MS: &str = "MESH_AUDIT_MAX_FUTURE_SKEW_MS";
+}
 
 /// The audit service's configuration.
 #[derive(Debug, Clone)]
@@ -11,6 +47,41 @@ pub struct Config {
     pub server: ServerConfig,
     /// PostgreSQL primary (writes, migrations) and replicas (reads).
     pub db: DbConfig,
+    /// Group commit, Tail and validation settings.
+    pub audit: AuditConfig,
+}
+
+/// The audit service's own settings (see the module docs).
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// Most events per group commit.
+    pub batch_max: usize,
+    /// Extra wait for a batch to fill after its first event.
+    pub batch_linger: Duration,
+    /// Appends waiting for a batch.
+    pub queue_capacity: usize,
+    /// Recent events kept for live Tail subscribers.
+    pub tail_buffer: usize,
+    /// Events queued for one Tail subscriber.
+    pub tail_subscriber_buffer: usize,
+    /// How far in the future `occurred_at` may be.
+    pub max_future_skew: Duration,
+    /// Where `recorded_at` comes from.
+    pub clock: Clock,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            batch_max: 512,
+            batch_linger: Duration::ZERO,
+            queue_capacity: 20_000,
+            tail_buffer: 8192,
+            tail_subscriber_buffer: 256,
+            max_future_skew: Duration::from_secs(300),
+            clock: Clock::System,
+        }
+    }
 }
 
 impl Config {
@@ -24,6 +95,116 @@ impl Config {
         Ok(Self {
             server: ServerConfig::from_lookup(l, DEFAULT_PORT)?,
             db: DbConfig::from_lookup(l, "audit")?,
+            audit: AuditConfig::from_lookup(l)?,
         })
+    }
+}
+
+impl AuditConfig {
+    /// Reads the `MESH_AUDIT_*` settings.
+    pub fn from_lookup(l: &impl Lookup) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        let batch_max = l.parse_or(keys::BATCH_MAX, d.batch_max)?;
+        if !(1..=10_000).contains(&batch_max) {
+            return Err(ConfigError::new(keys::BATCH_MAX, "must be between 1 and 10000"));
+        }
+        let queue_capacity: usize = l.parse_or(keys::QUEUE_CAPACITY, d.queue_capacity)?;
+        if queue_capacity == 0 {
+            return Err(ConfigError::new(keys::QUEUE_CAPACITY, "must be at least 1"));
+        }
+        let tail_buffer: usize = l.parse_or(keys::TAIL_BUFFER, d.tail_buffer)?;
+        if tail_buffer == 0 {
+            return Err(ConfigError::new(keys::TAIL_BUFFER, "must be at least 1"));
+        }
+        let tail_subscriber_buffer: usize =
+            l.parse_or(keys::TAIL_SUBSCRIBER_BUFFER, d.tail_subscriber_buffer)?;
+        if tail_subscriber_buffer == 0 {
+            return Err(ConfigError::new(keys::TAIL_SUBSCRIBER_BUFFER, "must be at least 1"));
+        }
+        Ok(Self {
+            batch_max,
+            batch_linger: Duration::from_micros(l.parse_or(keys::BATCH_LINGER_US, 0u64)?),
+            queue_capacity,
+            tail_buffer,
+            tail_subscriber_buffer,
+            max_future_skew: l.millis_or(keys::MAX_FUTURE_SKEW_MS, d.max_future_skew)?,
+            clock: Clock::System,
+        })
+    }
+}
+
+/// Where the service reads the time it stamps as `recorded_at`.
+#[derive(Debug, Clone, Default)]
+pub enum Clock {
+    /// The system clock.
+    #[default]
+    System,
+    /// A clock that only moves when told (tests of monthly partitions and retention).
+    Manual(ManualClock),
+}
+
+impl Clock {
+    /// The current time.
+    pub fn now(&self) -> DateTime<Utc> {
+        match self {
+            Self::System => Utc::now(),
+            Self::Manual(m) => m.now(),
+        }
+    }
+}
+
+/// A settable clock, shared by its clones.
+#[derive(Debug, Clone)]
+pub struct ManualClock(Arc<Mutex<DateTime<Utc>>>);
+
+impl ManualClock {
+    /// A clock showing `at`.
+    pub fn new(at: DateTime<Utc>) -> Self {
+        Self(Arc::new(Mutex::new(at)))
+    }
+
+    /// The time it shows.
+    pub fn now(&self) -> DateTime<Utc> {
+        *self.0.lock().expect("clock lock")
+    }
+
+    /// Makes it show `at`.
+    pub fn set(&self, at: DateTime<Utc>) {
+        *self.0.lock().expect("clock lock") = at;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &str)]) -> HashMap<&'static str, String> {
+        pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = Config::from_lookup(&map(&[("MESH_DATABASE_WRITE_URL", "postgres://h/db")])).unwrap();
+        assert_eq!(c.db.schema.as_deref(), Some("audit"));
+        assert_eq!(c.audit.batch_max, 512);
+        let c = AuditConfig::from_lookup(&map(&[(keys::BATCH_MAX, "64"), (keys::BATCH_LINGER_US, "250")]))
+            .unwrap();
+        assert_eq!(c.batch_max, 64);
+        assert_eq!(c.batch_linger, Duration::from_micros(250));
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        for (k, v) in [
+            (keys::BATCH_MAX, "0"),
+            (keys::BATCH_MAX, "lots"),
+            (keys::QUEUE_CAPACITY, "0"),
+            (keys::TAIL_BUFFER, "0"),
+            (keys::MAX_FUTURE_SKEW_MS, "5m"),
+        ] {
+            assert_eq!(AuditConfig::from_lookup(&map(&[(k, v)])).unwrap_err().key, k);
+        }
     }
 }

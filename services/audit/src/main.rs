@@ -1,12 +1,18 @@
-//! `mesh-audit`: the audit service.
+//! `mesh-audit`: the audit service, and its offline tools
+//! (`mesh-audit verify | export | retention`, see `mesh-audit --help`).
 
 use std::process::ExitCode;
 
-use mesh_audit::{App, Config};
+use clap::Parser as _;
+use mesh_audit::{App, Config, cli::Cli};
 use mesh_runtime::{EXIT_CONFIG, Telemetry, TelemetryConfig, shutdown_signal};
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    if let Some(command) = Cli::parse().command {
+        return mesh_audit::cli::run(command).await;
+    }
+
     // Telemetry first, so configuration errors are logged like everything else.
     let telemetry = match TelemetryConfig::from_lookup(&mesh_runtime::Env, "mesh-audit") {
         Ok(c) => Telemetry::init(&c),

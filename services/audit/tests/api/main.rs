@@ -1,4 +1,9 @@
 //! Integration tests of the audit service against the real PostgreSQL primary and replica.
 
+mod append;
+mod export;
 mod helpers;
 mod lifecycle;
+mod query;
+mod storage;
+mod tail;

@@ -1,0 +1,393 @@
+//! Group commit. Append calls queue their validated events; one task per
+//! instance takes whatever is queued (at most `batch_max`, waiting up to
+//! `batch_linger` for more) and writes it in one transaction:
+//!
+//! 1. lock the chain head row (batches of every instance take turns here);
+//! 2. look up the batch's idempotency keys: under the lock, any earlier
+//!    append of the same key has committed and is visible;
+//! 3. give each new event the next sequence, `recorded_at` (never earlier
+//!    than the head's) and its hash, linked to the previous one;
+//! 4. insert events, keys and the new head in one statement, NOTIFY Tail
+//!    listeners, commit;
+//! 5. only then answer each caller.
+//!
+//! While a batch commits, the next one fills, so batches grow with load on
+//! their own and a lone append waits for no timer.
+
+use std::{collections::HashMap, sync::Arc, time::Instant};
+
+use chrono::{DateTime, Datelike as _, Utc};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use crate::{
+    chain::{Event, Hash},
+    config::{AuditConfig, Clock},
+    domain::AppendCommand,
+    error::{Error, is_connection_error},
+    store::{self, FirstResult, NewKey},
+};
+
+/// What an Append is answered with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Appended {
+    /// Event id.
+    pub(crate) id: Uuid,
+    /// Sequence.
+    pub(crate) sequence: u64,
+    /// Hash.
+    pub(crate) hash: Hash,
+    /// True when an earlier append with the same key made the event.
+    pub(crate) deduplicated: bool,
+}
+
+impl From<FirstResult> for Appended {
+    fn from(r: FirstResult) -> Self {
+        Self { id: r.id, sequence: r.sequence, hash: r.hash, deduplicated: true }
+    }
+}
+
+struct Pending {
+    command: AppendCommand,
+    reply: oneshot::Sender<Result<Appended, Error>>,
+    /// The caller's span, linked from the batch's span.
+    span: tracing::Span,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone)]
+struct Metrics {
+    appends: Family<ResultLabels, Counter>,
+    batch_size: Histogram,
+    batch_seconds: Histogram,
+    queued: Gauge,
+}
+
+impl Metrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            appends: Family::default(),
+            batch_size: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0]),
+            batch_seconds: Histogram::new(mesh_runtime::latency_buckets()),
+            queued: Gauge::default(),
+        };
+        registry.register(
+            "mesh_audit_appends",
+            "Appends by result: committed, deduplicated, failed, refused (queue full)",
+            m.appends.clone(),
+        );
+        registry.register("mesh_audit_batch_size", "Events per group commit", m.batch_size.clone());
+        registry.register(
+            "mesh_audit_batch_seconds",
+            "Time to write and commit one batch",
+            m.batch_seconds.clone(),
+        );
+        registry.register("mesh_audit_append_queue", "Appends waiting for a batch", m.queued.clone());
+        m
+    }
+
+    fn count(&self, result: &'static str, n: usize) {
+        self.appends.get_or_create(&ResultLabels { result }).inc_by(n as u64);
+    }
+}
+
+/// The handle Append calls use; the batch task ends when every handle is gone.
+#[derive(Debug, Clone)]
+pub(crate) struct Appender {
+    tx: mpsc::Sender<Pending>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending").finish_non_exhaustive()
+    }
+}
+
+impl Appender {
+    /// Starts the batch task writing through `pool`, notifying `channel`.
+    pub(crate) fn start(
+        pool: PgPool,
+        config: &AuditConfig,
+        channel: String,
+        registry: &mut Registry,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(config.queue_capacity);
+        let metrics = Arc::new(Metrics::register(registry));
+        let batcher = Batcher {
+            pool,
+            rx,
+            max: config.batch_max,
+            linger: config.batch_linger,
+            clock: config.clock.clone(),
+            channel,
+            metrics: metrics.clone(),
+            partitions: Vec::new(),
+        };
+        tokio::spawn(batcher.run());
+        Self { tx, metrics }
+    }
+
+    /// Queues `command` and waits until its batch is committed (or failed).
+    pub(crate) async fn append(&self, command: AppendCommand) -> Result<Appended, Error> {
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending { command, reply, span: tracing::Span::current() };
+        match self.tx.try_send(pending) {
+            Ok(()) => self.metrics.queued.inc(),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.metrics.count("refused", 1);
+                return Err(Error::Overloaded);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Error::ShuttingDown),
+        };
+        answer.await.map_err(|_| Error::ShuttingDown)?
+    }
+}
+
+struct Batcher {
+    pool: PgPool,
+    rx: mpsc::Receiver<Pending>,
+    max: usize,
+    linger: std::time::Duration,
+    clock: Clock,
+    channel: String,
+    metrics: Arc<Metrics>,
+    /// Months whose partition is known to exist.
+    partitions: Vec<(i32, u32)>,
+}
+
+fn month_of(t: DateTime<Utc>) -> (i32, u32) {
+    (t.year(), t.month())
+}
+
+fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(t.timestamp_micros()).expect("in range")
+}
+
+impl Batcher {
+    async fn run(mut self) {
+        let mut batch = Vec::with_capacity(self.max);
+        while let Some(first) = self.rx.recv().await {
+            batch.push(first);
+            self.fill(&mut batch).await;
+            self.metrics.queued.dec_by(batch.len() as i64);
+            // A caller that gave up (deadline, cancellation) before its batch
+            // started was never acknowledged: leave its event out.
+            batch.retain(|p| !p.reply.is_closed());
+            if !batch.is_empty() {
+                self.write(&mut batch).await;
+            }
+            batch.clear();
+        }
+        tracing::debug!("append queue closed, batch task done");
+    }
+
+    async fn fill(&mut self, batch: &mut Vec<Pending>) {
+        while batch.len() < self.max {
+            match self.rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        if self.linger.is_zero() || batch.len() >= self.max {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + self.linger;
+        while batch.len() < self.max {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(p)) => batch.push(p),
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
+
+    /// Commits `batch` and answers every caller in it.
+    async fn write(&mut self, batch: &mut Vec<Pending>) {
+        let span = tracing::info_span!(
+            "audit.batch",
+            batch.size = batch.len(),
+            otel.status_code = tracing::field::Empty
+        );
+        for p in batch.iter() {
+            span.follows_from(&p.span);
+        }
+        let started = Instant::now();
+        self.ensure_partition(self.clock.now()).await;
+        let mut result = self.commit(batch).instrument(span.clone()).await;
+        if let Err(BatchError::MissingPartition(at)) = &result {
+            // recorded_at moved into a month nobody prepared (the head's
+            // clock ran ahead of ours): make it, try once more
+            let at = *at;
+            self.partitions.clear();
+            self.ensure_partition(at).await;
+            result = self.commit(batch).instrument(span.clone()).await;
+        }
+        self.metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(answers) => {
+                self.metrics.batch_size.observe(batch.len() as f64);
+                let dedup = answers.iter().filter(|a| a.deduplicated).count();
+                self.metrics.count("committed", answers.len() - dedup);
+                self.metrics.count("deduplicated", dedup);
+                for (p, a) in batch.drain(..).zip(answers) {
+                    let _ = p.reply.send(Ok(a));
+                }
+            }
+            Err(e) => {
+                span.record("otel.status_code", "ERROR");
+                self.metrics.count("failed", batch.len());
+                let e = e.into_error();
+                tracing::warn!(parent: &span, error = %e, events = batch.len(), "append batch failed");
+                for p in batch.drain(..) {
+                    let _ = p.reply.send(Err(e.duplicate()));
+                }
+            }
+        }
+    }
+
+    /// Makes sure the partition for `at` (and the month after, so month
+    /// boundaries never wait on DDL) exists, once per month per instance.
+    async fn ensure_partition(&mut self, at: DateTime<Utc>) {
+        if self.partitions.contains(&month_of(at)) {
+            return;
+        }
+        let next = at.checked_add_months(chrono::Months::new(1)).unwrap_or(at);
+        for t in [at, next] {
+            match store::ensure_partition(&self.pool, t).await {
+                Ok(name) => {
+                    tracing::debug!(partition = %name, "partition ready");
+                    self.partitions.push(month_of(t));
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot prepare partition"),
+            }
+        }
+    }
+
+    async fn commit(&self, batch: &[Pending]) -> Result<Vec<Appended>, BatchError> {
+        let mut tx = self.pool.begin().await.map_err(BatchError::Begin)?;
+        let head = store::lock_head(&mut tx).await.map_err(BatchError::Statement)?;
+
+        let keys: Vec<(&str, &str)> = batch
+            .iter()
+            .filter_map(|p| {
+                let key = p.command.idempotency_key.as_deref()?;
+                Some((p.command.event.source_service.as_str(), key))
+            })
+            .collect();
+        let known = if keys.is_empty() {
+            HashMap::new()
+        } else {
+            store::find_keys(&mut tx, &keys).await.map_err(BatchError::Statement)?
+        };
+
+        // Never earlier than the head: recorded_at is non-decreasing along
+        // the chain even when instances' clocks disagree, which keeps each
+        // monthly partition a contiguous run of sequences.
+        let now = micros(self.clock.now());
+        let recorded_at = head.recorded_at.map_or(now, |h| h.max(now));
+
+        let mut answers: Vec<Appended> = Vec::with_capacity(batch.len());
+        let mut events: Vec<Event> = Vec::with_capacity(batch.len());
+        let mut new_keys: Vec<NewKey<'_>> = Vec::new();
+        let mut in_batch: HashMap<(&str, &str), usize> = HashMap::new();
+        let (mut next, mut prev) = (head.next_sequence, head.hash);
+        for p in batch {
+            let service = p.command.event.source_service.as_str();
+            if let Some(key) = p.command.idempotency_key.as_deref() {
+                if let Some(first) = known.get(&(service.to_owned(), key.to_owned())) {
+                    answers.push((*first).into());
+                    continue;
+                }
+                if let Some(&i) = in_batch.get(&(service, key)) {
+                    answers.push(Appended { deduplicated: true, ..answers[i] });
+                    continue;
+                }
+                in_batch.insert((service, key), answers.len());
+            }
+            let mut event = p.command.event.clone().into_event(Uuid::now_v7(), next, recorded_at);
+            event.seal(prev);
+            if let Some(key) = p.command.idempotency_key.as_deref() {
+                new_keys.push(NewKey {
+                    source_service: service,
+                    key,
+                    id: event.id,
+                    sequence: next,
+                    hash: event.hash,
+                });
+            }
+            answers.push(Appended { id: event.id, sequence: next, hash: event.hash, deduplicated: false });
+            prev = event.hash;
+            next += 1;
+            events.push(event);
+        }
+
+        if !events.is_empty()
+            && let Err(e) = store::insert_batch(&mut tx, &events, &new_keys, &self.channel).await
+        {
+            return Err(if store::is_missing_partition(&e) {
+                BatchError::MissingPartition(recorded_at)
+            } else {
+                BatchError::Statement(e)
+            });
+        }
+        tx.commit().await.map_err(BatchError::Commit)?;
+        Ok(answers)
+    }
+}
+
+enum BatchError {
+    /// Failed before anything was sent: nothing committed.
+    Begin(sqlx::Error),
+    /// A statement failed: the transaction rolls back, nothing committed.
+    Statement(sqlx::Error),
+    /// No partition for this recorded_at.
+    MissingPartition(DateTime<Utc>),
+    /// COMMIT failed: if the connection broke, the outcome is unknown.
+    Commit(sqlx::Error),
+}
+
+impl BatchError {
+    /// What every caller of the failed batch is told; only variants that can
+    /// be repeated for each of them.
+    fn into_error(self) -> Error {
+        match self {
+            Self::Begin(e) | Self::Statement(e) if is_connection_error(&e) || is_timeout(&e) => {
+                Error::Unavailable(e.to_string())
+            }
+            Self::Begin(e) | Self::Statement(e) => {
+                tracing::error!(error = %e, "append batch refused by the database");
+                Error::Internal("append batch refused by the database".into())
+            }
+            Self::MissingPartition(at) => Error::Unavailable(format!("no partition for recorded_at {at}")),
+            Self::Commit(e) if is_connection_error(&e) => Error::CommitUnknown(e.to_string()),
+            Self::Commit(e) => Error::Unavailable(format!("commit failed: {e}")),
+        }
+    }
+}
+
+fn is_timeout(e: &sqlx::Error) -> bool {
+    e.as_database_error().and_then(|d| d.code()).as_deref() == Some("57014")
+}
+
+impl Error {
+    /// The same error for another caller of the batch.
+    fn duplicate(&self) -> Self {
+        match self {
+            Self::Unavailable(m) => Self::Unavailable(m.clone()),
+            Self::CommitUnknown(m) => Self::CommitUnknown(m.clone()),
+            Self::Internal(m) => Self::Internal(m.clone()),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! The service's errors and their one mapping to gRPC statuses.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+/// Everything that can go wrong inside the audit service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed; nothing was written.
+    #[error("invalid request")]
+    InvalidArgument(Vec<FieldViolation>),
+    /// A sequence range outside what exists (or is still retained).
+    #[error("{0}")]
+    OutOfRange(String),
+    /// The append queue is full.
+    #[error("append queue is full, retry later")]
+    Overloaded,
+    /// The service is stopping and takes no new appends.
+    #[error("the audit service is shutting down")]
+    ShuttingDown,
+    /// The database could not be reached; nothing was committed.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The connection failed around COMMIT: the batch may or may not be
+    /// committed. A retry with the same idempotency key resolves it.
+    #[error("commit outcome unknown ({0}), retry with the same idempotency key")]
+    CommitUnknown(String),
+    /// A Tail subscriber did not keep up with the live events.
+    #[error(
+        "tail subscriber fell more than {buffered} events behind the live head; \
+         resume with after_sequence={resume_after}"
+    )]
+    SlowSubscriber {
+        /// The last sequence the subscriber was sent.
+        resume_after: u64,
+        /// How far behind counts as too slow.
+        buffered: usize,
+    },
+    /// The server is draining; long-lived streams end so clients reconnect elsewhere.
+    #[error("the audit service is draining; resume with after_sequence={resume_after}")]
+    Draining {
+        /// The last sequence the subscriber was sent.
+        resume_after: u64,
+    },
+    /// The database said no.
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    /// Something that should not happen; logged where it happened.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// One bad field.
+    pub(crate) fn field(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self::InvalidArgument(vec![FieldViolation::new(field, description)])
+    }
+}
+
+/// Whether a database error means the server could not be reached (or went
+/// away), as opposed to refusing the statement.
+pub(crate) fn is_connection_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        // 08: connection exception; 57P: operator intervention (shutdown, crash)
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+        _ => false,
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::InvalidArgument(violations) => {
+                let message = match violations.as_slice() {
+                    [one] => format!("{}: {}", one.field, one.description),
+                    many => format!("{} invalid fields", many.len()),
+                };
+                Status::with_error_details(
+                    Code::InvalidArgument,
+                    message,
+                    ErrorDetails::with_bad_request(violations),
+                )
+            }
+            Error::OutOfRange(m) => Status::out_of_range(m),
+            e @ (Error::Overloaded
+            | Error::ShuttingDown
+            | Error::Unavailable(_)
+            | Error::CommitUnknown(_)
+            | Error::Draining { .. }) => Status::unavailable(e.to_string()),
+            e @ Error::SlowSubscriber { resume_after, .. } => {
+                let mut details = ErrorDetails::new();
+                details.set_error_info(
+                    "TAIL_SUBSCRIBER_TOO_SLOW",
+                    "mesh.audit.v1",
+                    [("resume_after_sequence".to_owned(), resume_after.to_string())],
+                );
+                Status::with_error_details(Code::ResourceExhausted, e.to_string(), details)
+            }
+            Error::Db(e) if is_connection_error(&e) => {
+                Status::unavailable(format!("database unavailable: {e}"))
+            }
+            Error::Db(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("57014") => {
+                Status::deadline_exceeded("the database statement timed out")
+            }
+            Error::Db(e) => {
+                tracing::error!(error = %e, "database error");
+                Status::internal("database error")
+            }
+            Error::Internal(m) => Status::internal(m),
+        }
+    }
+}

@@ -1,0 +1,479 @@
+//! Every SQL statement of the service: the chain head, group-commit inserts,
+//! idempotency lookups, partitions, and the keyset reads behind Query, Tail,
+//! Export and Verify. Statements are parameterised; the few whose shape
+//! depends on the filter are built once per shape and kept (see [`shaped`]).
+
+use std::{
+    collections::HashMap,
+    sync::{Mutex, OnceLock},
+};
+
+use chrono::{DateTime, Utc};
+use mesh_db::span;
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool, Postgres, postgres::PgArguments, query::QueryAs};
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use crate::{
+    chain::{Event, Hash, Outcome},
+    domain::{Filter, PageToken},
+};
+
+/// The role the service serves as (created by the migrations).
+pub const WRITER_ROLE: &str = "mesh_audit_writer";
+
+/// The columns of an event, in [`Row`] order.
+const COLUMNS: &str = "sequence, id, occurred_at, recorded_at, actor_type, actor_id, action, resource_type, \
+     resource_id, outcome, source_ip, source_user_agent, source_service, request_id, trace_id, metadata, \
+     prev_hash, hash";
+
+/// An event row exactly as stored; [`Row::into_event`] checks it can be an event.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct Row {
+    pub(crate) sequence: i64,
+    id: Uuid,
+    occurred_at: DateTime<Utc>,
+    recorded_at: DateTime<Utc>,
+    actor_type: String,
+    actor_id: String,
+    action: String,
+    resource_type: String,
+    resource_id: String,
+    outcome: i16,
+    source_ip: String,
+    source_user_agent: String,
+    source_service: String,
+    request_id: String,
+    trace_id: String,
+    metadata: sqlx::types::Json<Value>,
+    prev_hash: Vec<u8>,
+    hash: Vec<u8>,
+}
+
+impl Row {
+    /// The event, or why this row cannot be one (only after tampering).
+    pub(crate) fn into_event(self) -> Result<Event, &'static str> {
+        let Value::Object(metadata) = self.metadata.0 else { return Err("metadata is not an object") };
+        Ok(Event {
+            sequence: u64::try_from(self.sequence).map_err(|_| "negative sequence")?,
+            id: self.id,
+            occurred_at: self.occurred_at,
+            recorded_at: self.recorded_at,
+            actor_type: self.actor_type,
+            actor_id: self.actor_id,
+            action: self.action,
+            resource_type: self.resource_type,
+            resource_id: self.resource_id,
+            outcome: Outcome::from_code(self.outcome.into()).ok_or("unknown outcome")?,
+            source_ip: self.source_ip,
+            source_user_agent: self.source_user_agent,
+            source_service: self.source_service,
+            request_id: self.request_id,
+            trace_id: self.trace_id,
+            metadata,
+            prev_hash: self.prev_hash.try_into().map_err(|_| "prev_hash is not 32 bytes")?,
+            hash: self.hash.try_into().map_err(|_| "hash is not 32 bytes")?,
+        })
+    }
+}
+
+fn rows_to_events(rows: Vec<Row>) -> Result<Vec<Event>, sqlx::Error> {
+    rows.into_iter()
+        .map(|r| {
+            let seq = r.sequence;
+            r.into_event().map_err(|why| sqlx::Error::Decode(format!("event {seq}: {why}").into()))
+        })
+        .collect()
+}
+
+/// The chain head: where the next event goes and what it links to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Head {
+    /// The sequence the next event gets.
+    pub(crate) next_sequence: u64,
+    /// The last event's hash (genesis before the first).
+    pub(crate) hash: Hash,
+    /// The last event's recorded_at.
+    pub(crate) recorded_at: Option<DateTime<Utc>>,
+}
+
+impl Head {
+    /// The last sequence written (0 before the first).
+    pub(crate) fn last(&self) -> u64 {
+        self.next_sequence - 1
+    }
+}
+
+type HeadRow = (i64, Vec<u8>, Option<DateTime<Utc>>);
+
+fn head_from(row: HeadRow) -> Result<Head, sqlx::Error> {
+    let (next, hash, recorded_at) = row;
+    Ok(Head {
+        next_sequence: u64::try_from(next)
+            .map_err(|_| sqlx::Error::Decode("negative next_sequence".into()))?,
+        hash: hash.try_into().map_err(|_| sqlx::Error::Decode("head hash is not 32 bytes".into()))?,
+        recorded_at,
+    })
+}
+
+const LOCK_HEAD: &str =
+    "select next_sequence, head_hash, recorded_at from audit_chain_head where chain = 1 for update";
+const READ_HEAD: &str = "select next_sequence, head_hash, recorded_at from audit_chain_head where chain = 1";
+
+/// Locks the chain head until the transaction ends: batches from every
+/// instance take turns here, which makes the sequence gapless.
+pub(crate) async fn lock_head(conn: &mut PgConnection) -> Result<Head, sqlx::Error> {
+    let row: HeadRow = sqlx::query_as(LOCK_HEAD)
+        .fetch_one(conn)
+        .instrument(span("SELECT", "audit_chain_head", LOCK_HEAD))
+        .await?;
+    head_from(row)
+}
+
+/// Reads the chain head without locking it.
+pub(crate) async fn read_head<'e, E>(executor: E) -> Result<Head, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = Postgres>,
+{
+    let row: HeadRow = sqlx::query_as(READ_HEAD)
+        .fetch_one(executor)
+        .instrument(span("SELECT", "audit_chain_head", READ_HEAD))
+        .await?;
+    head_from(row)
+}
+
+/// A first result recorded for an idempotency key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FirstResult {
+    pub(crate) id: Uuid,
+    pub(crate) sequence: u64,
+    pub(crate) hash: Hash,
+}
+
+const FIND_KEYS: &str = "select k.source_service, k.idempotency_key, k.id, k.sequence, k.hash \
+     from audit_idempotency k \
+     join unnest($1::text[], $2::text[]) as q(source_service, idempotency_key) using (source_service, idempotency_key)";
+
+/// The first results of those (source service, key) pairs that have one.
+/// Run under the head lock, so no other batch can be adding them meanwhile.
+pub(crate) async fn find_keys(
+    conn: &mut PgConnection,
+    keys: &[(&str, &str)],
+) -> Result<HashMap<(String, String), FirstResult>, sqlx::Error> {
+    let services: Vec<&str> = keys.iter().map(|k| k.0).collect();
+    let names: Vec<&str> = keys.iter().map(|k| k.1).collect();
+    let rows: Vec<(String, String, Uuid, i64, Vec<u8>)> = sqlx::query_as(FIND_KEYS)
+        .bind(services)
+        .bind(names)
+        .fetch_all(conn)
+        .instrument(span("SELECT", "audit_idempotency", FIND_KEYS))
+        .await?;
+    rows.into_iter()
+        .map(|(service, key, id, sequence, hash)| {
+            let hash =
+                hash.try_into().map_err(|_| sqlx::Error::Decode("stored hash is not 32 bytes".into()))?;
+            Ok(((service, key), FirstResult { id, sequence: sequence as u64, hash }))
+        })
+        .collect()
+}
+
+const INSERT_BATCH: &str = "with events as ( \
+       insert into audit_events (sequence, id, occurred_at, recorded_at, actor_type, actor_id, action, \
+         resource_type, resource_id, outcome, source_ip, source_user_agent, source_service, request_id, \
+         trace_id, metadata, prev_hash, hash) \
+       select e.sequence, e.id, e.occurred_at, $4, e.actor_type, e.actor_id, e.action, e.resource_type, \
+         e.resource_id, e.outcome, e.source_ip, e.source_user_agent, e.source_service, e.request_id, \
+         e.trace_id, e.metadata::jsonb, e.prev_hash, e.hash \
+       from unnest($1::bigint[], $2::uuid[], $3::timestamptz[], $5::text[], $6::text[], $7::text[], \
+         $8::text[], $9::text[], $10::smallint[], $11::text[], $12::text[], $13::text[], $14::text[], \
+         $15::text[], $16::text[], $17::bytea[], $18::bytea[]) \
+         as e(sequence, id, occurred_at, actor_type, actor_id, action, resource_type, resource_id, outcome, \
+         source_ip, source_user_agent, source_service, request_id, trace_id, metadata, prev_hash, hash) \
+     ), keys as ( \
+       insert into audit_idempotency (source_service, idempotency_key, sequence, id, hash) \
+       select * from unnest($19::text[], $20::text[], $21::bigint[], $22::uuid[], $23::bytea[]) \
+     ) \
+     update audit_chain_head set next_sequence = $24, head_hash = $25, recorded_at = $4 where chain = 1 \
+     returning pg_notify($26, $27)";
+
+/// An idempotency key to record with the batch.
+#[derive(Debug)]
+pub(crate) struct NewKey<'a> {
+    pub(crate) source_service: &'a str,
+    pub(crate) key: &'a str,
+    pub(crate) id: Uuid,
+    pub(crate) sequence: u64,
+    pub(crate) hash: Hash,
+}
+
+/// Writes a sealed batch (consecutive sequences, one recorded_at), its
+/// idempotency keys and the new head in one statement, and queues a NOTIFY
+/// of the new last sequence on `channel` (delivered at commit, in commit order).
+pub(crate) async fn insert_batch(
+    conn: &mut PgConnection,
+    events: &[Event],
+    keys: &[NewKey<'_>],
+    channel: &str,
+) -> Result<(), sqlx::Error> {
+    let last = events.last().expect("a batch has events");
+    let col = |f: fn(&Event) -> String| events.iter().map(f).collect::<Vec<String>>();
+    sqlx::query(INSERT_BATCH)
+        .bind(events.iter().map(|e| e.sequence as i64).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.id).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.occurred_at).collect::<Vec<_>>())
+        .bind(last.recorded_at)
+        .bind(col(|e| e.actor_type.clone()))
+        .bind(col(|e| e.actor_id.clone()))
+        .bind(col(|e| e.action.clone()))
+        .bind(col(|e| e.resource_type.clone()))
+        .bind(col(|e| e.resource_id.clone()))
+        .bind(events.iter().map(|e| i16::from(e.outcome.code())).collect::<Vec<_>>())
+        .bind(col(|e| e.source_ip.clone()))
+        .bind(col(|e| e.source_user_agent.clone()))
+        .bind(col(|e| e.source_service.clone()))
+        .bind(col(|e| e.request_id.clone()))
+        .bind(col(|e| e.trace_id.clone()))
+        .bind(col(|e| Value::Object(e.metadata.clone()).to_string()))
+        .bind(events.iter().map(|e| e.prev_hash.to_vec()).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.hash.to_vec()).collect::<Vec<_>>())
+        .bind(keys.iter().map(|k| k.source_service).collect::<Vec<_>>())
+        .bind(keys.iter().map(|k| k.key).collect::<Vec<_>>())
+        .bind(keys.iter().map(|k| k.sequence as i64).collect::<Vec<_>>())
+        .bind(keys.iter().map(|k| k.id).collect::<Vec<_>>())
+        .bind(keys.iter().map(|k| k.hash.to_vec()).collect::<Vec<_>>())
+        .bind(last.sequence as i64 + 1)
+        .bind(last.hash.to_vec())
+        .bind(channel)
+        .bind(last.sequence.to_string())
+        .execute(conn)
+        .instrument(span("INSERT", "audit_events", INSERT_BATCH))
+        .await?;
+    Ok(())
+}
+
+/// Whether an insert failed because no partition covers its recorded_at.
+pub(crate) fn is_missing_partition(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.code().as_deref() == Some("23514") && d.message().contains("no partition"))
+}
+
+const ENSURE_PARTITION: &str = "select audit_ensure_partition($1)";
+
+/// Creates the monthly partition holding `at` unless it exists.
+pub(crate) async fn ensure_partition(pool: &PgPool, at: DateTime<Utc>) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar(ENSURE_PARTITION)
+        .bind(at)
+        .fetch_one(pool)
+        .instrument(span("SELECT", "audit_partitions", ENSURE_PARTITION))
+        .await
+}
+
+const DROP_BEFORE: &str =
+    "select dropped, dropped_events, dropped_through from audit_drop_partitions_before($1)";
+
+/// One partition retention removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dropped {
+    /// The partition's table.
+    pub partition: String,
+    /// How many events it held.
+    pub events: u64,
+    /// Its last sequence (the checkpoint), if it held any.
+    pub through: Option<u64>,
+}
+
+/// Drops every partition ending at or before `cutoff` (owner only).
+pub(crate) async fn drop_partitions_before(
+    pool: &PgPool,
+    cutoff: DateTime<Utc>,
+) -> Result<Vec<Dropped>, sqlx::Error> {
+    let rows: Vec<(String, Option<i64>, Option<i64>)> = sqlx::query_as(DROP_BEFORE)
+        .bind(cutoff)
+        .fetch_all(pool)
+        .instrument(span("SELECT", "audit_partitions", DROP_BEFORE))
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(partition, events, through)| Dropped {
+            partition,
+            events: events.unwrap_or(0) as u64,
+            through: through.map(|t| t as u64),
+        })
+        .collect())
+}
+
+const LATEST_CHECKPOINT: &str =
+    "select last_sequence, last_hash from audit_checkpoints order by last_sequence desc limit 1";
+
+/// The newest retention checkpoint: the last dropped sequence and its hash.
+pub(crate) async fn latest_checkpoint(
+    conn: &mut PgConnection,
+) -> Result<Option<(u64, Vec<u8>)>, sqlx::Error> {
+    let row: Option<(i64, Vec<u8>)> = sqlx::query_as(LATEST_CHECKPOINT)
+        .fetch_optional(conn)
+        .instrument(span("SELECT", "audit_checkpoints", LATEST_CHECKPOINT))
+        .await?;
+    Ok(row.map(|(s, h)| (s as u64, h)))
+}
+
+const HASH_AT: &str = "select hash from audit_events where sequence = $1";
+
+/// The stored hash of one event, if it is there.
+pub(crate) async fn hash_at(conn: &mut PgConnection, sequence: u64) -> Result<Option<Vec<u8>>, sqlx::Error> {
+    sqlx::query_scalar(HASH_AT)
+        .bind(sequence as i64)
+        .fetch_optional(conn)
+        .instrument(span("SELECT", "audit_events", HASH_AT))
+        .await
+}
+
+const ROWS_FROM: &str = "select sequence, id, occurred_at, recorded_at, actor_type, actor_id, action, \
+     resource_type, resource_id, outcome, source_ip, source_user_agent, source_service, request_id, trace_id, \
+     metadata, prev_hash, hash from audit_events where sequence >= $1 and sequence <= $2 order by sequence limit $3";
+
+/// Raw rows with `from <= sequence <= to`, in sequence order (for Verify,
+/// which must see rows that no longer decode).
+pub(crate) async fn rows_from(
+    conn: &mut PgConnection,
+    from: u64,
+    to: u64,
+    limit: usize,
+) -> Result<Vec<Row>, sqlx::Error> {
+    sqlx::query_as(ROWS_FROM)
+        .bind(from as i64)
+        .bind(to as i64)
+        .bind(limit as i64)
+        .fetch_all(conn)
+        .instrument(span("SELECT", "audit_events", ROWS_FROM))
+        .await
+}
+
+/// A statement whose WHERE clause depends on which filter fields are set:
+/// built once per (kind, shape) and kept for the life of the process (at
+/// most 2 × 2⁸ small strings), so it has a `&'static` text for spans and is
+/// a stable prepared statement.
+fn shaped(key: u32, build: impl FnOnce() -> String) -> &'static str {
+    static CACHE: OnceLock<Mutex<HashMap<u32, &'static str>>> = OnceLock::new();
+    let mut cache = CACHE.get_or_init(Default::default).lock().expect("statement cache lock");
+    cache.entry(key).or_insert_with(|| Box::leak(build().into_boxed_str()))
+}
+
+/// Bit per set filter field, in [`filter_sql`] order.
+fn filter_shape(f: &Filter) -> u32 {
+    [
+        f.actor_id.is_some(),
+        f.action.is_some(),
+        f.resource_type.is_some(),
+        f.resource_id.is_some(),
+        f.outcome.is_some(),
+        f.since.is_some(),
+        f.until.is_some(),
+    ]
+    .iter()
+    .enumerate()
+    .fold(0, |acc, (i, set)| acc | (u32::from(*set) << i))
+}
+
+/// ` and <column> <op> $n` for each set field, numbering from `*n + 1`.
+fn filter_sql(f: &Filter, sql: &mut String, n: &mut usize) {
+    let conds = [
+        (f.actor_id.is_some(), "actor_id ="),
+        (f.action.is_some(), "action ="),
+        (f.resource_type.is_some(), "resource_type ="),
+        (f.resource_id.is_some(), "resource_id ="),
+        (f.outcome.is_some(), "outcome ="),
+        (f.since.is_some(), "occurred_at >="),
+        (f.until.is_some(), "occurred_at <"),
+    ];
+    for (set, cond) in conds {
+        if set {
+            *n += 1;
+            sql.push_str(&format!(" and {cond} ${n}"));
+        }
+    }
+}
+
+type EventQuery<'q> = QueryAs<'q, Postgres, Row, PgArguments>;
+
+fn bind_filter<'q>(mut q: EventQuery<'q>, f: &'q Filter) -> EventQuery<'q> {
+    for s in [&f.actor_id, &f.action, &f.resource_type, &f.resource_id].into_iter().flatten() {
+        q = q.bind(s.as_str());
+    }
+    if let Some(o) = f.outcome {
+        q = q.bind(i16::from(o.code()));
+    }
+    for t in [f.since, f.until].into_iter().flatten() {
+        q = q.bind(t);
+    }
+    q
+}
+
+/// One Query page, newest first: `(occurred_at, sequence)` descending,
+/// strictly after `after`. Served by the index that leads with the filter's
+/// most selective column and ends in `(occurred_at, sequence)`.
+pub(crate) async fn query_page(
+    pool: &PgPool,
+    filter: &Filter,
+    after: Option<PageToken>,
+    limit: usize,
+) -> Result<Vec<Event>, sqlx::Error> {
+    let shape = filter_shape(filter) | (u32::from(after.is_some()) << 7);
+    let sql = shaped(shape, || {
+        let mut sql = format!("select {COLUMNS} from audit_events where true");
+        let mut n = 0;
+        filter_sql(filter, &mut sql, &mut n);
+        if after.is_some() {
+            sql.push_str(&format!(" and (occurred_at, sequence) < (${}, ${})", n + 1, n + 2));
+            n += 2;
+        }
+        sql.push_str(&format!(" order by occurred_at desc, sequence desc limit ${}", n + 1));
+        sql
+    });
+    let mut q = bind_filter(sqlx::query_as(sql), filter);
+    if let Some(a) = after {
+        q = q.bind(a.occurred_at).bind(a.sequence as i64);
+    }
+    let rows = q.bind(limit as i64).fetch_all(pool).instrument(span("SELECT", "audit_events", sql)).await?;
+    rows_to_events(rows)
+}
+
+/// Events with `after < sequence <= upto` that match `filter`, in sequence
+/// order, at most `limit` (Tail replay and Export).
+pub(crate) async fn range_page(
+    pool: &PgPool,
+    filter: &Filter,
+    after: u64,
+    upto: u64,
+    limit: usize,
+) -> Result<Vec<Event>, sqlx::Error> {
+    let shape = filter_shape(filter) | (1 << 8);
+    let sql = shaped(shape, || {
+        let mut sql = format!("select {COLUMNS} from audit_events where sequence > $1 and sequence <= $2");
+        let mut n = 2;
+        filter_sql(filter, &mut sql, &mut n);
+        sql.push_str(&format!(" order by sequence limit ${}", n + 1));
+        sql
+    });
+    let q = sqlx::query_as(sql).bind(after as i64).bind(upto as i64);
+    let rows = bind_filter(q, filter)
+        .bind(limit as i64)
+        .fetch_all(pool)
+        .instrument(span("SELECT", "audit_events", sql))
+        .await?;
+    rows_to_events(rows)
+}
+
+/// A pool that can read every event up to `upto`: a healthy replica whose
+/// chain head has reached it, else the primary. (Sequences are gapless and
+/// the head commits with its events, so one head read settles it.)
+pub(crate) async fn covering(db: &mesh_db::Db, upto: u64) -> Result<PgPool, sqlx::Error> {
+    let reader = db.reader();
+    if reader.served_by == mesh_db::ServedBy::Primary {
+        return Ok(reader.pool);
+    }
+    match read_head(&reader.pool).await {
+        Ok(h) if h.last() >= upto => Ok(reader.pool),
+        _ => Ok(db.primary().clone()),
+    }
+}
