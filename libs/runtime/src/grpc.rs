@@ -5,20 +5,30 @@
 //!
 //! The gRPC status is read from the response headers (trailers-only
 //! responses) or, for streamed bodies, from the trailers when the body ends;
-//! a body dropped before its end counts as CANCELLED.
+//! a body dropped before its end counts as CANCELLED (DEADLINE_EXCEEDED when
+//! the caller's deadline had passed: tonic drops the handler then).
+//!
+//! Deadlines and request ids flow downstream: the caller's `grpc-timeout`
+//! becomes an absolute deadline, and together with the request id it forms
+//! the [`CallContext`] of the call. The context is in the request extensions
+//! and in a task-local around the handler future, where the mesh client stack
+//! (`mesh-tower`) reads it, so every downstream call made while handling the
+//! request carries the remaining budget and the same `x-request-id`. Work
+//! moved to another task keeps it with [`CallContext::scope`].
 
 use std::{
     collections::HashSet,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll, ready},
-    time::Instant,
+    time::Duration,
 };
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tokio::{task::futures::TaskLocalFuture, time::Instant};
 use tower::{Layer, Service};
 use tracing::{Instrument, Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -28,9 +38,113 @@ use crate::metrics::{CodeLabels, MethodLabels, ServerMetrics};
 /// Metadata key of the request id.
 pub const REQUEST_ID: &str = "x-request-id";
 
+/// Metadata key of the caller's timeout (gRPC over HTTP/2: `grpc-timeout`).
+pub const GRPC_TIMEOUT: &str = "grpc-timeout";
+
 /// The request id of the current call, also inserted into request extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestId(pub Arc<str>);
+
+/// What a call hands on to the downstream calls made while handling it: its
+/// request id and its absolute deadline (from the caller's `grpc-timeout`).
+///
+/// The server layer puts it in the request extensions and in a task-local
+/// around the handler future; [`CallContext::current`] reads it there. A task
+/// spawned by a handler does not inherit task-locals: capture the context and
+/// run the task inside [`CallContext::scope`] (and `.instrument(Span::current())`
+/// for the trace).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallContext {
+    request_id: Arc<str>,
+    deadline: Option<Instant>,
+}
+
+tokio::task_local! {
+    static CURRENT: CallContext;
+}
+
+impl CallContext {
+    /// A context for work that does not start with an RPC (a background job
+    /// that wants its downstream calls to share one request id and deadline).
+    pub fn new(request_id: impl Into<Arc<str>>, deadline: Option<Instant>) -> Self {
+        Self { request_id: request_id.into(), deadline }
+    }
+
+    /// The context of the call being handled by the current task, if any.
+    pub fn current() -> Option<Self> {
+        CURRENT.try_with(Clone::clone).ok()
+    }
+
+    /// The call's request id.
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// The call's request id, shared.
+    pub fn request_id_arc(&self) -> Arc<str> {
+        self.request_id.clone()
+    }
+
+    /// When the caller stops waiting; `None` when it set no deadline.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Time left until the deadline (zero once passed); `None` without a deadline.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.deadline.map(|d| d.saturating_duration_since(Instant::now()))
+    }
+
+    /// Runs `fut` with this context as the current one.
+    pub fn scope<F: Future>(self, fut: F) -> TaskLocalFuture<CallContext, F> {
+        CURRENT.scope(self, fut)
+    }
+}
+
+/// Parses a `grpc-timeout` value (`1-8 digits` + `H|M|S|m|u|n`).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let unit = *value.as_bytes().last()?;
+    let digits = &value[..value.len() - 1];
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Encodes `timeout` as a `grpc-timeout` value in the finest unit that fits
+/// the 8 digits the protocol allows, rounding down so the value never
+/// promises more time than there is. `None` when it rounds down to zero.
+pub fn format_grpc_timeout(timeout: Duration) -> Option<String> {
+    const MAX: u128 = 99_999_999;
+    let nanos = timeout.as_nanos();
+    let (value, unit) = [
+        (1, 'n'),
+        (1_000, 'u'),
+        (1_000_000, 'm'),
+        (1_000_000_000, 'S'),
+        (60_000_000_000, 'M'),
+        (3_600_000_000_000, 'H'),
+    ]
+    .into_iter()
+    .map(|(per, unit)| (nanos / per, unit))
+    .find(|(v, _)| *v <= MAX)
+    .unwrap_or((MAX, 'H'));
+    (value > 0).then(|| format!("{value}{unit}"))
+}
+
+/// The caller's deadline as a duration from now, read from `grpc-timeout`.
+fn caller_timeout(headers: &HeaderMap) -> Option<Duration> {
+    parse_grpc_timeout(headers.get(GRPC_TIMEOUT)?.to_str().ok()?)
+}
 
 /// Canonical upper-case name of a gRPC status code, e.g. `INVALID_ARGUMENT`.
 pub fn code_name(code: tonic::Code) -> &'static str {
@@ -118,7 +232,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let start = Instant::now();
+        let start = std::time::Instant::now();
         let path = req.uri().path();
         let (service, method): (Arc<str>, Arc<str>) =
             match path.strip_prefix('/').and_then(|p| p.split_once('/')) {
@@ -136,6 +250,9 @@ where
             }
         };
         req.extensions_mut().insert(RequestId(rid.clone()));
+        let deadline = caller_timeout(req.headers()).and_then(|t| Instant::now().checked_add(t));
+        let context = CallContext { request_id: rid.clone(), deadline };
+        req.extensions_mut().insert(context.clone());
 
         let span = tracing::info_span!(
             "grpc.server",
@@ -154,11 +271,18 @@ where
         self.shared.metrics.started.get_or_create(&labels).inc();
         let fut = {
             let _entered = span.enter();
-            self.inner.call(req)
+            CURRENT.sync_scope(context.clone(), || self.inner.call(req))
         };
         ResponseFuture {
-            inner: fut.instrument(span.clone()),
-            recorder: Some(Recorder { shared: self.shared.clone(), labels, start, span, done: false }),
+            inner: context.scope(fut).instrument(span.clone()),
+            recorder: Some(Recorder {
+                shared: self.shared.clone(),
+                labels,
+                start,
+                deadline,
+                span,
+                done: false,
+            }),
             rid,
         }
     }
@@ -169,7 +293,8 @@ where
 struct Recorder {
     shared: Arc<Shared>,
     labels: MethodLabels,
-    start: Instant,
+    start: std::time::Instant,
+    deadline: Option<Instant>,
     span: Span,
     done: bool,
 }
@@ -198,8 +323,10 @@ impl Recorder {
 impl Drop for Recorder {
     fn drop(&mut self) {
         // The response (or its body) was dropped before a status was seen:
-        // the client went away or the server gave up on the call.
-        self.finish(tonic::Code::Cancelled);
+        // the client went away, or tonic cut the handler at the caller's
+        // deadline (its timer fires at millisecond granularity, hence the slack).
+        let expired = self.deadline.is_some_and(|d| Instant::now() + Duration::from_millis(1) >= d);
+        self.finish(if expired { tonic::Code::DeadlineExceeded } else { tonic::Code::Cancelled });
     }
 }
 
@@ -213,7 +340,7 @@ pin_project! {
     #[derive(Debug)]
     pub struct ResponseFuture<F> {
         #[pin]
-        inner: tracing::instrument::Instrumented<F>,
+        inner: tracing::instrument::Instrumented<TaskLocalFuture<CallContext, F>>,
         recorder: Option<Recorder>,
         rid: Arc<str>,
     }
@@ -307,4 +434,67 @@ impl<B: Body<Data = Bytes>> Body for ObservedBody<B> {
 /// Reads the request id the server layer attached to a request.
 pub fn request_id_of<T>(req: &tonic::Request<T>) -> Option<Arc<str>> {
     req.extensions().get::<RequestId>().map(|r| r.0.clone())
+}
+
+/// The [`CallContext`] the server layer attached to a request.
+pub fn call_context_of<T>(req: &tonic::Request<T>) -> Option<&CallContext> {
+    req.extensions().get::<CallContext>()
+}
+
+/// The caller's deadline of a request, if it set one (`grpc-timeout`).
+pub fn deadline_of<T>(req: &tonic::Request<T>) -> Option<Instant> {
+    call_context_of(req).and_then(CallContext::deadline)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit() {
+        assert_eq!(parse_grpc_timeout("200m"), Some(Duration::from_millis(200)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(parse_grpc_timeout("5n"), Some(Duration::from_nanos(5)));
+        for bad in ["", "m", "123456789m", "10x", "-1m", "1.5S", "10 m"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn grpc_timeouts_format_finely_and_never_round_up() {
+        assert_eq!(format_grpc_timeout(Duration::from_millis(200)).as_deref(), Some("200000u"));
+        assert_eq!(format_grpc_timeout(Duration::from_nanos(99_999_999)).as_deref(), Some("99999999n"));
+        assert_eq!(format_grpc_timeout(Duration::from_secs(30)).as_deref(), Some("30000000u"));
+        assert_eq!(format_grpc_timeout(Duration::from_secs(3600 * 24)).as_deref(), Some("86400000m"));
+        assert_eq!(format_grpc_timeout(Duration::from_secs(200_000)).as_deref(), Some("200000S"));
+        assert_eq!(format_grpc_timeout(Duration::ZERO), None);
+        // Round trip never grows.
+        for ns in [1u64, 999, 1_234_567, 123_456_789_012, 987_654_321_000_000] {
+            let d = Duration::from_nanos(ns);
+            let back = parse_grpc_timeout(&format_grpc_timeout(d).unwrap()).unwrap();
+            assert!(back <= d && back >= d.mul_f64(0.999_9), "{d:?} -> {back:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_context_is_current_inside_its_scope_only() {
+        assert_eq!(CallContext::current(), None);
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let ctx = CallContext::new("req-1", Some(deadline));
+        ctx.clone()
+            .scope(async {
+                let cur = CallContext::current().expect("in scope");
+                assert_eq!(cur.request_id(), "req-1");
+                assert_eq!(cur.remaining(), Some(Duration::from_millis(200)));
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                assert_eq!(cur.remaining(), Some(Duration::from_millis(50)));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                assert_eq!(cur.remaining(), Some(Duration::ZERO));
+            })
+            .await;
+        assert_eq!(CallContext::current(), None);
+    }
 }

@@ -1,0 +1,723 @@
+//! The circuit breaker, one per endpoint, built on `failsafe`'s
+//! [`StateMachine`] and failure policies.
+//!
+//! - **Failure accrual**: failsafe's consecutive-failures policy *or* its
+//!   success-rate-over-a-window policy trips the breaker, whichever first.
+//!   Failures are the gRPC codes of [`BreakerConfig::failure_codes`]
+//!   (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL by
+//!   default), broken connections and attempt timeouts (the timeout sits
+//!   inside the breaker, so a slow call counts). Other codes
+//!   (INVALID_ARGUMENT, NOT_FOUND, ABORTED, ...) are the caller's business and
+//!   prove the endpoint works. The status is read from the response headers
+//!   or, for a streamed body, from its trailers.
+//! - **Open**: calls fail at once with UNAVAILABLE, nothing is sent. The open
+//!   time grows exponentially with every re-opening and is jittered so that
+//!   clients do not probe in lockstep.
+//! - **Half-open**: after the open time, at most
+//!   [`BreakerConfig::half_open_probes`] calls go through at a time; the first
+//!   success closes the breaker, a failure opens it again for longer.
+//!
+//! State changes are logged (inside the span of the call that caused them, so
+//! they are span events too) and counted in `mesh_client_circuit_*`.
+//!
+//! failsafe measures time with `std::time::Instant` (its `clock` module can
+//! freeze it in tests), not with Tokio's clock.
+
+use std::{
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use failsafe::{
+    FailurePolicy, Instrument, StateMachine,
+    failure_policy::{
+        ConsecutiveFailures, OrElse, SuccessRateOverTimeWindow, consecutive_failures,
+        success_rate_over_time_window,
+    },
+};
+use futures::future::BoxFuture;
+use http::{Request, Response};
+use rand::Rng;
+use tonic::Code;
+use tower::{Layer, Service};
+
+use crate::{
+    error::{BoxError, Error},
+    metrics::{ClientMetrics, EndpointLabels, TransitionLabels},
+    status::{Outcome, StatusBody, Watch, status_of_head},
+};
+
+/// How a breaker trips and recovers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerConfig {
+    /// Consecutive failures that open the breaker.
+    pub consecutive_failures: u32,
+    /// Success rate (0–1) under which, over [`Self::success_rate_window`], the
+    /// breaker opens; 0 turns this policy off.
+    pub success_rate: f64,
+    /// Window of the success rate (whole seconds; at least 1 s).
+    pub success_rate_window: Duration,
+    /// Calls needed in the window before the success rate counts.
+    pub success_rate_min_requests: u32,
+    /// Open time after the first trip; it doubles with every re-opening.
+    pub open_base: Duration,
+    /// Longest open time (before jitter).
+    pub open_max: Duration,
+    /// Calls let through at a time while half-open.
+    pub half_open_probes: u32,
+    /// gRPC codes that count as failures of the endpoint.
+    pub failure_codes: Vec<Code>,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            success_rate: 0.5,
+            success_rate_window: Duration::from_secs(10),
+            success_rate_min_requests: 20,
+            open_base: Duration::from_secs(1),
+            open_max: Duration::from_secs(30),
+            half_open_probes: 1,
+            failure_codes: vec![
+                Code::Unavailable,
+                Code::DeadlineExceeded,
+                Code::ResourceExhausted,
+                Code::Internal,
+            ],
+        }
+    }
+}
+
+/// A breaker's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Calls go through.
+    Closed,
+    /// A limited number of probe calls go through.
+    HalfOpen,
+    /// Calls fail at once.
+    Open,
+}
+
+const CLOSED: u8 = 0;
+const HALF_OPEN: u8 = 1;
+const OPEN: u8 = 2;
+
+impl BreakerState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            CLOSED => Self::Closed,
+            HALF_OPEN => Self::HalfOpen,
+            _ => Self::Open,
+        }
+    }
+
+    /// `closed`, `half_open` or `open`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::HalfOpen => "half_open",
+            Self::Open => "open",
+        }
+    }
+}
+
+/// Open times: `base × 2^n` capped at `max`, each jittered by ±20 %.
+#[derive(Debug, Clone)]
+pub struct OpenBackoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl OpenBackoff {
+    /// Starts at `base`.
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Self { base, max: max.max(base), attempt: 0 }
+    }
+}
+
+impl Iterator for OpenBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let exp = self.base.saturating_mul(1 << self.attempt.min(20)).min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        Some(exp.mul_f64(rand::rng().random_range(0.8..=1.2)))
+    }
+}
+
+type Policies = OrElse<ConsecutiveFailures<OpenBackoff>, SuccessRateOverTimeWindow<OpenBackoff>>;
+
+/// failsafe's two policies, remembering the open time they chose (for logs).
+#[derive(Debug)]
+struct Accrual {
+    policies: Policies,
+    open_for: Arc<AtomicU64>,
+}
+
+impl FailurePolicy for Accrual {
+    fn record_success(&mut self) {
+        self.policies.record_success();
+    }
+
+    fn mark_dead_on_failure(&mut self) -> Option<Duration> {
+        let d = self.policies.mark_dead_on_failure();
+        if let Some(d) = d {
+            self.open_for.store(d.as_millis() as u64, Ordering::Relaxed);
+        }
+        d
+    }
+
+    fn revived(&mut self) {
+        self.policies.revived();
+    }
+}
+
+/// Who a breaker belongs to, its mirrored state, and where it reports.
+#[derive(Debug)]
+struct Meta {
+    upstream: Arc<str>,
+    endpoint: Arc<str>,
+    state: AtomicU8,
+    open_for: Arc<AtomicU64>,
+    metrics: ClientMetrics,
+}
+
+/// failsafe reports transitions here; the state is mirrored because failsafe
+/// does not expose it, and half-open probes are limited on top of it.
+#[derive(Debug, Clone)]
+struct Events(Arc<Meta>);
+
+impl Events {
+    fn transition(&self, to: u8) {
+        let m = &self.0;
+        let from = m.state.swap(to, Ordering::AcqRel);
+        if from == to {
+            return;
+        }
+        let state = BreakerState::from_u8(to);
+        m.metrics
+            .circuit_state
+            .get_or_create(&EndpointLabels { upstream: m.upstream.clone(), endpoint: m.endpoint.clone() })
+            .set(i64::from(to));
+        m.metrics
+            .circuit_transitions
+            .get_or_create(&TransitionLabels {
+                upstream: m.upstream.clone(),
+                endpoint: m.endpoint.clone(),
+                state: state.as_str(),
+            })
+            .inc();
+        match state {
+            BreakerState::Open => tracing::warn!(
+                upstream = %m.upstream,
+                endpoint = %m.endpoint,
+                open_for_ms = m.open_for.load(Ordering::Relaxed),
+                "circuit breaker opened"
+            ),
+            BreakerState::HalfOpen => {
+                tracing::info!(upstream = %m.upstream, endpoint = %m.endpoint, "circuit breaker half-open, probing")
+            }
+            BreakerState::Closed => {
+                tracing::info!(upstream = %m.upstream, endpoint = %m.endpoint, "circuit breaker closed")
+            }
+        }
+    }
+}
+
+impl Instrument for Events {
+    fn on_call_rejected(&self) {}
+
+    fn on_open(&self) {
+        self.transition(OPEN);
+    }
+
+    fn on_half_open(&self) {
+        self.transition(HALF_OPEN);
+    }
+
+    fn on_closed(&self) {
+        self.transition(CLOSED);
+    }
+}
+
+struct Inner {
+    machine: StateMachine<Accrual, Events>,
+    meta: Arc<Meta>,
+    probes: AtomicU32,
+    max_probes: u32,
+    /// Bit `n` set: code `n` is a failure.
+    failure_codes: u32,
+}
+
+/// One endpoint's breaker (cheap to clone: clones share the state).
+#[derive(Clone)]
+pub struct Breaker {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Breaker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Breaker")
+            .field("upstream", &self.inner.meta.upstream)
+            .field("endpoint", &self.inner.meta.endpoint)
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+impl Breaker {
+    /// A closed breaker for `endpoint` of `upstream`.
+    pub fn new(
+        config: &BreakerConfig,
+        upstream: Arc<str>,
+        endpoint: Arc<str>,
+        metrics: ClientMetrics,
+    ) -> Self {
+        let backoff = OpenBackoff::new(config.open_base, config.open_max);
+        let open_for = Arc::new(AtomicU64::new(0));
+        let policies = consecutive_failures(config.consecutive_failures.max(1), backoff.clone()).or_else(
+            success_rate_over_time_window(
+                config.success_rate.clamp(0.0, 1.0),
+                config.success_rate_min_requests,
+                config.success_rate_window.max(Duration::from_secs(1)),
+                backoff,
+            ),
+        );
+        metrics
+            .circuit_state
+            .get_or_create(&EndpointLabels { upstream: upstream.clone(), endpoint: endpoint.clone() })
+            .set(i64::from(CLOSED));
+        let meta = Arc::new(Meta {
+            upstream,
+            endpoint,
+            state: AtomicU8::new(CLOSED),
+            open_for: open_for.clone(),
+            metrics,
+        });
+        let machine = StateMachine::new(Accrual { policies, open_for }, Events(meta.clone()));
+        let failure_codes = config.failure_codes.iter().fold(0u32, |bits, c| bits | 1 << (*c as i32));
+        Self {
+            inner: Arc::new(Inner {
+                machine,
+                meta,
+                probes: AtomicU32::new(0),
+                max_probes: config.half_open_probes.max(1),
+                failure_codes,
+            }),
+        }
+    }
+
+    /// The current state (an open breaker whose time is up still says open
+    /// until the next call asks).
+    pub fn state(&self) -> BreakerState {
+        BreakerState::from_u8(self.inner.meta.state.load(Ordering::Acquire))
+    }
+
+    /// The endpoint this breaker guards.
+    pub fn endpoint(&self) -> &Arc<str> {
+        &self.inner.meta.endpoint
+    }
+
+    /// Whether `outcome` counts against the endpoint.
+    pub fn is_failure(&self, outcome: Outcome) -> bool {
+        match outcome {
+            Outcome::Status(code) => self.inner.failure_codes & (1 << (code as i32)) != 0,
+            Outcome::Transport => true,
+            Outcome::Dropped => false,
+        }
+    }
+
+    /// Asks to make a call: `None` while open, or while half-open with every
+    /// probe slot taken. An open breaker whose time is up turns half-open here.
+    pub fn try_acquire(&self) -> Option<Permit> {
+        let inner = &self.inner;
+        if !inner.machine.is_call_permitted() {
+            return None;
+        }
+        let probe = self.state() != BreakerState::Closed;
+        if probe && inner.probes.fetch_add(1, Ordering::AcqRel) >= inner.max_probes {
+            inner.probes.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Permit { breaker: self.clone(), probe })
+    }
+}
+
+/// Leave to make one call; report how it went with [`Permit::record`].
+/// Dropped without a record (the caller gave up), it counts as nothing.
+#[derive(Debug)]
+pub struct Permit {
+    breaker: Breaker,
+    probe: bool,
+}
+
+impl Permit {
+    /// Reports the call's outcome to the breaker.
+    pub fn record(self, outcome: Outcome) {
+        let machine = &self.breaker.inner.machine;
+        match outcome {
+            Outcome::Dropped => {}
+            o if self.breaker.is_failure(o) => machine.on_error(),
+            _ => machine.on_success(),
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if self.probe {
+            self.breaker.inner.probes.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Reports the status at the end of a streamed body to the breaker.
+#[derive(Debug)]
+pub struct Verdict(Permit);
+
+impl Watch for Verdict {
+    fn finish(self, outcome: Outcome) {
+        self.0.record(outcome);
+    }
+}
+
+/// Adds a [`CircuitBreaker`] (with a breaker of its own) to a service.
+#[derive(Debug, Clone)]
+pub struct CircuitBreakerLayer {
+    config: Arc<BreakerConfig>,
+    upstream: Arc<str>,
+    endpoint: Arc<str>,
+    metrics: ClientMetrics,
+}
+
+impl CircuitBreakerLayer {
+    /// Breakers configured by `config` for `endpoint` of `upstream`.
+    pub fn new(
+        config: &BreakerConfig,
+        upstream: impl Into<Arc<str>>,
+        endpoint: impl Into<Arc<str>>,
+        metrics: ClientMetrics,
+    ) -> Self {
+        Self {
+            config: Arc::new(config.clone()),
+            upstream: upstream.into(),
+            endpoint: endpoint.into(),
+            metrics,
+        }
+    }
+}
+
+impl<S> Layer<S> for CircuitBreakerLayer {
+    type Service = CircuitBreaker<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        let breaker =
+            Breaker::new(&self.config, self.upstream.clone(), self.endpoint.clone(), self.metrics.clone());
+        CircuitBreaker { inner, breaker }
+    }
+}
+
+/// See the module docs.
+#[derive(Debug, Clone)]
+pub struct CircuitBreaker<S> {
+    inner: S,
+    breaker: Breaker,
+}
+
+impl<S> CircuitBreaker<S> {
+    /// The breaker guarding this service.
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
+    /// Calls with a permit already taken from [`Self::breaker`] (the
+    /// balancer asks several breakers before it picks one).
+    pub fn call_permitted<ReqB, B>(
+        &mut self,
+        permit: Permit,
+        req: Request<ReqB>,
+    ) -> BoxFuture<'static, Result<Response<StatusBody<B, Verdict>>, BoxError>>
+    where
+        S: Service<Request<ReqB>, Response = Response<B>>,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+        B: Send + 'static,
+    {
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            match fut.await {
+                Ok(resp) => {
+                    let (parts, body) = resp.into_parts();
+                    let watch = match status_of_head(parts.status, &parts.headers) {
+                        Some(code) => {
+                            permit.record(Outcome::Status(code));
+                            None
+                        }
+                        None => Some(Verdict(permit)),
+                    };
+                    Ok(Response::from_parts(parts, StatusBody::new(body, watch)))
+                }
+                Err(e) => {
+                    permit.record(Outcome::Transport);
+                    Err(e.into())
+                }
+            }
+        })
+    }
+}
+
+impl<S, ReqB, B> Service<Request<ReqB>> for CircuitBreaker<S>
+where
+    S: Service<Request<ReqB>, Response = Response<B>>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<StatusBody<B, Verdict>>;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<Self::Response, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        match self.breaker.try_acquire() {
+            Some(permit) => self.call_permitted(permit, req),
+            None => {
+                let endpoint = self.breaker.endpoint().clone();
+                Box::pin(async move { Err(Error::EndpointOpen { endpoint }.into()) })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use failsafe::clock;
+    use http::HeaderMap;
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    fn config() -> BreakerConfig {
+        BreakerConfig {
+            consecutive_failures: 3,
+            success_rate: 0.0,
+            open_base: Duration::from_secs(10),
+            open_max: Duration::from_secs(60),
+            half_open_probes: 2,
+            ..BreakerConfig::default()
+        }
+    }
+
+    fn breaker(config: &BreakerConfig, metrics: &ClientMetrics) -> Breaker {
+        Breaker::new(config, "echo".into(), "127.0.0.1:1".into(), metrics.clone())
+    }
+
+    fn call(b: &Breaker, code: Code) -> bool {
+        match b.try_acquire() {
+            Some(p) => {
+                p.record(Outcome::Status(code));
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn transitions(m: &ClientMetrics, state: &'static str) -> u64 {
+        m.circuit_transitions
+            .get_or_create(&TransitionLabels {
+                upstream: "echo".into(),
+                endpoint: "127.0.0.1:1".into(),
+                state,
+            })
+            .get()
+    }
+
+    #[test]
+    fn consecutive_failures_open_it_and_a_success_in_between_resets_the_count() {
+        clock::freeze(|_| {
+            let m = ClientMetrics::default();
+            let b = breaker(&config(), &m);
+            assert!(call(&b, Code::Unavailable) && call(&b, Code::DeadlineExceeded));
+            assert!(call(&b, Code::Ok));
+            assert!(call(&b, Code::ResourceExhausted) && call(&b, Code::Internal));
+            assert_eq!(b.state(), BreakerState::Closed);
+            assert!(call(&b, Code::Unavailable));
+            assert_eq!(b.state(), BreakerState::Open);
+            for _ in 0..10 {
+                assert!(b.try_acquire().is_none(), "open: no calls");
+            }
+            assert_eq!(transitions(&m, "open"), 1);
+            let labels = EndpointLabels { upstream: "echo".into(), endpoint: "127.0.0.1:1".into() };
+            assert_eq!(m.circuit_state.get_or_create(&labels).get(), 2);
+        });
+    }
+
+    #[test]
+    fn caller_errors_never_open_it_transport_failures_do() {
+        clock::freeze(|_| {
+            let b = breaker(&config(), &ClientMetrics::default());
+            for code in [
+                Code::InvalidArgument,
+                Code::NotFound,
+                Code::Aborted,
+                Code::AlreadyExists,
+                Code::FailedPrecondition,
+                Code::PermissionDenied,
+                Code::Unauthenticated,
+                Code::Unimplemented,
+                Code::Cancelled,
+            ] {
+                for _ in 0..5 {
+                    assert!(call(&b, code));
+                }
+            }
+            assert_eq!(b.state(), BreakerState::Closed);
+            // A dropped call is no evidence either way.
+            for _ in 0..5 {
+                b.try_acquire().unwrap().record(Outcome::Dropped);
+            }
+            assert_eq!(b.state(), BreakerState::Closed);
+            for _ in 0..3 {
+                b.try_acquire().unwrap().record(Outcome::Transport);
+            }
+            assert_eq!(b.state(), BreakerState::Open);
+        });
+    }
+
+    #[test]
+    fn half_open_lets_few_probes_through_and_backs_off_longer_after_a_failed_one() {
+        clock::freeze(|time| {
+            let m = ClientMetrics::default();
+            let b = breaker(&config(), &m);
+            for _ in 0..3 {
+                call(&b, Code::Unavailable);
+            }
+            // First open time: 10 s ± 20 %.
+            time.advance(Duration::from_secs(7));
+            assert!(b.try_acquire().is_none());
+            time.advance(Duration::from_secs(6));
+            let p1 = b.try_acquire().expect("half-open: a probe");
+            assert_eq!(b.state(), BreakerState::HalfOpen);
+            let p2 = b.try_acquire().expect("a second probe");
+            assert!(b.try_acquire().is_none(), "only two probes at a time");
+            drop(p2); // given up: its slot frees
+            let p3 = b.try_acquire().expect("slot freed");
+            p1.record(Outcome::Status(Code::Unavailable));
+            drop(p3);
+            assert_eq!(b.state(), BreakerState::Open);
+            // Second open time: 20 s ± 20 %, so still open after the first one's maximum.
+            time.advance(Duration::from_secs(15));
+            assert!(b.try_acquire().is_none());
+            time.advance(Duration::from_secs(10));
+            assert!(call(&b, Code::NotFound), "a probe answered by the server closes it");
+            assert_eq!(b.state(), BreakerState::Closed);
+            assert_eq!(
+                (transitions(&m, "open"), transitions(&m, "half_open"), transitions(&m, "closed")),
+                (2, 2, 1)
+            );
+            // Closed again, the count starts over and the open time is fresh.
+            call(&b, Code::Unavailable);
+            call(&b, Code::Unavailable);
+            assert_eq!(b.state(), BreakerState::Closed);
+            call(&b, Code::Unavailable);
+            time.advance(Duration::from_secs(13));
+            assert!(b.try_acquire().is_some(), "back to the 10 s base");
+        });
+    }
+
+    #[test]
+    fn a_low_success_rate_opens_it_without_consecutive_failures() {
+        clock::freeze(|time| {
+            let config = BreakerConfig {
+                consecutive_failures: 100,
+                success_rate: 0.8,
+                success_rate_window: Duration::from_secs(1),
+                success_rate_min_requests: 10,
+                ..config()
+            };
+            let b = breaker(&config, &ClientMetrics::default());
+            // One failure in two, for longer than the window.
+            for i in 0..40 {
+                time.advance(Duration::from_millis(50));
+                call(&b, if i % 2 == 0 { Code::Ok } else { Code::Unavailable });
+                if b.state() == BreakerState::Open {
+                    assert!(i >= 19, "not before the window has passed ({i})");
+                    return;
+                }
+            }
+            panic!("a 50 % success rate must open the breaker");
+        });
+    }
+
+    #[test]
+    fn open_times_grow_with_jitter_up_to_the_cap() {
+        let mut b = OpenBackoff::new(Duration::from_millis(100), Duration::from_millis(1000));
+        let got: Vec<Duration> = (&mut b).take(6).collect();
+        for (d, exp) in got.iter().zip([100u64, 200, 400, 800, 1000, 1000]) {
+            let exp = Duration::from_millis(exp);
+            assert!(*d >= exp.mul_f64(0.8) && *d <= exp.mul_f64(1.2), "{d:?} vs {exp:?}");
+        }
+    }
+
+    /// Answers with a status in the trailers, counting calls.
+    #[derive(Clone, Default)]
+    struct Upstream {
+        calls: Arc<AtomicUsize>,
+        code: Arc<AtomicU8>,
+    }
+
+    type TestBody = http_body_util::Full<bytes::Bytes>;
+
+    impl Service<Request<()>> for Upstream {
+        type Response =
+            Response<http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>>;
+        type Error = BoxError;
+        type Future = futures::future::Ready<Result<Self::Response, BoxError>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Request<()>) -> Self::Future {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", self.code.load(Ordering::SeqCst).to_string().parse().unwrap());
+            let body = TestBody::new(bytes::Bytes::from_static(b"\0\0\0\0\0"))
+                .with_trailers(async move { Some(Ok(trailers)) })
+                .boxed();
+            futures::future::ready(Ok(Response::new(body)))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_open_breaker_answers_unavailable_without_calling_and_reads_trailers() {
+        let upstream = Upstream::default();
+        upstream.code.store(Code::Unavailable as u8, Ordering::SeqCst);
+        let layer = CircuitBreakerLayer::new(&config(), "echo", "127.0.0.1:1", ClientMetrics::default());
+        let mut svc = layer.layer(upstream.clone());
+        for _ in 0..3 {
+            let resp = svc.call(Request::new(())).await.unwrap();
+            // The status is only in the trailers: reading the body reports it.
+            resp.into_body().collect().await.unwrap();
+        }
+        assert_eq!(svc.breaker().state(), BreakerState::Open);
+        let err = svc.call(Request::new(())).await.unwrap_err();
+        let status = crate::error::into_status(err);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(status.message(), "127.0.0.1:1: circuit breaker open, not calling");
+        assert_eq!(upstream.calls.load(Ordering::SeqCst), 3, "no call while open");
+    }
+}
