@@ -1,0 +1,236 @@
+//! The typed clients against the real rate-limit and audit services, and a
+//! test double of the data service for what the data client adds itself
+//! (the bearer token, which methods are repeated).
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use mesh_client::{AuditClient, ClientConfig, ClientMetrics, DataClient, RateLimitClient, config::keys};
+use mesh_proto::{
+    audit::{Actor, AppendRequest, AuditEvent, EventFilter, Outcome, QueryRequest, Resource, Source},
+    data::{
+        BatchRequest, BatchResponse, DeleteRequest, DeleteResponse, GetRequest, GetResponse, PutRequest,
+        PutResponse, QueryRequest as DataQuery, QueryResponse as DataQueryResponse,
+        data_service_server::{DataService, DataServiceServer},
+    },
+    ratelimit::{CheckRequest, Code as LimitCode, Descriptor, Entry, GetRulesRequest},
+};
+use mesh_runtime::{Server, ServerConfig, grpc::CallContext, trace_context::current_trace_id};
+use mesh_testkit::{Infra, Running, TestDb, redis_prefix, spawn};
+use secrecy::SecretString;
+use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
+
+use crate::helpers::{registered_metrics, sample};
+
+fn config_for(key: &'static str, addr: std::net::SocketAddr) -> ClientConfig {
+    let lookup: std::collections::HashMap<&'static str, String> = [(key, format!("http://{addr}"))].into();
+    ClientConfig::from_lookup(&lookup).unwrap()
+}
+
+#[tokio::test]
+async fn the_ratelimit_client_checks_limits_on_the_real_service() {
+    let _t = mesh_testkit::init_telemetry();
+    let rules = tempfile::tempdir().unwrap();
+    let path = rules.path().join("rules.yaml");
+    std::fs::write(
+        &path,
+        "domain: typed\ndescriptors:\n  - key: user\n    rate_limit: { unit: hour, requests_per_unit: 2, name: per_user }\n",
+    )
+    .unwrap();
+    let config = mesh_ratelimit::Config {
+        server: ServerConfig::for_tests(),
+        redis: Infra::shared().redis_config(&redis_prefix()),
+        rules: Some(path),
+        engine: mesh_ratelimit::EngineConfig { redis_timeout: Duration::from_secs(2), ..Default::default() },
+    };
+    let app = mesh_ratelimit::App::build(config).await.unwrap();
+    let app = spawn(app.local_addr(), app.metrics_addr(), |sd| app.serve(sd));
+
+    let (registry, metrics) = registered_metrics();
+    let client = RateLimitClient::from_config(&config_for(keys::RATELIMIT_ADDR, app.addr), &metrics).unwrap();
+    let check = CheckRequest {
+        domain: "typed".into(),
+        descriptors: vec![Descriptor {
+            entries: vec![Entry { key: "user".into(), value: "42".into() }],
+            hits_addend: None,
+        }],
+        hits_addend: 0,
+    };
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        codes.push(client.check(check.clone()).await.unwrap().overall_code());
+    }
+    assert_eq!(codes, [LimitCode::Ok, LimitCode::Ok, LimitCode::OverLimit]);
+    let rules = client.get_rules(GetRulesRequest { domain: "typed".into() }).await.unwrap();
+    assert_eq!(rules.domain, "typed");
+    let err = client.check(CheckRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let ok = [r#"grpc_method="Check""#, r#"grpc_code="OK""#];
+    assert_eq!(sample(&registry, "grpc_client_handled_total", &ok), 3.0);
+    let bad = [r#"grpc_method="Check""#, r#"grpc_code="INVALID_ARGUMENT""#];
+    assert_eq!(sample(&registry, "grpc_client_handled_total", &bad), 1.0);
+    // A caller's mistake is no failure of the service.
+    assert!(client.channel().endpoints().iter().all(|e| e.state == mesh_tower::BreakerState::Closed));
+    app.stop().await.unwrap();
+}
+
+fn event() -> AuditEvent {
+    AuditEvent {
+        actor: Some(Actor { r#type: "service".into(), id: "mesh-client-test".into() }),
+        action: "session.create".into(),
+        resource: Some(Resource { r#type: "session".into(), id: "s-1".into() }),
+        outcome: Outcome::Success as i32,
+        source: Some(Source {
+            ip: "10.1.2.3".into(),
+            user_agent: "test/1".into(),
+            service: "mesh-test".into(),
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn the_audit_client_appends_once_per_key_with_the_callers_request_id_and_trace() {
+    let _t = mesh_testkit::init_telemetry();
+    let db = TestDb::new(Infra::shared()).await.unwrap();
+    let config = mesh_audit::Config {
+        server: ServerConfig::for_tests(),
+        db: db.config.clone(),
+        audit: mesh_audit::AuditConfig::default(),
+    };
+    let app = mesh_audit::App::build(config).await.unwrap();
+    let app = spawn(app.local_addr(), app.metrics_addr(), |sd| app.serve(sd));
+    let client =
+        AuditClient::from_config(&config_for(keys::AUDIT_ADDR, app.addr), &ClientMetrics::default()).unwrap();
+
+    // As a handler would: inside a call with a request id, inside a trace.
+    let span = tracing::info_span!("handler");
+    let (first, again, trace_id) = CallContext::new("typed-req-1", None)
+        .scope(
+            async {
+                let req = AppendRequest { event: Some(event()), idempotency_key: "k-1".into() };
+                let first = client.append(req.clone()).await.unwrap();
+                let again = client.append(req).await.unwrap();
+                (first, again, current_trace_id().expect("sampled"))
+            }
+            .instrument(span),
+        )
+        .await;
+    assert_eq!((first.id.clone(), first.sequence), (again.id, again.sequence), "one event per key");
+
+    let query = QueryRequest {
+        filter: Some(EventFilter { actor_id: "mesh-client-test".into(), ..Default::default() }),
+        page_size: 10,
+        page_token: String::new(),
+    };
+    let start = Instant::now();
+    let events = loop {
+        // Served from a replica: poll until it has replayed the append.
+        let events = client.query(query.clone()).await.unwrap().events;
+        if !events.is_empty() || start.elapsed() > Duration::from_secs(10) {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].id, first.id);
+    assert_eq!(events[0].request_id, "typed-req-1");
+    assert_eq!(events[0].trace_id, trace_id);
+    app.stop().await.unwrap();
+}
+
+/// The data service's shape: Get fails once with UNAVAILABLE then answers,
+/// Put always fails with UNAVAILABLE; both need the bearer token.
+#[derive(Default, Clone)]
+struct DataDouble {
+    gets: Arc<AtomicUsize>,
+    puts: Arc<AtomicUsize>,
+}
+
+fn authorized<T>(req: &Request<T>) -> Result<(), Status> {
+    match req.metadata().get("authorization").map(|v| v.to_str()) {
+        Some(Ok("Bearer s3cret-token")) => Ok(()),
+        _ => Err(Status::unauthenticated("missing or invalid session token")),
+    }
+}
+
+#[tonic::async_trait]
+impl DataService for DataDouble {
+    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        authorized(&req)?;
+        self.puts.fetch_add(1, Ordering::SeqCst);
+        Err(Status::unavailable("primary unreachable"))
+    }
+
+    async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        authorized(&req)?;
+        if self.gets.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Err(Status::unavailable("replica unreachable"));
+        }
+        Ok(Response::new(GetResponse { version: 7, ..Default::default() }))
+    }
+
+    async fn delete(&self, _: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+        Err(Status::unimplemented("not in this double"))
+    }
+
+    async fn query(&self, _: Request<DataQuery>) -> Result<Response<DataQueryResponse>, Status> {
+        Err(Status::unimplemented("not in this double"))
+    }
+
+    async fn batch(&self, _: Request<BatchRequest>) -> Result<Response<BatchResponse>, Status> {
+        Err(Status::unimplemented("not in this double"))
+    }
+}
+
+async fn spawn_double(double: DataDouble) -> Running {
+    let mut server = Server::bind(ServerConfig::for_tests()).await.unwrap();
+    server.add_service(DataServiceServer::new(double));
+    spawn(server.local_addr(), server.metrics_addr(), |sd| server.serve(sd))
+}
+
+#[tokio::test]
+async fn the_data_client_sends_its_token_and_repeats_reads_only() {
+    let _t = mesh_testkit::init_telemetry();
+    let double = DataDouble::default();
+    let app = spawn_double(double.clone()).await;
+    let plain =
+        DataClient::from_config(&config_for(keys::DATA_ADDR, app.addr), &ClientMetrics::default()).unwrap();
+    let get = GetRequest { collection: "c".into(), key: "k".into(), ..Default::default() };
+
+    let err = plain.get(get.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let client = plain.with_token(&SecretString::from("s3cret-token")).unwrap();
+    assert!(!format!("{client:?}").contains("s3cret"), "the token stays out of Debug");
+
+    // Get is a read: the UNAVAILABLE answer is repeated away.
+    let got = client.get(get).await.unwrap();
+    assert_eq!(got.version, 7);
+    assert_eq!(double.gets.load(Ordering::SeqCst), 2);
+    // Put would write twice: its UNAVAILABLE is the caller's to handle.
+    let err = client.put(PutRequest { collection: "c".into(), key: "k".into(), ..Default::default() }).await;
+    assert_eq!(err.unwrap_err().code(), Code::Unavailable);
+    assert_eq!(double.puts.load(Ordering::SeqCst), 1);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_missing_address_names_its_key() {
+    let empty: std::collections::HashMap<&'static str, String> = Default::default();
+    let config = ClientConfig::from_lookup(&empty).unwrap();
+    let metrics = ClientMetrics::default();
+    assert_eq!(RateLimitClient::from_config(&config, &metrics).unwrap_err().key, keys::RATELIMIT_ADDR);
+    assert_eq!(AuditClient::from_config(&config, &metrics).unwrap_err().key, keys::AUDIT_ADDR);
+    assert_eq!(DataClient::from_config(&config, &metrics).unwrap_err().key, keys::DATA_ADDR);
+    assert_eq!(
+        mesh_client::SessionClient::from_config(&config, &metrics).unwrap_err().key,
+        keys::SESSION_ADDR
+    );
+}
