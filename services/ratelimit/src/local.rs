@@ -14,17 +14,23 @@ use crate::algo::{self, Outcome, Params, State};
 
 const SHARDS: usize = 16;
 
+/// Longest a cached over-limit key is refused without asking Redis.
+pub(crate) const RECHECK: Duration = Duration::from_secs(1);
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Keys Redis said are over their limit, until a single hit fits again. A
 /// call with such a key is refused without a Redis round trip, so a hot
-/// abusive key costs Redis nothing. Per instance; bounded; cleared by
-/// Reset (on this instance) and by a rules reload.
+/// abusive key costs Redis at most one call per [`RECHECK`] per instance.
+/// Per instance; bounded; cleared by Reset (on this instance) and by a rules
+/// reload. The recheck bounds how long another instance's Reset goes
+/// unnoticed here.
 #[derive(Debug)]
 pub(crate) struct OverLimitCache {
-    shards: Vec<Mutex<HashMap<String, Instant>>>,
+    /// Per key: when it fits again (reported as retry_after), when to ask Redis anyway.
+    shards: Vec<Mutex<HashMap<String, (Instant, Instant)>>>,
     hasher: RandomState,
     per_shard: usize,
 }
@@ -38,7 +44,7 @@ impl OverLimitCache {
         }
     }
 
-    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Instant>> {
+    fn shard(&self, key: &str) -> &Mutex<HashMap<String, (Instant, Instant)>> {
         &self.shards[self.hasher.hash_one(key) as usize % SHARDS]
     }
 
@@ -50,7 +56,7 @@ impl OverLimitCache {
         let now = Instant::now();
         let mut shard = lock(self.shard(key));
         match shard.get(key) {
-            Some(until) if *until > now => Some(*until - now),
+            Some((until, recheck)) if *recheck > now => Some(*until - now),
             Some(_) => {
                 shard.remove(key);
                 None
@@ -66,12 +72,12 @@ impl OverLimitCache {
         let now = Instant::now();
         let mut shard = lock(self.shard(key));
         if shard.len() >= self.per_shard {
-            shard.retain(|_, until| *until > now);
+            shard.retain(|_, (_, recheck)| *recheck > now);
             if shard.len() >= self.per_shard {
                 return;
             }
         }
-        shard.insert(key.to_owned(), now + for_);
+        shard.insert(key.to_owned(), (now + for_, now + for_.min(RECHECK)));
     }
 
     pub(crate) fn remove(&self, key: &str) {
@@ -164,9 +170,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn cache_entries_expire() {
         let c = OverLimitCache::new(10);
-        c.insert("k", Duration::from_secs(2));
-        assert!(c.get("k").is_some());
-        tokio::time::advance(Duration::from_millis(2001)).await;
+        c.insert("k", Duration::from_millis(500));
+        assert_eq!(c.get("k"), Some(Duration::from_millis(500)));
+        tokio::time::advance(Duration::from_millis(501)).await;
+        assert!(c.get("k").is_none());
+        // Long waits are reported in full but rechecked with Redis after RECHECK.
+        c.insert("k", Duration::from_secs(3600));
+        assert_eq!(c.get("k"), Some(Duration::from_secs(3600)));
+        tokio::time::advance(RECHECK).await;
         assert!(c.get("k").is_none());
         c.insert("k", Duration::from_secs(2));
         c.remove("k");

@@ -1,0 +1,306 @@
+//! Benchmark of the rate-limit service's Check at N concurrent callers,
+//! against two baselines measured in the same run:
+//!
+//! - the plain tonic echo server (`mesh_bench::spawn_plain_echo`): the cost
+//!   of gRPC alone on this machine;
+//! - `redis-benchmark` running the service's own check script (`EVALSHA`) on
+//!   one cluster node at the same concurrency: the cost of Redis alone.
+//!
+//! The service runs as the real release binary (`target/release/mesh-ratelimit`,
+//! build it first) against the local Redis Cluster, with its own key prefix;
+//! its RSS is sampled under load. Every key the run writes has a TTL.
+//!
+//! ```text
+//! cargo build --release -p mesh-ratelimit -p mesh-bench
+//! target/release/ratelimit --concurrency 64 --duration 10
+//! ```
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use mesh_bench::{Load, Report, TABLE_HEADER, channels, rss_kib, run, spawn_plain_echo};
+use mesh_proto::ratelimit::{
+    CheckRequest, Code, Descriptor, Entry, rate_limit_service_client::RateLimitServiceClient,
+};
+use mesh_testkit::echo::{EchoRequest, EchoServiceClient};
+
+const CHECK_LUA: &str = include_str!("../../../../services/ratelimit/src/lua/check.lua");
+
+const RULES: &str = r#"
+domain: bench
+descriptors:
+  - key: route
+    value: chat
+    descriptors:
+      - key: user_id
+        rate_limit: { unit: minute, requests_per_unit: 100000000, name: chat_per_user }
+  - key: endpoint
+    rate_limit: { unit: minute, requests_per_unit: 1000000000, name: endpoint_global }
+"#;
+
+#[derive(Debug, Parser)]
+#[command(about = "Check throughput and latency vs plain tonic echo and redis-benchmark EVALSHA")]
+struct Args {
+    /// Concurrent callers.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Measured seconds per target.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Unmeasured warm-up seconds per target.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// HTTP/2 connections the callers share (per target).
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Distinct users the descriptors rotate over.
+    #[arg(long, default_value_t = 10_000)]
+    users: u64,
+    /// The service binary.
+    #[arg(long, default_value = "target/release/mesh-ratelimit")]
+    binary: PathBuf,
+    /// Redis Cluster seed nodes (comma-separated host:port).
+    #[arg(long, default_value = "127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002")]
+    redis: String,
+    /// `MESH_RATELIMIT_REDIS_TIMEOUT_MS` for the service (default: the service's).
+    #[arg(long)]
+    redis_timeout_ms: Option<u64>,
+    /// `MESH_REDIS_POOL_SIZE` for the service (default: the service's).
+    #[arg(long)]
+    redis_pool: Option<usize>,
+    /// The node redis-benchmark runs the script on.
+    #[arg(long, default_value_t = 7000)]
+    redis_bench_port: u16,
+}
+
+/// The service binary as a child process, killed on drop.
+struct Service {
+    child: std::process::Child,
+    addr: SocketAddr,
+    _rules: tempfile::TempDir,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_service(args: &Args, prefix: &str) -> anyhow::Result<Service> {
+    let rules = tempfile::tempdir()?;
+    std::fs::write(rules.path().join("bench.yaml"), RULES)?;
+    let addr = mesh_testkit::free_addr();
+    let mut cmd = Command::new(&args.binary);
+    cmd.env_clear();
+    if let Some(ms) = args.redis_timeout_ms {
+        cmd.env("MESH_RATELIMIT_REDIS_TIMEOUT_MS", ms.to_string());
+    }
+    if let Some(n) = args.redis_pool {
+        cmd.env("MESH_REDIS_POOL_SIZE", n.to_string());
+    }
+    let child = cmd
+        .env("MESH_LISTEN_ADDR", addr.to_string())
+        .env("MESH_METRICS_ADDR", mesh_testkit::free_addr().to_string())
+        .env("MESH_REDIS_URLS", &args.redis)
+        .env("MESH_REDIS_KEY_PREFIX", prefix)
+        .env("MESH_RATELIMIT_RULES", rules.path())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {} (build it with --release first)", args.binary.display()))?;
+    let service = Service { child, addr, _rules: rules };
+    let ch = mesh_testkit::channel(addr).await;
+    mesh_testkit::wait_for_health(
+        &ch,
+        "readiness",
+        tonic_health::pb::health_check_response::ServingStatus::Serving,
+        Duration::from_secs(30),
+    )
+    .await?;
+    Ok(service)
+}
+
+fn entry(k: &str, v: String) -> Entry {
+    Entry { key: k.to_owned(), value: v }
+}
+
+/// Runs Check with `descriptors(n)` descriptors per call; returns the report and peak RSS.
+async fn bench_check(
+    name: &str,
+    load: Load,
+    service: &Service,
+    connections: usize,
+    users: u64,
+    two_descriptors: bool,
+) -> (Report, u64) {
+    let chans = channels(service.addr, connections).await;
+    let counter = Arc::new(AtomicU64::new(0));
+    let pid = service.child.id();
+    let sampling = Arc::new(AtomicBool::new(true));
+    let peak = tokio::spawn({
+        let sampling = sampling.clone();
+        async move {
+            let mut peak = 0;
+            while sampling.load(Ordering::Relaxed) {
+                peak = peak.max(rss_kib(pid).unwrap_or(0));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            peak
+        }
+    });
+    let report = run(name, load, move |worker| {
+        let mut client = RateLimitServiceClient::new(chans[worker % chans.len()].clone());
+        let n = counter.fetch_add(1, Ordering::Relaxed);
+        async move {
+            let mut descriptors = vec![Descriptor {
+                entries: vec![entry("route", "chat".into()), entry("user_id", format!("u{}", n % users))],
+                hits_addend: None,
+            }];
+            if two_descriptors {
+                descriptors.push(Descriptor {
+                    entries: vec![entry("endpoint", format!("/v1/e{}", n % 16))],
+                    hits_addend: None,
+                });
+            }
+            let resp = client
+                .check(CheckRequest { domain: "bench".into(), descriptors, hits_addend: 0 })
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+            let decided_by = resp.metadata().get(mesh_ratelimit::DECIDED_BY).cloned();
+            if resp.get_ref().overall_code() != Code::Ok {
+                return Err("over limit".to_owned());
+            }
+            match decided_by.as_ref().and_then(|v| v.to_str().ok()) {
+                Some("redis") => Ok(()),
+                other => Err(format!("decided by {other:?}, not redis")),
+            }
+        }
+    })
+    .await;
+    sampling.store(false, Ordering::Relaxed);
+    (report, peak.await.unwrap_or(0))
+}
+
+async fn bench_echo(load: Load, addr: SocketAddr, connections: usize) -> Report {
+    let chans = channels(addr, connections).await;
+    run("plain tonic echo", load, move |worker| {
+        let mut client = EchoServiceClient::new(chans[worker % chans.len()].clone());
+        async move {
+            client
+                .echo(EchoRequest {
+                    payload: b"ratelimit-sized payload: domain, two entries".to_vec(),
+                    delay_ms: 0,
+                })
+                .await
+                .map(|_| ())
+        }
+    })
+    .await
+}
+
+/// redis-benchmark running the service's check script on one node (keys in
+/// one hash slot that node owns, rotating over `users` counters).
+fn bench_redis(args: &Args, prefix: &str, requests: u64) -> anyhow::Result<(f64, String)> {
+    let port = args.redis_bench_port.to_string();
+    let sha = Command::new("redis-cli").args(["-p", &port, "SCRIPT", "LOAD", CHECK_LUA]).output()?;
+    let sha = String::from_utf8(sha.stdout)?.trim().to_owned();
+    if sha.len() != 40 {
+        bail!("SCRIPT LOAD on {port} answered {sha:?}");
+    }
+    // A hash tag this node owns: a key elsewhere answers MOVED.
+    let tag = (0..64)
+        .map(|i| format!("bench{i}"))
+        .find(|tag| {
+            Command::new("redis-cli")
+                .args(["-p", &port, "EXISTS", &format!("{{{tag}}}")])
+                .output()
+                .is_ok_and(|o| o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("MOVED"))
+        })
+        .context("no hash tag found on the node")?;
+    let key = format!("{prefix}rb:{{{tag}}}:__rand_int__");
+    let out = Command::new("redis-benchmark")
+        .args(["-p", &port, "-c", &args.concurrency.to_string(), "-n", &requests.to_string()])
+        .args(["-r", &args.users.to_string(), "-q", "--csv"])
+        .args(["EVALSHA", &sha, "1", &key, "2", "100000000", "60000", "0", "1", "0"])
+        .output()
+        .context("running redis-benchmark")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // --csv: "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+    let row = text.lines().last().context("no redis-benchmark output")?;
+    let fields: Vec<String> = row.split(',').map(|f| f.trim_matches('"').to_owned()).collect();
+    let rps: f64 =
+        fields.get(1).and_then(|f| f.parse().ok()).with_context(|| format!("cannot parse {row:?}"))?;
+    let detail = format!(
+        "p50 {} ms, p99 {} ms",
+        fields.get(4).map(String::as_str).unwrap_or("?"),
+        fields.get(6).map(String::as_str).unwrap_or("?")
+    );
+    Ok((rps, detail))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let load = Load {
+        concurrency: args.concurrency,
+        duration: Duration::from_secs(args.duration),
+        warmup: Duration::from_secs(args.warmup),
+    };
+    let prefix = format!("bench{}:", std::process::id());
+
+    let echo_addr = spawn_plain_echo().await;
+    let echo = bench_echo(load, echo_addr, args.connections).await;
+
+    let service = start_service(&args, &prefix).await?;
+    let (one, rss_one) =
+        bench_check("Check, 1 descriptor", load, &service, args.connections, args.users, false).await;
+    let (two, rss_two) =
+        bench_check("Check, 2 descriptors (2 slots)", load, &service, args.connections, args.users, true)
+            .await;
+    let idle_rss = rss_kib(service.child.id()).unwrap_or(0);
+    drop(service);
+
+    let requests = (one.throughput() * args.duration as f64).max(100_000.0) as u64;
+    let (redis_rps, redis_detail) = bench_redis(&args, &prefix, requests)?;
+
+    println!("{TABLE_HEADER}");
+    for r in [&echo, &one, &two] {
+        println!("{r}");
+    }
+    println!();
+    println!(
+        "redis-benchmark EVALSHA (check script, -c {}): {redis_rps:.0} calls/s, {redis_detail}",
+        args.concurrency
+    );
+    println!();
+    println!("| ratio | value |\n| --- | ---: |");
+    println!("| Check (1 descriptor) / plain echo | {:.2} |", one.throughput() / echo.throughput());
+    println!("| Check (2 descriptors) / plain echo | {:.2} |", two.throughput() / echo.throughput());
+    println!("| Check (1 descriptor) / redis-benchmark EVALSHA | {:.2} |", one.throughput() / redis_rps);
+    println!(
+        "| Check p99 / echo p99 | {:.2} |",
+        one.quantile_us(0.99) as f64 / echo.quantile_us(0.99).max(1) as f64
+    );
+    println!();
+    println!(
+        "service RSS: peak {rss_one} KiB (1 descriptor), {rss_two} KiB (2 descriptors), {idle_rss} KiB after"
+    );
+    for r in [&echo, &one, &two] {
+        if let Some(e) = &r.first_error {
+            println!("{}: {} errors, first: {e}", r.name, r.errors);
+        }
+    }
+    Ok(())
+}
