@@ -128,11 +128,15 @@ impl AuditService for Api {
 
     async fn verify(&self, req: Request<VerifyRequest>) -> Result<Response<VerifyResponse>, Status> {
         let req = req.into_inner();
-        let range = domain::parse_range(req.from_sequence, req.to_sequence)?;
-        let pool = match range.to {
-            Some(to) => store::covering(&self.db, to).await.map_err(Error::from)?,
-            None => self.db.reader().pool,
+        let mut range = domain::parse_range(req.from_sequence, req.to_sequence)?;
+        // "To the head" means the primary's head; a replica serves the read
+        // only if it has replayed that far.
+        let to = match range.to {
+            Some(to) => to,
+            None => store::read_head(self.db.primary()).await.map_err(Error::from)?.last(),
         };
+        range.to = Some(to);
+        let pool = store::covering(&self.db, to).await.map_err(Error::from)?;
         let report = verify::verify(&pool, range).await?;
         if !report.ok {
             tracing::warn!(

@@ -66,6 +66,15 @@ impl App {
         }
         let db = Db::connect_as(&config.db, "mesh-audit", server.registry(), WRITER_ROLE)?;
         let head = store::read_head(db.primary()).await.map_err(DbError::from)?;
+        let sync: String = sqlx::query_scalar("show synchronous_commit")
+            .fetch_one(db.primary())
+            .await
+            .map_err(DbError::from)?;
+        if sync == "off" {
+            tracing::warn!(
+                "synchronous_commit is off on the primary: acknowledged appends can be lost in a crash"
+            );
+        }
         let channel = channel_name(config.db.schema.as_deref().unwrap_or("public"));
         let stop = CancellationToken::new();
         let appender =

@@ -7,12 +7,26 @@
 //!    append of the same key has committed and is visible;
 //! 3. give each new event the next sequence, `recorded_at` (never earlier
 //!    than the head's) and its hash, linked to the previous one;
-//! 4. insert events, keys and the new head in one statement, NOTIFY Tail
-//!    listeners, commit;
-//! 5. only then answer each caller.
+//! 4. insert events, keys and the new head in one statement, and COMMIT
+//!    with `synchronous_commit = off`: the commit record is in the WAL and
+//!    the head lock is released, but the WAL flush is not awaited;
+//! 5. a second task, the flusher, makes every batch committed so far
+//!    durable with one synchronous commit of its own (WAL is flushed in
+//!    order, so that flush covers all earlier commit records), NOTIFYs Tail
+//!    listeners, and only then answers the callers.
 //!
-//! While a batch commits, the next one fills, so batches grow with load on
-//! their own and a lone append waits for no timer.
+//! Why two steps: PostgreSQL releases row locks only after a synchronous
+//! commit's fsync, so chaining on a locked row with synchronous commits
+//! would allow one batch per fsync. This way the serial part is a few round
+//! trips, and one fsync covers every batch committed while the previous
+//! one was flushing. While a batch is written, the next one fills, so
+//! batches grow with load on their own and a lone append waits for no timer.
+//!
+//! An event is visible on the primary (not on replicas, which only receive
+//! flushed WAL, nor to Tail) a moment before it is durable; if PostgreSQL
+//! crashes in that moment it is lost, and so is every later one, with
+//! nobody told it was recorded: the caller gets an error and retries with
+//! its idempotency key.
 
 use std::{collections::HashMap, sync::Arc, time::Instant};
 
@@ -71,6 +85,7 @@ struct Metrics {
     appends: Family<ResultLabels, Counter>,
     batch_size: Histogram,
     batch_seconds: Histogram,
+    flush_seconds: Histogram,
     queued: Gauge,
 }
 
@@ -80,6 +95,7 @@ impl Metrics {
             appends: Family::default(),
             batch_size: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0]),
             batch_seconds: Histogram::new(mesh_runtime::latency_buckets()),
+            flush_seconds: Histogram::new(mesh_runtime::latency_buckets()),
             queued: Gauge::default(),
         };
         registry.register(
@@ -90,8 +106,13 @@ impl Metrics {
         registry.register("mesh_audit_batch_size", "Events per group commit", m.batch_size.clone());
         registry.register(
             "mesh_audit_batch_seconds",
-            "Time to write and commit one batch",
+            "Time to sequence, write and commit one batch (the part serialised across instances)",
             m.batch_seconds.clone(),
+        );
+        registry.register(
+            "mesh_audit_flush_seconds",
+            "Time of one WAL flush making committed batches durable",
+            m.flush_seconds.clone(),
         );
         registry.register("mesh_audit_append_queue", "Appends waiting for a batch", m.queued.clone());
         m
@@ -125,13 +146,15 @@ impl Appender {
     ) -> Self {
         let (tx, rx) = mpsc::channel(config.queue_capacity);
         let metrics = Arc::new(Metrics::register(registry));
+        let (flush_tx, flush_rx) = mpsc::unbounded_channel();
+        tokio::spawn(flusher(pool.clone(), channel, flush_rx, metrics.clone()));
         let batcher = Batcher {
             pool,
             rx,
+            flush: flush_tx,
             max: config.batch_max,
             linger: config.batch_linger,
             clock: config.clock.clone(),
-            channel,
             metrics: metrics.clone(),
             partitions: Vec::new(),
         };
@@ -158,10 +181,11 @@ impl Appender {
 struct Batcher {
     pool: PgPool,
     rx: mpsc::Receiver<Pending>,
+    /// Committed batches waiting to be made durable and answered.
+    flush: mpsc::UnboundedSender<Committed>,
     max: usize,
     linger: std::time::Duration,
     clock: Clock,
-    channel: String,
     metrics: Arc<Metrics>,
     /// Months whose partition is known to exist.
     partitions: Vec<(i32, u32)>,
@@ -237,12 +261,10 @@ impl Batcher {
         match result {
             Ok(answers) => {
                 self.metrics.batch_size.observe(batch.len() as f64);
-                let dedup = answers.iter().filter(|a| a.deduplicated).count();
-                self.metrics.count("committed", answers.len() - dedup);
-                self.metrics.count("deduplicated", dedup);
-                for (p, a) in batch.drain(..).zip(answers) {
-                    let _ = p.reply.send(Ok(a));
-                }
+                let last_sequence = answers.iter().filter(|a| !a.deduplicated).map(|a| a.sequence).max();
+                let replies = batch.drain(..).map(|p| p.reply).collect();
+                // The flusher outlives the batcher (it drains its queue), so this cannot fail.
+                let _ = self.flush.send(Committed { replies, answers, last_sequence, span });
             }
             Err(e) => {
                 span.record("otel.status_code", "ERROR");
@@ -275,9 +297,8 @@ impl Batcher {
     }
 
     async fn commit(&self, batch: &[Pending]) -> Result<Vec<Appended>, BatchError> {
-        let mut tx = self.pool.begin().await.map_err(BatchError::Begin)?;
-        let head = store::lock_head(&mut tx).await.map_err(BatchError::Statement)?;
-
+        // Durability comes from the flusher's synchronous commit, not this one.
+        let mut tx = store::begin_batch(&self.pool).await.map_err(BatchError::Begin)?;
         let keys: Vec<(&str, &str)> = batch
             .iter()
             .filter_map(|p| {
@@ -285,11 +306,7 @@ impl Batcher {
                 Some((p.command.event.source_service.as_str(), key))
             })
             .collect();
-        let known = if keys.is_empty() {
-            HashMap::new()
-        } else {
-            store::find_keys(&mut tx, &keys).await.map_err(BatchError::Statement)?
-        };
+        let (head, known) = store::head_and_keys(&mut tx, &keys).await.map_err(BatchError::Statement)?;
 
         // Never earlier than the head: recorded_at is non-decreasing along
         // the chain even when instances' clocks disagree, which keeps each
@@ -333,7 +350,7 @@ impl Batcher {
         }
 
         if !events.is_empty()
-            && let Err(e) = store::insert_batch(&mut tx, &events, &new_keys, &self.channel).await
+            && let Err(e) = store::insert_batch(&mut tx, &events, &new_keys).await
         {
             return Err(if store::is_missing_partition(&e) {
                 BatchError::MissingPartition(recorded_at)
@@ -346,6 +363,65 @@ impl Batcher {
     }
 }
 
+/// A batch whose COMMIT returned but whose WAL may not be flushed yet.
+struct Committed {
+    replies: Vec<oneshot::Sender<Result<Appended, Error>>>,
+    answers: Vec<Appended>,
+    /// The last sequence it wrote (none if every event was a duplicate).
+    last_sequence: Option<u64>,
+    span: tracing::Span,
+}
+
+/// Makes committed batches durable, then answers their callers: one
+/// synchronous commit (and so one WAL flush) for everything committed
+/// since the previous one. Ends when the batcher is gone and all is answered.
+async fn flusher(
+    pool: PgPool,
+    channel: String,
+    mut rx: mpsc::UnboundedReceiver<Committed>,
+    metrics: Arc<Metrics>,
+) {
+    let mut done = Vec::new();
+    while let Some(first) = rx.recv().await {
+        done.push(first);
+        while let Ok(more) = rx.try_recv() {
+            done.push(more);
+        }
+        let last = done.iter().filter_map(|c| c.last_sequence).max();
+        let span = tracing::info_span!("audit.flush", batches = done.len());
+        for c in &done {
+            span.follows_from(&c.span);
+        }
+        let started = Instant::now();
+        let flushed = store::flush(&pool, &channel, last).instrument(span.clone()).await;
+        metrics.flush_seconds.observe(started.elapsed().as_secs_f64());
+        match flushed {
+            Ok(()) => {
+                for c in done.drain(..) {
+                    let dedup = c.answers.iter().filter(|a| a.deduplicated).count();
+                    metrics.count("committed", c.answers.len() - dedup);
+                    metrics.count("deduplicated", dedup);
+                    for (reply, answer) in c.replies.into_iter().zip(c.answers) {
+                        let _ = reply.send(Ok(answer));
+                    }
+                }
+            }
+            Err(e) => {
+                // The batches are committed, but whether their WAL reached
+                // the disk is unknown: the callers must retry with their keys.
+                let error = Error::CommitUnknown(e.to_string());
+                tracing::warn!(parent: &span, error = %e, batches = done.len(), "wal flush failed");
+                for c in done.drain(..) {
+                    metrics.count("failed", c.replies.len());
+                    for reply in c.replies {
+                        let _ = reply.send(Err(error.duplicate()));
+                    }
+                }
+            }
+        }
+    }
+}
+
 enum BatchError {
     /// Failed before anything was sent: nothing committed.
     Begin(sqlx::Error),
@@ -354,6 +430,7 @@ enum BatchError {
     /// No partition for this recorded_at.
     MissingPartition(DateTime<Utc>),
     /// COMMIT failed: if the connection broke, the outcome is unknown.
+    /// (It returning does not make the batch durable: the flusher does.)
     Commit(sqlx::Error),
 }
 

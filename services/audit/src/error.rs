@@ -72,6 +72,10 @@ pub(crate) fn is_connection_error(e: &sqlx::Error) -> bool {
     }
 }
 
+fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    e.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned())
+}
+
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         match e {
@@ -104,8 +108,13 @@ impl From<Error> for Status {
             Error::Db(e) if is_connection_error(&e) => {
                 Status::unavailable(format!("database unavailable: {e}"))
             }
-            Error::Db(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("57014") => {
+            Error::Db(e) if sqlstate(&e).as_deref() == Some("57014") => {
                 Status::deadline_exceeded("the database statement timed out")
+            }
+            // 40001 also covers a replica cancelling a long read that
+            // conflicts with recovery; a retry is the answer to both
+            Error::Db(e) if matches!(sqlstate(&e).as_deref(), Some("40001" | "40P01")) => {
+                Status::aborted(format!("the read was cancelled by the database, retry: {e}"))
             }
             Error::Db(e) => {
                 tracing::error!(error = %e, "database error");

@@ -117,18 +117,15 @@ fn head_from(row: HeadRow) -> Result<Head, sqlx::Error> {
     })
 }
 
-const LOCK_HEAD: &str =
-    "select next_sequence, head_hash, recorded_at from audit_chain_head where chain = 1 for update";
 const READ_HEAD: &str = "select next_sequence, head_hash, recorded_at from audit_chain_head where chain = 1";
 
-/// Locks the chain head until the transaction ends: batches from every
-/// instance take turns here, which makes the sequence gapless.
-pub(crate) async fn lock_head(conn: &mut PgConnection) -> Result<Head, sqlx::Error> {
-    let row: HeadRow = sqlx::query_as(LOCK_HEAD)
-        .fetch_one(conn)
-        .instrument(span("SELECT", "audit_chain_head", LOCK_HEAD))
-        .await?;
-    head_from(row)
+/// Opens a batch transaction holding the chain head lock, in one round
+/// trip: batches of every instance take turns here until COMMIT, which
+/// makes the sequence gapless. The commit is asynchronous (see `appender`).
+pub(crate) async fn begin_batch(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>, sqlx::Error> {
+    const BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = off; \
+                         SELECT 1 FROM audit_chain_head WHERE chain = 1 FOR UPDATE";
+    pool.begin_with(BEGIN).instrument(span("SELECT", "audit_chain_head", BEGIN)).await
 }
 
 /// Reads the chain head without locking it.
@@ -151,31 +148,54 @@ pub(crate) struct FirstResult {
     pub(crate) hash: Hash,
 }
 
-const FIND_KEYS: &str = "select k.source_service, k.idempotency_key, k.id, k.sequence, k.hash \
-     from audit_idempotency k \
-     join unnest($1::text[], $2::text[]) as q(source_service, idempotency_key) using (source_service, idempotency_key)";
+const HEAD_AND_KEYS: &str = "select h.next_sequence, h.head_hash, h.recorded_at, \
+       k.source_service, k.idempotency_key, k.id, k.sequence, k.hash \
+     from audit_chain_head h left join ( \
+       select k.* from audit_idempotency k \
+       join unnest($1::text[], $2::text[]) as q(source_service, idempotency_key) \
+       using (source_service, idempotency_key) \
+     ) k on true \
+     where h.chain = 1";
 
-/// The first results of those (source service, key) pairs that have one.
-/// Run under the head lock, so no other batch can be adding them meanwhile.
-pub(crate) async fn find_keys(
+type HeadKeyRow = (
+    i64,
+    Vec<u8>,
+    Option<DateTime<Utc>>,
+    Option<String>,
+    Option<String>,
+    Option<Uuid>,
+    Option<i64>,
+    Option<Vec<u8>>,
+);
+
+/// The head, and the first results of those (source service, key) pairs
+/// that have one. Under the head lock, so this statement's snapshot holds
+/// every earlier batch and no other batch is adding keys meanwhile.
+pub(crate) async fn head_and_keys(
     conn: &mut PgConnection,
     keys: &[(&str, &str)],
-) -> Result<HashMap<(String, String), FirstResult>, sqlx::Error> {
+) -> Result<(Head, HashMap<(String, String), FirstResult>), sqlx::Error> {
     let services: Vec<&str> = keys.iter().map(|k| k.0).collect();
     let names: Vec<&str> = keys.iter().map(|k| k.1).collect();
-    let rows: Vec<(String, String, Uuid, i64, Vec<u8>)> = sqlx::query_as(FIND_KEYS)
+    let rows: Vec<HeadKeyRow> = sqlx::query_as(HEAD_AND_KEYS)
         .bind(services)
         .bind(names)
         .fetch_all(conn)
-        .instrument(span("SELECT", "audit_idempotency", FIND_KEYS))
+        .instrument(span("SELECT", "audit_chain_head", HEAD_AND_KEYS))
         .await?;
-    rows.into_iter()
-        .map(|(service, key, id, sequence, hash)| {
+    let first = rows.first().ok_or_else(|| sqlx::Error::Decode("no chain head row".into()))?;
+    let head = head_from((first.0, first.1.clone(), first.2))?;
+    let mut known = HashMap::new();
+    for (_, _, _, service, key, id, sequence, hash) in rows {
+        if let (Some(service), Some(key), Some(id), Some(sequence), Some(hash)) =
+            (service, key, id, sequence, hash)
+        {
             let hash =
                 hash.try_into().map_err(|_| sqlx::Error::Decode("stored hash is not 32 bytes".into()))?;
-            Ok(((service, key), FirstResult { id, sequence: sequence as u64, hash }))
-        })
-        .collect()
+            known.insert((service, key), FirstResult { id, sequence: sequence as u64, hash });
+        }
+    }
+    Ok((head, known))
 }
 
 const INSERT_BATCH: &str = "with events as ( \
@@ -194,8 +214,7 @@ const INSERT_BATCH: &str = "with events as ( \
        insert into audit_idempotency (source_service, idempotency_key, sequence, id, hash) \
        select * from unnest($19::text[], $20::text[], $21::bigint[], $22::uuid[], $23::bytea[]) \
      ) \
-     update audit_chain_head set next_sequence = $24, head_hash = $25, recorded_at = $4 where chain = 1 \
-     returning pg_notify($26, $27)";
+     update audit_chain_head set next_sequence = $24, head_hash = $25, recorded_at = $4 where chain = 1";
 
 /// An idempotency key to record with the batch.
 #[derive(Debug)]
@@ -208,13 +227,11 @@ pub(crate) struct NewKey<'a> {
 }
 
 /// Writes a sealed batch (consecutive sequences, one recorded_at), its
-/// idempotency keys and the new head in one statement, and queues a NOTIFY
-/// of the new last sequence on `channel` (delivered at commit, in commit order).
+/// idempotency keys and the new head in one statement.
 pub(crate) async fn insert_batch(
     conn: &mut PgConnection,
     events: &[Event],
     keys: &[NewKey<'_>],
-    channel: &str,
 ) -> Result<(), sqlx::Error> {
     let last = events.last().expect("a batch has events");
     let col = |f: fn(&Event) -> String| events.iter().map(f).collect::<Vec<String>>();
@@ -244,10 +261,49 @@ pub(crate) async fn insert_batch(
         .bind(keys.iter().map(|k| k.hash.to_vec()).collect::<Vec<_>>())
         .bind(last.sequence as i64 + 1)
         .bind(last.hash.to_vec())
-        .bind(channel)
-        .bind(last.sequence.to_string())
         .execute(conn)
         .instrument(span("INSERT", "audit_events", INSERT_BATCH))
+        .await?;
+    Ok(())
+}
+
+const FLUSH: &str = "select pg_logical_emit_message(true, 'mesh-audit', $1), pg_notify($2, $1)";
+
+/// Makes every transaction committed before it durable, then tells Tail
+/// listeners on `channel` that the chain reaches `last`.
+///
+/// A transactional logical message is the smallest thing that writes WAL
+/// under a transaction id, so its COMMIT is synchronous (per the server's
+/// `synchronous_commit`) and flushes the WAL through its own commit record,
+/// which lies after every earlier commit record. The NOTIFY is delivered
+/// only once that commit is done: listeners never hear of an event before
+/// it is durable. (On a server without `wal_level = logical` the message is
+/// inert WAL that replicas and decoders skip.)
+pub(crate) async fn flush(pool: &PgPool, channel: &str, last: Option<u64>) -> Result<(), sqlx::Error> {
+    let last = last.map_or_else(String::new, |s| s.to_string());
+    sqlx::query(FLUSH)
+        .bind(&last)
+        .bind(channel)
+        .execute(pool)
+        .instrument(span("SELECT", "pg_logical_emit_message", FLUSH))
+        .await?;
+    Ok(())
+}
+
+/// The chain head as of a moment when everything up to it is durable
+/// (read, then flushed): what Tail may announce.
+pub(crate) async fn durable_head(pool: &PgPool) -> Result<Head, sqlx::Error> {
+    let head = read_head(pool).await?;
+    flush_only(pool).await?;
+    Ok(head)
+}
+
+const FLUSH_ONLY: &str = "select pg_logical_emit_message(true, 'mesh-audit', '')";
+
+async fn flush_only(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query(FLUSH_ONLY)
+        .execute(pool)
+        .instrument(span("SELECT", "pg_logical_emit_message", FLUSH_ONLY))
         .await?;
     Ok(())
 }

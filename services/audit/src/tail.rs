@@ -1,11 +1,12 @@
 //! Tail: replay, then live events, for any number of subscribers per
 //! instance with one database listener.
 //!
-//! - The [`Hub`] task LISTENs on the schema's channel. Each committed batch
-//!   NOTIFYs its last sequence; the hub reads the new events once, from the
-//!   primary, into a ring of the most recent `tail_buffer` events and
+//! - The [`Hub`] task LISTENs on the schema's channel. Each WAL flush of the
+//!   appenders NOTIFYs the last sequence it made durable; the hub reads the
+//!   new events once, from the primary, into a ring of the most recent `tail_buffer` events and
 //!   publishes the new head on a watch channel. A poll of the chain head
-//!   every second (and after every reconnect) covers lost notifications.
+//!   every second (and after every reconnect; flushed before it counts)
+//!   covers lost notifications. Only durable events are ever sent.
 //!   With no subscribers it only follows the head.
 //! - A subscriber keeps a cursor (the last sequence it examined). Behind the
 //!   ring it pages from the database (a replica that has the range, else the
@@ -250,6 +251,7 @@ async fn listen(hub: Weak<HubInner>, pool: PgPool, channel: String, stop: Cancel
             tokio::select! {
                 () = stop.cancelled() => return,
                 n = listener.try_recv() => match n {
+                    // sent after the WAL flush: everything up to it is durable
                     Ok(Some(n)) => target = target.max(n.payload().parse().unwrap_or(0)),
                     // reconnected: notifications may have been lost, read the head
                     Ok(None) => target = target.max(head_or_zero(&pool).await),
@@ -270,8 +272,9 @@ async fn connect(pool: &PgPool, channel: &str) -> Result<PgListener, sqlx::Error
     Ok(l)
 }
 
+/// The durable head, or 0 (no news) when it cannot be read.
 async fn head_or_zero(pool: &PgPool) -> u64 {
-    store::read_head(pool).await.map(|h| h.last()).unwrap_or(0)
+    store::durable_head(pool).await.map(|h| h.last()).unwrap_or(0)
 }
 
 /// Brings the ring up to `target`, reading only if someone is subscribed.
