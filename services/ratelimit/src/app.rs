@@ -75,8 +75,7 @@ impl App {
         let redis = mesh_runtime::redis::connect(&config.redis)?;
         server.add_check(mesh_runtime::redis::check(&redis));
         let e = &config.engine;
-        let store =
-            Store::new(redis.clone(), e.redis_timeout, e.breaker_failures, e.breaker_open, metrics.clone());
+        let store = Store::new(redis.clone(), e, metrics.clone());
         let engine = Arc::new(Engine::new(
             handle.clone(),
             store,

@@ -14,8 +14,13 @@ pub mod keys {
     /// Hard deadline of the Redis part of one Check (ms), after which the
     /// domain's failure mode decides.
     pub const REDIS_TIMEOUT_MS: &str = "MESH_RATELIMIT_REDIS_TIMEOUT_MS";
-    /// Consecutive Redis failures that open the circuit breaker.
-    pub const BREAKER_FAILURES: &str = "MESH_RATELIMIT_BREAKER_FAILURES";
+    /// The circuit breaker opens when fewer than this share of Redis calls
+    /// (0.0–1.0) succeeded within the window.
+    pub const BREAKER_SUCCESS_RATE: &str = "MESH_RATELIMIT_BREAKER_SUCCESS_RATE";
+    /// Calls the window must hold before the breaker may open.
+    pub const BREAKER_MIN_REQUESTS: &str = "MESH_RATELIMIT_BREAKER_MIN_REQUESTS";
+    /// The window the success rate is measured over (ms, whole seconds).
+    pub const BREAKER_WINDOW_MS: &str = "MESH_RATELIMIT_BREAKER_WINDOW_MS";
     /// How long the breaker first stays open (ms); repeated trips back off up to 8×.
     pub const BREAKER_OPEN_MS: &str = "MESH_RATELIMIT_BREAKER_OPEN_MS";
     /// Entries of the local cache of keys already over their limit (0 disables it).
@@ -32,8 +37,15 @@ pub struct EngineConfig {
     /// default rate-limit filter timeout (20 ms), so Envoy receives the
     /// domain's failure-mode answer instead of timing out itself.
     pub redis_timeout: Duration,
-    /// Consecutive failures that open the breaker.
-    pub breaker_failures: u32,
+    /// The breaker opens below this success rate over the window. A rate,
+    /// not a count of consecutive failures: at high concurrency one
+    /// scheduling stall times out every call in flight at once, and that
+    /// must not switch a whole instance to local decisions.
+    pub breaker_success_rate: f64,
+    /// Calls within the window before the breaker may open.
+    pub breaker_min_requests: u32,
+    /// The success-rate window.
+    pub breaker_window: Duration,
     /// First open period of the breaker.
     pub breaker_open: Duration,
     /// Size of the over-limit cache (0: off).
@@ -48,7 +60,9 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             redis_timeout: Duration::from_millis(10),
-            breaker_failures: 5,
+            breaker_success_rate: 0.5,
+            breaker_min_requests: 20,
+            breaker_window: Duration::from_secs(2),
             breaker_open: Duration::from_millis(1000),
             local_cache_size: 100_000,
             fallback_size: 100_000,
@@ -81,7 +95,9 @@ impl Config {
         let d = EngineConfig::default();
         let engine = EngineConfig {
             redis_timeout: l.millis_or(keys::REDIS_TIMEOUT_MS, d.redis_timeout)?,
-            breaker_failures: l.parse_or(keys::BREAKER_FAILURES, d.breaker_failures)?,
+            breaker_success_rate: l.parse_or(keys::BREAKER_SUCCESS_RATE, d.breaker_success_rate)?,
+            breaker_min_requests: l.parse_or(keys::BREAKER_MIN_REQUESTS, d.breaker_min_requests)?,
+            breaker_window: l.millis_or(keys::BREAKER_WINDOW_MS, d.breaker_window)?,
             breaker_open: l.millis_or(keys::BREAKER_OPEN_MS, d.breaker_open)?,
             local_cache_size: l.parse_or(keys::LOCAL_CACHE_SIZE, d.local_cache_size)?,
             fallback_size: l.parse_or(keys::FALLBACK_SIZE, d.fallback_size)?,
@@ -90,8 +106,11 @@ impl Config {
         if engine.redis_timeout.is_zero() {
             return Err(ConfigError::new(keys::REDIS_TIMEOUT_MS, "must be at least 1"));
         }
-        if engine.breaker_failures == 0 {
-            return Err(ConfigError::new(keys::BREAKER_FAILURES, "must be at least 1"));
+        if !(0.0..=1.0).contains(&engine.breaker_success_rate) {
+            return Err(ConfigError::new(keys::BREAKER_SUCCESS_RATE, "must be between 0 and 1"));
+        }
+        if engine.breaker_window < Duration::from_secs(1) {
+            return Err(ConfigError::new(keys::BREAKER_WINDOW_MS, "must be at least 1000"));
         }
         if engine.breaker_open.is_zero() {
             return Err(ConfigError::new(keys::BREAKER_OPEN_MS, "must be at least 1"));
@@ -140,7 +159,9 @@ mod tests {
     fn bad_values_name_the_key() {
         let e = Config::from_lookup(&map(&[(keys::REDIS_TIMEOUT_MS, "0")])).unwrap_err();
         assert_eq!(e.key, keys::REDIS_TIMEOUT_MS);
-        let e = Config::from_lookup(&map(&[(keys::BREAKER_FAILURES, "many")])).unwrap_err();
-        assert_eq!(e.key, keys::BREAKER_FAILURES);
+        let e = Config::from_lookup(&map(&[(keys::BREAKER_SUCCESS_RATE, "1.5")])).unwrap_err();
+        assert_eq!(e.key, keys::BREAKER_SUCCESS_RATE);
+        let e = Config::from_lookup(&map(&[(keys::BREAKER_MIN_REQUESTS, "many")])).unwrap_err();
+        assert_eq!(e.key, keys::BREAKER_MIN_REQUESTS);
     }
 }

@@ -37,15 +37,18 @@
 //! # Deadline and breaker
 //! The whole decision has one hard deadline (`MESH_RATELIMIT_REDIS_TIMEOUT_MS`),
 //! applied per group so that groups that did commit are known and can be
-//! compensated. Failures and timeouts feed a `failsafe` circuit breaker
-//! (consecutive failures, jittered exponential open periods); while it is
-//! open no call waits on Redis at all. The caller then decides by the
-//! domain's failure mode.
+//! compensated; a call past it is decided by the domain's failure mode.
+//! Failures and timeouts feed a `failsafe` circuit breaker that opens when
+//! the success rate over a short window drops below a threshold (jittered
+//! exponential open periods); while it is open no call waits on Redis at
+//! all. A success rate rather than consecutive failures: at high
+//! concurrency one stall times out every call in flight at once.
 
 use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration};
 
 use failsafe::{
-    Config as BreakerConfig, failure_policy::ConsecutiveFailures, failure_policy::consecutive_failures,
+    Config as BreakerConfig,
+    failure_policy::{SuccessRateOverTimeWindow, success_rate_over_time_window},
 };
 use fred::{clients::Pool, interfaces::KeysInterface, types::scripts::Script};
 use futures::future::join_all;
@@ -53,6 +56,7 @@ use tokio::time::{Instant, timeout_at};
 use tracing::Instrument as _;
 
 use crate::{
+    EngineConfig,
     algo::{Outcome, Params},
     metrics::{ErrorLabels, Metrics, OpLabels, ResultLabels, StateLabels},
     rules::Algorithm,
@@ -143,7 +147,7 @@ impl failsafe::Instrument for BreakerEvents {
     }
 }
 
-type Breaker = failsafe::StateMachine<ConsecutiveFailures<Backoff>, BreakerEvents>;
+type Breaker = failsafe::StateMachine<SuccessRateOverTimeWindow<Backoff>, BreakerEvents>;
 
 /// The Redis side of the limiter.
 pub(crate) struct Store {
@@ -195,23 +199,21 @@ fn parse_group(indices: &[usize], raw: &[i64]) -> Result<GroupResult, StoreError
 }
 
 impl Store {
-    pub(crate) fn new(
-        pool: Pool,
-        timeout: Duration,
-        breaker_failures: u32,
-        breaker_open: Duration,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        let backoff = Backoff { next: breaker_open, max: breaker_open * 8 };
-        let breaker = BreakerConfig::new()
-            .failure_policy(consecutive_failures(breaker_failures, backoff))
-            .instrument(BreakerEvents(metrics.clone()))
-            .build();
+    pub(crate) fn new(pool: Pool, config: &EngineConfig, metrics: Arc<Metrics>) -> Self {
+        let backoff = Backoff { next: config.breaker_open, max: config.breaker_open * 8 };
+        let policy = success_rate_over_time_window(
+            config.breaker_success_rate,
+            config.breaker_min_requests,
+            config.breaker_window,
+            backoff,
+        );
+        let breaker =
+            BreakerConfig::new().failure_policy(policy).instrument(BreakerEvents(metrics.clone())).build();
         Self {
             pool,
             check: Script::from_lua(CHECK_LUA),
             undo: Script::from_lua(UNDO_LUA),
-            timeout,
+            timeout: config.redis_timeout,
             breaker,
             metrics,
         }

@@ -84,7 +84,8 @@ async fn a_dead_master_falls_back_within_the_deadline_then_redis_decides_again()
     let rules = RulesFile::new(RULES);
     let mut config: Config = config_with(&private.infra, &rules);
     config.engine.redis_timeout = Duration::from_millis(100);
-    config.engine.breaker_failures = 3;
+    config.engine.breaker_min_requests = 5;
+    config.engine.breaker_window = Duration::from_secs(1);
     config.engine.breaker_open = Duration::from_millis(200);
     let app = spawn_app(config).await;
     let mut c = client(&app).await;
