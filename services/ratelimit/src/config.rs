@@ -5,6 +5,12 @@ use mesh_runtime::{ConfigError, Lookup, LookupExt, ServerConfig, redis::RedisCon
 /// Default gRPC port.
 pub const DEFAULT_PORT: u16 = 50052;
 
+/// Redis clients when `MESH_REDIS_POOL_SIZE` is unset. One fred client
+/// already multiplexes every caller over one connection per node; a single
+/// client pipelines more commands per write, and on the 2-core benchmark it
+/// gave 15–45 % more Checks per second than four (libs/bench/results/ratelimit.md).
+pub const DEFAULT_REDIS_POOL_SIZE: usize = 1;
+
 /// Keys read by [`Config::from_lookup`] beyond the runtime's own.
 pub mod keys {
     /// Rules file or directory (Envoy ratelimit YAML).
@@ -118,9 +124,13 @@ impl Config {
         if engine.rules_poll.is_zero() {
             return Err(ConfigError::new(keys::RULES_POLL_MS, "must be at least 1"));
         }
+        let mut redis = RedisConfig::from_lookup(l)?;
+        if l.string(mesh_runtime::redis::keys::POOL_SIZE).is_none() {
+            redis.pool_size = DEFAULT_REDIS_POOL_SIZE;
+        }
         Ok(Self {
             server: ServerConfig::from_lookup(l, DEFAULT_PORT)?,
-            redis: RedisConfig::from_lookup(l)?,
+            redis,
             rules: l.string(keys::RULES).map(PathBuf::from),
             engine,
         })
@@ -143,13 +153,16 @@ mod tests {
     fn defaults_and_overrides() {
         let c = Config::from_lookup(&map(&[])).unwrap();
         assert_eq!(c.engine.redis_timeout, Duration::from_millis(10));
+        assert_eq!(c.redis.pool_size, DEFAULT_REDIS_POOL_SIZE);
         assert!(c.rules.is_none());
         let c = Config::from_lookup(&map(&[
             (keys::REDIS_TIMEOUT_MS, "25"),
             (keys::RULES, "/etc/rules"),
             (keys::LOCAL_CACHE_SIZE, "0"),
+            ("MESH_REDIS_POOL_SIZE", "3"),
         ]))
         .unwrap();
+        assert_eq!(c.redis.pool_size, 3);
         assert_eq!(c.engine.redis_timeout, Duration::from_millis(25));
         assert_eq!(c.engine.local_cache_size, 0);
         assert_eq!(c.rules.as_deref(), Some(std::path::Path::new("/etc/rules")));
