@@ -104,6 +104,8 @@ impl App {
         let api = Api::new(engine);
         server.add_service(RateLimitServiceServer::new(api.clone()));
         server.add_service(EnvoyServer::new(api));
+        // So grpcurl can print the google.rpc.BadRequest details of INVALID_ARGUMENT.
+        server.add_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET);
         Ok(Self { server, background })
     }
 

@@ -301,3 +301,33 @@ async fn bad_input_is_invalid_argument_and_consumes_nothing() {
     assert!(hit(&mut c, "t", &[("small", "bad-input")]).await.ok());
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn keys_over_their_limit_are_refused_from_the_local_cache() {
+    let _t = mesh_testkit::init_telemetry();
+    let rules = RulesFile::new(RULES);
+    let app = spawn_app(config_with(Infra::shared(), &rules)).await;
+    let mut c = client(&app).await;
+    assert!(hit(&mut c, "t", &[("small", "hot")]).await.ok());
+    let first = hit(&mut c, "t", &[("small", "hot")]).await;
+    assert!(!first.ok());
+    assert_eq!(first.decided_by, "redis");
+    // The same key again: no Redis round trip, same answer, a full retry_after.
+    let cached = hit(&mut c, "t", &[("small", "hot")]).await;
+    assert!(!cached.ok());
+    assert_eq!(cached.decided_by, "local-cache");
+    let retry = cached.resp.statuses[0].retry_after.unwrap();
+    assert!(retry.seconds > 60, "an hourly limit's retry_after, got {retry:?}");
+    // A call that also carries the hot key is refused whole, nothing consumed elsewhere.
+    let both =
+        check(&mut c, "t", vec![desc(&[("big", "cold")], None), desc(&[("small", "hot")], None)]).await;
+    assert!(!both.ok());
+    assert_eq!(both.decided_by, "local-cache");
+    let peek = check(&mut c, "t", vec![desc(&[("big", "cold")], Some(0))]).await;
+    assert_eq!(peek.remaining(0), 10);
+    assert_eq!(
+        metric(&app, "mesh_ratelimit_over_limit_with_local_cache_total", &["rule=\"small\""]).await,
+        2.0
+    );
+    app.stop().await.unwrap();
+}
