@@ -1,26 +1,36 @@
 //! Group commit. Append calls queue their validated events; one task per
 //! instance takes whatever is queued (at most `batch_max`, waiting up to
-//! `batch_linger` for more) and writes it in one transaction:
+//! `batch_linger` for more) and writes it as one batch:
 //!
-//! 1. lock the chain head row (batches of every instance take turns here);
-//! 2. look up the batch's idempotency keys: under the lock, any earlier
-//!    append of the same key has committed and is visible;
-//! 3. give each new event the next sequence, `recorded_at` (never earlier
-//!    than the head's) and its hash, linked to the previous one;
-//! 4. insert events, keys and the new head in one statement, and COMMIT
-//!    with `synchronous_commit = off`: the commit record is in the WAL and
-//!    the head lock is released, but the WAL flush is not awaited;
-//! 5. a second task, the flusher, makes every batch committed so far
-//!    durable with one synchronous commit of its own (WAL is flushed in
-//!    order, so that flush covers all earlier commit records), NOTIFYs Tail
-//!    listeners, and only then answers the callers.
+//! - **The exact path.** In a transaction: lock the chain head row (batches
+//!   of every instance take turns here); read the head and look up the
+//!   batch's idempotency keys (under the lock, every earlier append of the
+//!   same key has committed and is visible); give each new event the next
+//!   sequence, `recorded_at` (never earlier than the head's) and its hash,
+//!   linked to the previous one; insert events, keys and the new head with
+//!   one statement; commit.
+//! - **The fast path.** The task remembers the head its last batch left. If
+//!   nothing suggests another instance has written since, it seals the batch
+//!   on that head before touching the database and sends one autocommit
+//!   statement that advances the head row only if it still is that head,
+//!   and inserts only if it did. A moved head or an existing key writes
+//!   nothing and falls back to the exact path. One round trip per batch, and
+//!   the head row is held only while that statement runs.
 //!
-//! Why two steps: PostgreSQL releases row locks only after a synchronous
-//! commit's fsync, so chaining on a locked row with synchronous commits
-//! would allow one batch per fsync. This way the serial part is a few round
-//! trips, and one fsync covers every batch committed while the previous
-//! one was flushing. While a batch is written, the next one fills, so
-//! batches grow with load on their own and a lone append waits for no timer.
+//! Both commit with `synchronous_commit = off` (the batch task has a
+//! connection of its own for that): the commit record is in the WAL and the
+//! head row is free again, but the WAL flush is not awaited. A second task,
+//! the flusher, makes every batch committed so far durable with one
+//! synchronous commit of its own (WAL is flushed in order, so that flush
+//! covers all earlier commit records), NOTIFYs Tail listeners, and only then
+//! answers the callers.
+//!
+//! Why: PostgreSQL releases row locks only after a synchronous commit's
+//! fsync, so chaining on a locked row with synchronous commits would allow
+//! one batch per fsync. This way the serial part is one round trip, and one
+//! fsync covers every batch committed while the previous one was flushing.
+//! While a batch is written, the next one fills, so batches grow with load
+//! on their own and a lone append waits for no timer.
 //!
 //! An event is visible on the primary (not on replicas, which only receive
 //! flushed WAL, nor to Tail) a moment before it is durable; if PostgreSQL
@@ -36,7 +46,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument as _;
 use uuid::Uuid;
@@ -46,7 +56,7 @@ use crate::{
     config::{AuditConfig, Clock},
     domain::AppendCommand,
     error::{Error, is_connection_error},
-    store::{self, FirstResult, NewKey},
+    store::{self, FirstResult, Head, NewKey},
 };
 
 /// What an Append is answered with.
@@ -150,6 +160,9 @@ impl Appender {
         tokio::spawn(flusher(pool.clone(), channel, flush_rx, metrics.clone()));
         let batcher = Batcher {
             pool,
+            conn: None,
+            head: None,
+            last_written: None,
             rx,
             flush: flush_tx,
             max: config.batch_max,
@@ -180,6 +193,13 @@ impl Appender {
 
 struct Batcher {
     pool: PgPool,
+    /// The batch task's own connection (asynchronous commits); made on demand.
+    conn: Option<PgConnection>,
+    /// The head the last batch of this task left, if it is worth trying the
+    /// fast path on (no sign of another writer since).
+    head: Option<Head>,
+    /// The head this task's last batch left.
+    last_written: Option<Head>,
     rx: mpsc::Receiver<Pending>,
     /// Committed batches waiting to be made durable and answered.
     flush: mpsc::UnboundedSender<Committed>,
@@ -197,6 +217,71 @@ fn month_of(t: DateTime<Utc>) -> (i32, u32) {
 
 fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(t.timestamp_micros()).expect("in range")
+}
+
+/// A batch sealed on a head: what to write and what to answer.
+struct Plan<'a> {
+    events: Vec<Event>,
+    keys: Vec<NewKey<'a>>,
+    answers: Vec<Appended>,
+    /// The head after it.
+    head: Head,
+}
+
+impl<'a> Plan<'a> {
+    /// Seals `batch` on `head`: answers known keys with their first result,
+    /// repeats within the batch with the first occurrence's, and gives the
+    /// rest consecutive sequences and linked hashes.
+    fn seal(
+        batch: &'a [Pending],
+        head: &Head,
+        now: DateTime<Utc>,
+        known: &HashMap<(String, String), FirstResult>,
+    ) -> Self {
+        // Never earlier than the head: recorded_at is non-decreasing along
+        // the chain even when instances' clocks disagree, which keeps each
+        // monthly partition a contiguous run of sequences.
+        let recorded_at = head.recorded_at.map_or(now, |h| h.max(now));
+        let mut plan = Plan {
+            events: Vec::with_capacity(batch.len()),
+            keys: Vec::new(),
+            answers: Vec::with_capacity(batch.len()),
+            head: *head,
+        };
+        let mut in_batch: HashMap<(&str, &str), usize> = HashMap::new();
+        for p in batch {
+            let service = p.command.event.source_service.as_str();
+            if let Some(key) = p.command.idempotency_key.as_deref() {
+                if let Some(first) = known.get(&(service.to_owned(), key.to_owned())) {
+                    plan.answers.push((*first).into());
+                    continue;
+                }
+                if let Some(&i) = in_batch.get(&(service, key)) {
+                    let first = plan.answers[i];
+                    plan.answers.push(Appended { deduplicated: true, ..first });
+                    continue;
+                }
+                in_batch.insert((service, key), plan.answers.len());
+            }
+            let sequence = plan.head.next_sequence;
+            let mut event = p.command.event.clone().into_event(Uuid::now_v7(), sequence, recorded_at);
+            event.seal(plan.head.hash);
+            if let Some(key) = p.command.idempotency_key.as_deref() {
+                plan.keys.push(NewKey {
+                    source_service: service,
+                    key,
+                    id: event.id,
+                    sequence,
+                    hash: event.hash,
+                });
+            }
+            plan.answers.push(Appended { id: event.id, sequence, hash: event.hash, deduplicated: false });
+            plan.head =
+                Head { next_sequence: sequence + 1, hash: event.hash, recorded_at: Some(recorded_at) };
+            plan.events.push(event);
+        }
+        plan
+    }
 }
 
 impl Batcher {
@@ -236,11 +321,13 @@ impl Batcher {
         }
     }
 
-    /// Commits `batch` and answers every caller in it.
+    /// Commits `batch` and hands it to the flusher (or answers its callers
+    /// with the error).
     async fn write(&mut self, batch: &mut Vec<Pending>) {
         let span = tracing::info_span!(
             "audit.batch",
             batch.size = batch.len(),
+            batch.path = tracing::field::Empty,
             otel.status_code = tracing::field::Empty
         );
         for p in batch.iter() {
@@ -296,70 +383,90 @@ impl Batcher {
         }
     }
 
-    async fn commit(&self, batch: &[Pending]) -> Result<Vec<Appended>, BatchError> {
-        // Durability comes from the flusher's synchronous commit, not this one.
-        let mut tx = store::begin_batch(&self.pool).await.map_err(BatchError::Begin)?;
+    /// Writes `batch` by the fast path if it may work, else (or if it did
+    /// not) by the exact path. Keeps the connection unless it failed.
+    async fn commit(&mut self, batch: &[Pending]) -> Result<Vec<Appended>, BatchError> {
+        let mut conn = match self.conn.take() {
+            Some(c) => c,
+            None => store::batch_connection(&self.pool).await.map_err(BatchError::Begin)?,
+        };
+        let result = self.commit_on(&mut conn, batch).await;
+        let broken = match &result {
+            Err(
+                BatchError::Begin(e)
+                | BatchError::Statement(e)
+                | BatchError::Unknown(e)
+                | BatchError::Commit(e),
+            ) => is_connection_error(e),
+            _ => false,
+        };
+        if broken {
+            self.head = None;
+        } else {
+            self.conn = Some(conn);
+        }
+        result
+    }
+
+    async fn commit_on(
+        &mut self,
+        conn: &mut PgConnection,
+        batch: &[Pending],
+    ) -> Result<Vec<Appended>, BatchError> {
+        let now = micros(self.clock.now());
+        if let Some(head) = self.head.take() {
+            let plan = Plan::seal(batch, &head, now, &HashMap::new());
+            tracing::Span::current().record("batch.path", "fast");
+            match store::insert_batch(conn, &plan.events, &plan.keys, &head).await {
+                Ok(true) => {
+                    self.head = Some(plan.head);
+                    self.last_written = Some(plan.head);
+                    return Ok(plan.answers);
+                }
+                // another instance wrote since: the exact path, and stay on it
+                Ok(false) => tracing::debug!("chain head moved by another writer, taking the exact path"),
+                // a key seen before: find its first result under the lock
+                Err(e) if store::is_unique_violation(&e) => {
+                    tracing::debug!("an idempotency key exists already, taking the exact path");
+                }
+                Err(e) if store::is_missing_partition(&e) => return Err(BatchError::MissingPartition(now)),
+                // a single autocommit statement: if the connection broke, it may have committed
+                Err(e) if is_connection_error(&e) => return Err(BatchError::Unknown(e)),
+                Err(e) => return Err(BatchError::Statement(e)),
+            }
+        }
+
+        tracing::Span::current().record("batch.path", "exact");
+        let mut tx = store::begin_locked(conn).await.map_err(BatchError::Begin)?;
         let keys: Vec<(&str, &str)> = batch
             .iter()
             .filter_map(|p| {
-                let key = p.command.idempotency_key.as_deref()?;
-                Some((p.command.event.source_service.as_str(), key))
+                Some((p.command.event.source_service.as_str(), p.command.idempotency_key.as_deref()?))
             })
             .collect();
         let (head, known) = store::head_and_keys(&mut tx, &keys).await.map_err(BatchError::Statement)?;
-
-        // Never earlier than the head: recorded_at is non-decreasing along
-        // the chain even when instances' clocks disagree, which keeps each
-        // monthly partition a contiguous run of sequences.
-        let now = micros(self.clock.now());
-        let recorded_at = head.recorded_at.map_or(now, |h| h.max(now));
-
-        let mut answers: Vec<Appended> = Vec::with_capacity(batch.len());
-        let mut events: Vec<Event> = Vec::with_capacity(batch.len());
-        let mut new_keys: Vec<NewKey<'_>> = Vec::new();
-        let mut in_batch: HashMap<(&str, &str), usize> = HashMap::new();
-        let (mut next, mut prev) = (head.next_sequence, head.hash);
-        for p in batch {
-            let service = p.command.event.source_service.as_str();
-            if let Some(key) = p.command.idempotency_key.as_deref() {
-                if let Some(first) = known.get(&(service.to_owned(), key.to_owned())) {
-                    answers.push((*first).into());
-                    continue;
+        let plan = Plan::seal(batch, &head, now, &known);
+        if !plan.events.is_empty() {
+            match store::insert_batch(&mut tx, &plan.events, &plan.keys, &head).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(BatchError::Statement(sqlx::Error::Protocol(
+                        "chain head moved under its lock".into(),
+                    )));
                 }
-                if let Some(&i) = in_batch.get(&(service, key)) {
-                    answers.push(Appended { deduplicated: true, ..answers[i] });
-                    continue;
-                }
-                in_batch.insert((service, key), answers.len());
+                Err(e) if store::is_missing_partition(&e) => return Err(BatchError::MissingPartition(now)),
+                Err(e) => return Err(BatchError::Statement(e)),
             }
-            let mut event = p.command.event.clone().into_event(Uuid::now_v7(), next, recorded_at);
-            event.seal(prev);
-            if let Some(key) = p.command.idempotency_key.as_deref() {
-                new_keys.push(NewKey {
-                    source_service: service,
-                    key,
-                    id: event.id,
-                    sequence: next,
-                    hash: event.hash,
-                });
-            }
-            answers.push(Appended { id: event.id, sequence: next, hash: event.hash, deduplicated: false });
-            prev = event.hash;
-            next += 1;
-            events.push(event);
-        }
-
-        if !events.is_empty()
-            && let Err(e) = store::insert_batch(&mut tx, &events, &new_keys).await
-        {
-            return Err(if store::is_missing_partition(&e) {
-                BatchError::MissingPartition(recorded_at)
-            } else {
-                BatchError::Statement(e)
-            });
         }
         tx.commit().await.map_err(BatchError::Commit)?;
-        Ok(answers)
+        // Try the fast path next time only if nobody else wrote since our
+        // last batch: with several writers it would mostly miss.
+        let alone = self.last_written == Some(head);
+        self.last_written = Some(plan.head);
+        if alone {
+            self.head = Some(plan.head);
+        }
+        Ok(plan.answers)
     }
 }
 
@@ -427,6 +534,9 @@ enum BatchError {
     Begin(sqlx::Error),
     /// A statement failed: the transaction rolls back, nothing committed.
     Statement(sqlx::Error),
+    /// The connection broke during the fast path's autocommit statement:
+    /// the outcome is unknown.
+    Unknown(sqlx::Error),
     /// No partition for this recorded_at.
     MissingPartition(DateTime<Utc>),
     /// COMMIT failed: if the connection broke, the outcome is unknown.
@@ -447,6 +557,7 @@ impl BatchError {
                 Error::Internal("append batch refused by the database".into())
             }
             Self::MissingPartition(at) => Error::Unavailable(format!("no partition for recorded_at {at}")),
+            Self::Unknown(e) => Error::CommitUnknown(e.to_string()),
             Self::Commit(e) if is_connection_error(&e) => Error::CommitUnknown(e.to_string()),
             Self::Commit(e) => Error::Unavailable(format!("commit failed: {e}")),
         }

@@ -11,7 +11,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use mesh_db::span;
 use serde_json::Value;
-use sqlx::{PgConnection, PgPool, Postgres, postgres::PgArguments, query::QueryAs};
+use sqlx::{Connection as _, PgConnection, PgPool, Postgres, postgres::PgArguments, query::QueryAs};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
@@ -119,20 +119,27 @@ fn head_from(row: HeadRow) -> Result<Head, sqlx::Error> {
 
 const READ_HEAD: &str = "select next_sequence, head_hash, recorded_at from audit_chain_head where chain = 1";
 
-/// Opens a batch transaction holding the chain head lock, in one round
-/// trip: batches of every instance take turns here until COMMIT, which
-/// makes the sequence gapless. The commit is asynchronous (see `appender`).
+/// A connection of its own for the batch task: its commits are
+/// asynchronous (`synchronous_commit = off`, see `appender`: durability comes
+/// from the flusher), so it must never serve anything else.
+pub(crate) async fn batch_connection(pool: &PgPool) -> Result<PgConnection, sqlx::Error> {
+    let options = (*pool.connect_options()).clone().options([("synchronous_commit", "off")]);
+    PgConnection::connect_with(&options).await
+}
+
+/// Opens a transaction holding the chain head lock, in one round trip: the
+/// exact path, taken when the head may have moved since this instance last
+/// wrote (another instance appended) or a key may already exist.
 ///
-/// Statements in it are planned for their arguments every time: a generic
-/// plan cached while the idempotency table was small would go on scanning
-/// it whole once it is large (until autoanalyze replans), and this is the
-/// one part of the service that every instance waits on. Planning them
-/// costs about a tenth of a millisecond.
-pub(crate) async fn begin_batch(pool: &PgPool) -> Result<sqlx::Transaction<'static, Postgres>, sqlx::Error> {
-    const BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = off; \
-                         SET LOCAL plan_cache_mode = force_custom_plan; \
+/// Its statements are planned for their arguments: a generic plan cached
+/// while the idempotency table was small would go on scanning it whole once
+/// it is large (until autoanalyze replans).
+pub(crate) async fn begin_locked(
+    conn: &mut PgConnection,
+) -> Result<sqlx::Transaction<'_, Postgres>, sqlx::Error> {
+    const BEGIN: &str = "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan; \
                          SELECT 1 FROM audit_chain_head WHERE chain = 1 FOR UPDATE";
-    pool.begin_with(BEGIN).instrument(span("SELECT", "audit_chain_head", BEGIN)).await
+    conn.begin_with(BEGIN).instrument(span("SELECT", "audit_chain_head", BEGIN)).await
 }
 
 /// Reads the chain head without locking it.
@@ -205,7 +212,11 @@ pub(crate) async fn head_and_keys(
     Ok((head, known))
 }
 
-const INSERT_BATCH: &str = "with events as ( \
+const INSERT_BATCH: &str = "with head as ( \
+       update audit_chain_head set next_sequence = $24, head_hash = $25, recorded_at = $4 \
+       where chain = 1 and next_sequence = $26 and head_hash = $27 \
+       returning 1 \
+     ), events as ( \
        insert into audit_events (sequence, id, occurred_at, recorded_at, actor_type, actor_id, action, \
          resource_type, resource_id, outcome, source_ip, source_user_agent, source_service, request_id, \
          trace_id, metadata, prev_hash, hash) \
@@ -217,11 +228,13 @@ const INSERT_BATCH: &str = "with events as ( \
          $15::text[], $16::text[], $17::bytea[], $18::bytea[]) \
          as e(sequence, id, occurred_at, actor_type, actor_id, action, resource_type, resource_id, outcome, \
          source_ip, source_user_agent, source_service, request_id, trace_id, metadata, prev_hash, hash) \
+       where exists (select 1 from head) \
      ), keys as ( \
        insert into audit_idempotency (source_service, idempotency_key, sequence, id, hash) \
        select * from unnest($19::text[], $20::text[], $21::bigint[], $22::uuid[], $23::bytea[]) \
+       where exists (select 1 from head) \
      ) \
-     update audit_chain_head set next_sequence = $24, head_hash = $25, recorded_at = $4 where chain = 1";
+     select count(*) from head";
 
 /// An idempotency key to record with the batch.
 #[derive(Debug)]
@@ -233,16 +246,24 @@ pub(crate) struct NewKey<'a> {
     pub(crate) hash: Hash,
 }
 
-/// Writes a sealed batch (consecutive sequences, one recorded_at), its
-/// idempotency keys and the new head in one statement.
+/// Writes a sealed batch (consecutive sequences, one recorded_at, chained
+/// on `after`), its idempotency keys and the new head in one statement, if
+/// and only if the chain head is still `after`; returns whether it was.
+///
+/// The head row's UPDATE comes first: it waits for any batch holding the
+/// row, then re-checks the condition against the row as that batch left it,
+/// and the inserts only happen if it matched. A key that already exists
+/// fails the whole statement with a unique violation. Either way nothing is
+/// written, and the caller takes the exact path under the lock.
 pub(crate) async fn insert_batch(
     conn: &mut PgConnection,
     events: &[Event],
     keys: &[NewKey<'_>],
-) -> Result<(), sqlx::Error> {
+    after: &Head,
+) -> Result<bool, sqlx::Error> {
     let last = events.last().expect("a batch has events");
     let col = |f: fn(&Event) -> String| events.iter().map(f).collect::<Vec<String>>();
-    sqlx::query(INSERT_BATCH)
+    let matched: i64 = sqlx::query_scalar(INSERT_BATCH)
         .bind(events.iter().map(|e| e.sequence as i64).collect::<Vec<_>>())
         .bind(events.iter().map(|e| e.id).collect::<Vec<_>>())
         .bind(events.iter().map(|e| e.occurred_at).collect::<Vec<_>>())
@@ -268,10 +289,18 @@ pub(crate) async fn insert_batch(
         .bind(keys.iter().map(|k| k.hash.to_vec()).collect::<Vec<_>>())
         .bind(last.sequence as i64 + 1)
         .bind(last.hash.to_vec())
-        .execute(conn)
+        .bind(after.next_sequence as i64)
+        .bind(after.hash.to_vec())
+        .fetch_one(conn)
         .instrument(span("INSERT", "audit_events", INSERT_BATCH))
         .await?;
-    Ok(())
+    Ok(matched == 1)
+}
+
+/// Whether a statement failed on a unique constraint (an idempotency key
+/// that already exists).
+pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error().is_some_and(|d| d.code().as_deref() == Some("23505"))
 }
 
 const FLUSH: &str = "select pg_logical_emit_message(true, 'mesh-audit', $1), pg_notify($2, $1)";

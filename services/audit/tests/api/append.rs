@@ -254,3 +254,30 @@ async fn three_instances_append_10000_events_into_one_gapless_chain() {
         app.stop().await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_retry_reaching_a_warmed_up_instance_still_gets_the_first_result() {
+    let _t = mesh_testkit::init_telemetry();
+    let mut f = Fixture::new().await;
+    // a lone instance soon writes each batch in one statement on the head it remembers
+    let mut acks = Vec::new();
+    for i in 0..6 {
+        acks.push(append(&mut f.client, event("carol", "doc.put"), &format!("put-{i}")).await.unwrap());
+    }
+    // a retry of an early key: that statement hits the existing key
+    let again = append(&mut f.client, event("carol", "doc.put"), "put-1").await.unwrap();
+    assert_eq!(again, acks[1]);
+    // and a new key after it continues the chain right after the last event
+    let next = append(&mut f.client, event("carol", "doc.put"), "put-6").await.unwrap();
+    assert_eq!(next.sequence, acks[5].sequence + 1);
+
+    let text = scrape_metrics(f.app.metrics_addr).await.unwrap();
+    assert_eq!(metric_value(&text, "mesh_audit_appends_total", &["result=\"deduplicated\""]), Some(1.0));
+    assert_eq!(metric_value(&text, "mesh_audit_appends_total", &["result=\"committed\""]), Some(7.0));
+    let mut owner = f.owner().await;
+    let rows: i64 =
+        sqlx::query_scalar("select count(*) from audit_events").fetch_one(&mut owner).await.unwrap();
+    assert_eq!(rows, 7);
+    let v = f.client.verify(VerifyRequest::default()).await.unwrap().into_inner();
+    assert!(v.ok && v.checked == 7, "{v:?}");
+}
