@@ -80,6 +80,7 @@ impl App {
             handle.clone(),
             store,
             e.local_cache_size,
+            e.local_cache_recheck,
             e.fallback_size,
             metrics.clone(),
             config.redis.key_prefix.clone(),

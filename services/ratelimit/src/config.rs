@@ -31,6 +31,9 @@ pub mod keys {
     pub const BREAKER_OPEN_MS: &str = "MESH_RATELIMIT_BREAKER_OPEN_MS";
     /// Entries of the local cache of keys already over their limit (0 disables it).
     pub const LOCAL_CACHE_SIZE: &str = "MESH_RATELIMIT_LOCAL_CACHE_SIZE";
+    /// Longest a key in the over-limit cache is refused without asking Redis
+    /// (ms): bounds how long another instance's Reset goes unnoticed.
+    pub const LOCAL_CACHE_RECHECK_MS: &str = "MESH_RATELIMIT_LOCAL_CACHE_RECHECK_MS";
     /// Keys the in-memory fallback limiter tracks at most.
     pub const FALLBACK_SIZE: &str = "MESH_RATELIMIT_FALLBACK_SIZE";
 }
@@ -56,6 +59,8 @@ pub struct EngineConfig {
     pub breaker_open: Duration,
     /// Size of the over-limit cache (0: off).
     pub local_cache_size: usize,
+    /// How long a cached over-limit key is refused before Redis is asked again.
+    pub local_cache_recheck: Duration,
     /// Keys tracked by the fallback limiter.
     pub fallback_size: usize,
     /// Rules poll period.
@@ -71,6 +76,7 @@ impl Default for EngineConfig {
             breaker_window: Duration::from_secs(2),
             breaker_open: Duration::from_millis(1000),
             local_cache_size: 100_000,
+            local_cache_recheck: Duration::from_secs(1),
             fallback_size: 100_000,
             rules_poll: Duration::from_millis(1000),
         }
@@ -106,6 +112,7 @@ impl Config {
             breaker_window: l.millis_or(keys::BREAKER_WINDOW_MS, d.breaker_window)?,
             breaker_open: l.millis_or(keys::BREAKER_OPEN_MS, d.breaker_open)?,
             local_cache_size: l.parse_or(keys::LOCAL_CACHE_SIZE, d.local_cache_size)?,
+            local_cache_recheck: l.millis_or(keys::LOCAL_CACHE_RECHECK_MS, d.local_cache_recheck)?,
             fallback_size: l.parse_or(keys::FALLBACK_SIZE, d.fallback_size)?,
             rules_poll: l.millis_or(keys::RULES_POLL_MS, d.rules_poll)?,
         };

@@ -127,6 +127,7 @@ impl Engine {
         rules: RulesHandle,
         store: Store,
         cache_size: usize,
+        cache_recheck: Duration,
         fallback_size: usize,
         metrics: Arc<Metrics>,
         prefix: String,
@@ -134,7 +135,7 @@ impl Engine {
         Self {
             rules,
             store,
-            cache: OverLimitCache::new(cache_size),
+            cache: OverLimitCache::new(cache_size, cache_recheck),
             local: LocalLimiter::new(fallback_size),
             metrics,
             prefix,

@@ -14,16 +14,13 @@ use crate::algo::{self, Outcome, Params, State};
 
 const SHARDS: usize = 16;
 
-/// Longest a cached over-limit key is refused without asking Redis.
-pub(crate) const RECHECK: Duration = Duration::from_secs(1);
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Keys Redis said are over their limit, until a single hit fits again. A
 /// call with such a key is refused without a Redis round trip, so a hot
-/// abusive key costs Redis at most one call per [`RECHECK`] per instance.
+/// abusive key costs Redis at most one call per recheck period per instance.
 /// Per instance; bounded; cleared by Reset (on this instance) and by a rules
 /// reload. The recheck bounds how long another instance's Reset goes
 /// unnoticed here.
@@ -33,14 +30,16 @@ pub(crate) struct OverLimitCache {
     shards: Vec<Mutex<HashMap<String, (Instant, Instant)>>>,
     hasher: RandomState,
     per_shard: usize,
+    recheck: Duration,
 }
 
 impl OverLimitCache {
-    pub(crate) fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize, recheck: Duration) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             per_shard: capacity.div_ceil(SHARDS),
+            recheck,
         }
     }
 
@@ -77,7 +76,7 @@ impl OverLimitCache {
                 return;
             }
         }
-        shard.insert(key.to_owned(), (now + for_, now + for_.min(RECHECK)));
+        shard.insert(key.to_owned(), (now + for_, now + for_.min(self.recheck)));
     }
 
     pub(crate) fn remove(&self, key: &str) {
@@ -169,7 +168,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn cache_entries_expire() {
-        let c = OverLimitCache::new(10);
+        const RECHECK: Duration = Duration::from_secs(1);
+        let c = OverLimitCache::new(10, RECHECK);
         c.insert("k", Duration::from_millis(500));
         assert_eq!(c.get("k"), Some(Duration::from_millis(500)));
         tokio::time::advance(Duration::from_millis(501)).await;
@@ -182,7 +182,7 @@ mod tests {
         c.insert("k", Duration::from_secs(2));
         c.remove("k");
         assert!(c.get("k").is_none());
-        let off = OverLimitCache::new(0);
+        let off = OverLimitCache::new(0, RECHECK);
         off.insert("k", Duration::from_secs(2));
         assert!(off.get("k").is_none());
     }

@@ -86,3 +86,34 @@ async fn should_rate_limit_gives_the_same_answers_as_check() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_descriptor_limit_override_applies_as_in_envoy() {
+    use mesh_proto::envoy::r#type::v3::RateLimitUnit;
+    let _t = mesh_testkit::init_telemetry();
+    let rules = RulesFile::new(RULES);
+    let app = spawn_app(config_with(Infra::shared(), &rules)).await;
+    let mut envoy = RateLimitServiceClient::new(mesh_testkit::channel(app.addr).await);
+    let req = || {
+        let mut r = envoy_req("edge", &[("tenant", "acme")], None);
+        r.descriptors[0].limit = Some(rate_limit_descriptor::RateLimitOverride {
+            requests_per_unit: 2,
+            unit: RateLimitUnit::Hour.into(),
+        });
+        r
+    };
+    let codes: Vec<rate_limit_response::Code> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(envoy.should_rate_limit(req()).await.unwrap().into_inner().overall_code());
+        }
+        v
+    };
+    use rate_limit_response::Code as C;
+    assert_eq!(codes, [C::Ok, C::Ok, C::OverLimit]);
+    // Unknown domains ignore overrides, as Envoy's ratelimit does.
+    let mut r = req();
+    r.domain = "unknown".into();
+    assert_eq!(envoy.should_rate_limit(r).await.unwrap().into_inner().overall_code(), C::Ok);
+    app.stop().await.unwrap();
+}

@@ -26,6 +26,8 @@ pub(crate) fn config(infra: &Infra) -> Config {
         engine: EngineConfig {
             redis_timeout: Duration::from_secs(2),
             rules_poll: Duration::from_millis(50),
+            // Long enough that a stalled CI machine never sees a cached key expire mid-test.
+            local_cache_recheck: Duration::from_secs(60),
             ..EngineConfig::default()
         },
     }
