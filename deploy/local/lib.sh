@@ -220,11 +220,23 @@ redis_wait_ok() {
     for p in "${ports[@]}"; do
       redis-cli -p "$p" cluster info 2>/dev/null | grep -q 'cluster_state:ok' || { ok=0; break; }
     done
-    # Every node must also agree that all slots are covered by a master.
-    if [ $ok = 1 ] && redis-cli --cluster check "127.0.0.1:${ports[0]}" >/dev/null 2>&1; then return; fi
+    # Every node must also agree that all slots are covered by a master, and
+    # every master must have an in-sync replica: until then a failover (or a
+    # test that kills a master) would lose the master's data for good.
+    if [ $ok = 1 ] && redis-cli --cluster check "127.0.0.1:${ports[0]}" >/dev/null 2>&1 && redis_replicas_online; then return; fi
     sleep 0.1
   done
   die "redis cluster did not reach cluster_state:ok"
+}
+
+redis_replicas_online() {
+  local p info
+  for p in $MESH_REDIS_PORTS; do
+    info=$(redis-cli -p "$p" info replication 2>/dev/null) || return 1
+    if grep -q '^role:master' <<<"$info"; then
+      grep -q '^slave0:.*state=online' <<<"$info" || return 1
+    fi
+  done
 }
 
 redis_stop() {
