@@ -77,8 +77,7 @@ impl App {
         }
         let channel = channel_name(config.db.schema.as_deref().unwrap_or("public"));
         let stop = CancellationToken::new();
-        let appender =
-            Appender::start(db.primary().clone(), &config.audit, channel.clone(), server.registry());
+        let appender = Appender::start(db.primary(), &config.audit, channel.clone(), server.registry());
         let hub = Hub::start(
             db.primary().clone(),
             channel,

@@ -46,7 +46,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Connection as _, PgConnection, PgPool, postgres::PgConnectOptions};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument as _;
 use uuid::Uuid;
@@ -147,9 +147,14 @@ impl std::fmt::Debug for Pending {
 }
 
 impl Appender {
-    /// Starts the batch task writing through `pool`, notifying `channel`.
+    /// Starts the batch and flush tasks, writing through connections of
+    /// their own made like `pool`'s and notifying `channel`.
+    ///
+    /// They run on a thread of their own with its own runtime: every batch
+    /// of every caller goes through them in turn, so their round trips must
+    /// not wait in the queue of tasks serving gRPC calls.
     pub(crate) fn start(
-        pool: PgPool,
+        pool: &PgPool,
         config: &AuditConfig,
         channel: String,
         registry: &mut Registry,
@@ -157,9 +162,9 @@ impl Appender {
         let (tx, rx) = mpsc::channel(config.queue_capacity);
         let metrics = Arc::new(Metrics::register(registry));
         let (flush_tx, flush_rx) = mpsc::unbounded_channel();
-        tokio::spawn(flusher(pool.clone(), channel, flush_rx, metrics.clone()));
+        let options = (*pool.connect_options()).clone();
         let batcher = Batcher {
-            pool,
+            options: options.clone(),
             conn: None,
             head: None,
             last_written: None,
@@ -171,7 +176,17 @@ impl Appender {
             metrics: metrics.clone(),
             partitions: Vec::new(),
         };
-        tokio::spawn(batcher.run());
+        let flusher = flusher(options, channel, flush_rx, metrics.clone());
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+        let spawned = runtime.and_then(|rt| {
+            std::thread::Builder::new().name("audit-writer".into()).spawn(move || {
+                rt.block_on(async move { futures::join!(batcher.run(), flusher) });
+            })
+        });
+        if let Err(e) = spawned {
+            // Only if the OS refuses a thread; appends then fail with UNAVAILABLE.
+            tracing::error!(error = %e, "cannot start the audit writer thread");
+        }
         Self { tx, metrics }
     }
 
@@ -192,7 +207,8 @@ impl Appender {
 }
 
 struct Batcher {
-    pool: PgPool,
+    /// How to connect (the service's pool settings).
+    options: PgConnectOptions,
     /// The batch task's own connection (asynchronous commits); made on demand.
     conn: Option<PgConnection>,
     /// The head the last batch of this task left, if it is worth trying the
@@ -373,14 +389,34 @@ impl Batcher {
         }
         let next = at.checked_add_months(chrono::Months::new(1)).unwrap_or(at);
         for t in [at, next] {
-            match store::ensure_partition(&self.pool, t).await {
+            let conn = match self.connection().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot prepare partition");
+                    return;
+                }
+            };
+            match store::ensure_partition(conn, t).await {
                 Ok(name) => {
                     tracing::debug!(partition = %name, "partition ready");
                     self.partitions.push(month_of(t));
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot prepare partition"),
+                Err(e) => {
+                    if is_connection_error(&e) {
+                        self.conn = None;
+                    }
+                    tracing::warn!(error = %e, "cannot prepare partition");
+                }
             }
         }
+    }
+
+    /// The batch task's connection, made if needed.
+    async fn connection(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
+        if self.conn.is_none() {
+            self.conn = Some(store::batch_connection(&self.options).await?);
+        }
+        Ok(self.conn.as_mut().expect("just made"))
     }
 
     /// Writes `batch` by the fast path if it may work, else (or if it did
@@ -388,7 +424,7 @@ impl Batcher {
     async fn commit(&mut self, batch: &[Pending]) -> Result<Vec<Appended>, BatchError> {
         let mut conn = match self.conn.take() {
             Some(c) => c,
-            None => store::batch_connection(&self.pool).await.map_err(BatchError::Begin)?,
+            None => store::batch_connection(&self.options).await.map_err(BatchError::Begin)?,
         };
         let result = self.commit_on(&mut conn, batch).await;
         let broken = match &result {
@@ -483,11 +519,12 @@ struct Committed {
 /// synchronous commit (and so one WAL flush) for everything committed
 /// since the previous one. Ends when the batcher is gone and all is answered.
 async fn flusher(
-    pool: PgPool,
+    options: PgConnectOptions,
     channel: String,
     mut rx: mpsc::UnboundedReceiver<Committed>,
     metrics: Arc<Metrics>,
 ) {
+    let mut conn: Option<PgConnection> = None;
     let mut done = Vec::new();
     while let Some(first) = rx.recv().await {
         done.push(first);
@@ -500,7 +537,18 @@ async fn flusher(
             span.follows_from(&c.span);
         }
         let started = Instant::now();
-        let flushed = store::flush(&pool, &channel, last).instrument(span.clone()).await;
+        let flushed = async {
+            if conn.is_none() {
+                conn = Some(PgConnection::connect_with(&options).await?);
+            }
+            let result = store::flush(conn.as_mut().expect("connected"), &channel, last).await;
+            if result.as_ref().is_err_and(is_connection_error) {
+                conn = None;
+            }
+            result
+        }
+        .instrument(span.clone())
+        .await;
         metrics.flush_seconds.observe(started.elapsed().as_secs_f64());
         match flushed {
             Ok(()) => {

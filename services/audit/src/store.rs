@@ -11,7 +11,11 @@ use std::{
 use chrono::{DateTime, Utc};
 use mesh_db::span;
 use serde_json::Value;
-use sqlx::{Connection as _, PgConnection, PgPool, Postgres, postgres::PgArguments, query::QueryAs};
+use sqlx::{
+    Connection as _, PgConnection, PgPool, Postgres,
+    postgres::{PgArguments, PgConnectOptions},
+    query::QueryAs,
+};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
@@ -122,8 +126,8 @@ const READ_HEAD: &str = "select next_sequence, head_hash, recorded_at from audit
 /// A connection of its own for the batch task: its commits are
 /// asynchronous (`synchronous_commit = off`, see `appender`: durability comes
 /// from the flusher), so it must never serve anything else.
-pub(crate) async fn batch_connection(pool: &PgPool) -> Result<PgConnection, sqlx::Error> {
-    let options = (*pool.connect_options()).clone().options([("synchronous_commit", "off")]);
+pub(crate) async fn batch_connection(options: &PgConnectOptions) -> Result<PgConnection, sqlx::Error> {
+    let options = options.clone().options([("synchronous_commit", "off")]);
     PgConnection::connect_with(&options).await
 }
 
@@ -315,12 +319,16 @@ const FLUSH: &str = "select pg_logical_emit_message(true, 'mesh-audit', $1), pg_
 /// only once that commit is done: listeners never hear of an event before
 /// it is durable. (On a server without `wal_level = logical` the message is
 /// inert WAL that replicas and decoders skip.)
-pub(crate) async fn flush(pool: &PgPool, channel: &str, last: Option<u64>) -> Result<(), sqlx::Error> {
+pub(crate) async fn flush(
+    conn: &mut PgConnection,
+    channel: &str,
+    last: Option<u64>,
+) -> Result<(), sqlx::Error> {
     let last = last.map_or_else(String::new, |s| s.to_string());
     sqlx::query(FLUSH)
         .bind(&last)
         .bind(channel)
-        .execute(pool)
+        .execute(conn)
         .instrument(span("SELECT", "pg_logical_emit_message", FLUSH))
         .await?;
     Ok(())
@@ -337,6 +345,7 @@ pub(crate) async fn durable_head(pool: &PgPool) -> Result<Head, sqlx::Error> {
 const FLUSH_ONLY: &str = "select pg_logical_emit_message(true, 'mesh-audit', '')";
 
 async fn flush_only(pool: &PgPool) -> Result<(), sqlx::Error> {
+    // (the pool's connections commit synchronously)
     sqlx::query(FLUSH_ONLY)
         .execute(pool)
         .instrument(span("SELECT", "pg_logical_emit_message", FLUSH_ONLY))
@@ -353,10 +362,13 @@ pub(crate) fn is_missing_partition(e: &sqlx::Error) -> bool {
 const ENSURE_PARTITION: &str = "select audit_ensure_partition($1)";
 
 /// Creates the monthly partition holding `at` unless it exists.
-pub(crate) async fn ensure_partition(pool: &PgPool, at: DateTime<Utc>) -> Result<String, sqlx::Error> {
+pub(crate) async fn ensure_partition(
+    conn: &mut PgConnection,
+    at: DateTime<Utc>,
+) -> Result<String, sqlx::Error> {
     sqlx::query_scalar(ENSURE_PARTITION)
         .bind(at)
-        .fetch_one(pool)
+        .fetch_one(conn)
         .instrument(span("SELECT", "audit_partitions", ENSURE_PARTITION))
         .await
 }
