@@ -22,10 +22,21 @@ struct Writer<'a>(&'a mut HeaderMap);
 
 impl Injector for Writer<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(k), Ok(v)) =
-            (http::HeaderName::from_bytes(key.as_bytes()), http::HeaderValue::from_str(&value))
-        {
-            self.0.insert(k, v);
+        // An empty `tracestate` carries nothing (W3C: it may be omitted).
+        if value.is_empty() {
+            return;
+        }
+        // The W3C names are known: skip parsing them on every call.
+        let name = match key {
+            "traceparent" => http::HeaderName::from_static("traceparent"),
+            "tracestate" => http::HeaderName::from_static("tracestate"),
+            other => match http::HeaderName::from_bytes(other.as_bytes()) {
+                Ok(n) => n,
+                Err(_) => return,
+            },
+        };
+        if let Ok(v) = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
+            self.0.insert(name, v);
         }
     }
 }

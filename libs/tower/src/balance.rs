@@ -163,8 +163,9 @@ pub struct EndpointStatus {
     pub rtt: Duration,
 }
 
-/// An endpoint chosen for a call, with its breaker's permit.
-type Picked<S> = (Arc<Endpoint<S>>, Permit);
+/// An endpoint chosen for a call, with its breaker's permit, and whether
+/// there were others (whose loads its own is compared with).
+type Picked<S> = (Arc<Endpoint<S>>, Permit, bool);
 
 type MakeEndpoint<S> = dyn Fn(&EndpointAddr) -> CircuitBreaker<S> + Send + Sync;
 
@@ -311,30 +312,23 @@ impl<S> Balance<S> {
             return Err(Error::NoEndpoints { upstream: shared.upstream.clone(), reason });
         }
         let mut rng = rand::rng();
-        // Endpoints an earlier attempt of this call went to come last.
-        let mut fresh: Vec<usize> = (0..n).collect();
-        if let Some(a) = attempts {
-            fresh.retain(|&i| !a.contains(&eps[i].label));
+        let mut order: [Option<usize>; 2] = [None, None];
+        let tried = attempts.filter(|a| !a.is_empty());
+        if n == 1 {
+            order[0] = Some(0);
+        } else if let Some(a) = tried {
+            // Endpoints an earlier attempt of this call went to come last.
+            let mut fresh: Vec<usize> = (0..n).filter(|&i| !a.contains(&eps[i].label)).collect();
             if fresh.is_empty() {
                 fresh = (0..n).collect();
             }
-        }
-        let mut order: [Option<usize>; 2] = [None, None];
-        if fresh.len() == 1 {
-            order[0] = Some(fresh[0]);
+            order = p2c(&eps, &fresh, &mut rng);
         } else {
-            let i = rng.random_range(0..fresh.len());
-            let mut j = rng.random_range(0..fresh.len() - 1);
-            if j >= i {
-                j += 1;
-            }
-            let (a, b) = (fresh[i], fresh[j]);
-            order =
-                if eps[b].load.cost() < eps[a].load.cost() { [Some(b), Some(a)] } else { [Some(a), Some(b)] };
+            order = p2c(&eps, &[], &mut rng);
         }
         for i in order.into_iter().flatten() {
             if let Some(permit) = eps[i].svc.breaker().try_acquire() {
-                return Ok(Some((eps[i].clone(), permit)));
+                return Ok(Some((eps[i].clone(), permit, n > 1)));
             }
         }
         // Both refused: anyone else, from a random start.
@@ -345,7 +339,7 @@ impl<S> Balance<S> {
                 continue;
             }
             if let Some(permit) = eps[i].svc.breaker().try_acquire() {
-                return Ok(Some((eps[i].clone(), permit)));
+                return Ok(Some((eps[i].clone(), permit, n > 1)));
             }
         }
         shared
@@ -355,6 +349,23 @@ impl<S> Balance<S> {
             .inc();
         Err(Error::AllOpen { upstream: shared.upstream.clone(), endpoints: n })
     }
+}
+
+/// Two distinct random candidates (from `among`, or from every endpoint when
+/// it is empty), the cheaper first.
+fn p2c<S>(eps: &[Arc<Endpoint<S>>], among: &[usize], rng: &mut impl Rng) -> [Option<usize>; 2] {
+    let len = if among.is_empty() { eps.len() } else { among.len() };
+    let at = |k: usize| if among.is_empty() { k } else { among[k] };
+    if len == 1 {
+        return [Some(at(0)), None];
+    }
+    let i = rng.random_range(0..len);
+    let mut j = rng.random_range(0..len - 1);
+    if j >= i {
+        j += 1;
+    }
+    let (a, b) = (at(i), at(j));
+    if eps[b].load.cost() < eps[a].load.cost() { [Some(b), Some(a)] } else { [Some(a), Some(b)] }
 }
 
 impl<S, ReqB, B> Service<Request<ReqB>> for Balance<S>
@@ -378,7 +389,7 @@ where
         let this = self.clone();
         Box::pin(async move {
             let attempts = req.extensions().get::<Attempts>().cloned();
-            let (ep, permit) = loop {
+            let (ep, permit, compared) = loop {
                 match this.pick(attempts.as_ref())? {
                     Some(picked) => break picked,
                     None => {
@@ -395,7 +406,9 @@ where
             span.record("server.port", ep.addr.addr.port());
             span.record("network.peer.address", tracing::field::display(ep.addr.addr.ip()));
             span.record("network.peer.port", ep.addr.addr.port());
-            let in_flight = ep.load.start();
+            // With one endpoint there is nothing to compare: skip the load
+            // bookkeeping (it costs clock reads on every call).
+            let in_flight = compared.then(|| ep.load.start());
             let mut svc = ep.svc.clone();
             drop(ep);
             let result = match svc.ready().await {

@@ -202,6 +202,11 @@ impl Attempts {
         self.0.lock().expect("not poisoned").clone()
     }
 
+    /// Whether no endpoint had a go yet.
+    pub fn is_empty(&self) -> bool {
+        self.0.lock().expect("not poisoned").is_empty()
+    }
+
     /// Whether `endpoint` had a go.
     pub fn contains(&self, endpoint: &str) -> bool {
         self.0.lock().expect("not poisoned").iter().any(|e| &**e == endpoint)

@@ -28,6 +28,14 @@ use tracing::Instrument;
 
 use crate::helpers::{registered_metrics, sample};
 
+/// Waits until a service says it is ready (its dependencies answer): before
+/// that, the rate-limit service answers from its failure mode, not Redis.
+async fn ready(app: &Running) {
+    let ch = mesh_testkit::channel(app.addr).await;
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving;
+    mesh_testkit::wait_for_health(&ch, "readiness", serving, Duration::from_secs(20)).await.unwrap();
+}
+
 fn config_for(key: &'static str, addr: std::net::SocketAddr) -> ClientConfig {
     let lookup: std::collections::HashMap<&'static str, String> = [(key, format!("http://{addr}"))].into();
     ClientConfig::from_lookup(&lookup).unwrap()
@@ -51,6 +59,7 @@ async fn the_ratelimit_client_checks_limits_on_the_real_service() {
     };
     let app = mesh_ratelimit::App::build(config).await.unwrap();
     let app = spawn(app.local_addr(), app.metrics_addr(), |sd| app.serve(sd));
+    ready(&app).await;
 
     let (registry, metrics) = registered_metrics();
     let client = RateLimitClient::from_config(&config_for(keys::RATELIMIT_ADDR, app.addr), &metrics).unwrap();
@@ -107,6 +116,7 @@ async fn the_audit_client_appends_once_per_key_with_the_callers_request_id_and_t
     };
     let app = mesh_audit::App::build(config).await.unwrap();
     let app = spawn(app.local_addr(), app.metrics_addr(), |sd| app.serve(sd));
+    ready(&app).await;
     let client =
         AuditClient::from_config(&config_for(keys::AUDIT_ADDR, app.addr), &ClientMetrics::default()).unwrap();
 
