@@ -90,3 +90,30 @@ async fn a_spent_budget_fails_fast_instead_of_calling_the_next_hop() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn a_server_cut_at_the_callers_deadline_records_deadline_exceeded() {
+    let _t = mesh_testkit::init_telemetry();
+    let hop = Hop::start("slow", free_addr(), &[]).await;
+    // A bare tonic client sends grpc-timeout but keeps no timer of its own:
+    // the server alone ends the call.
+    let mut client = EchoServiceClient::new(mesh_testkit::channel(hop.addr).await);
+    let mut req = tonic::Request::new(EchoRequest { payload: vec![], delay_ms: 2_000 });
+    req.set_timeout(Duration::from_millis(100));
+    let start = std::time::Instant::now();
+    let err = client.echo(req).await.unwrap_err();
+    assert!(start.elapsed() < Duration::from_millis(1_500), "cut at the deadline: {err:?}");
+    // The call ran out of time, it was not abandoned: DEADLINE_EXCEEDED in
+    // the metrics, not CANCELLED.
+    let echo_method = r#"grpc_method="Echo""#;
+    let exceeded = [echo_method, r#"grpc_code="DEADLINE_EXCEEDED""#];
+    let start = std::time::Instant::now();
+    while hop.metric("grpc_server_handled_total", &exceeded).await < 1.0 {
+        assert!(start.elapsed() < Duration::from_secs(5), "never recorded as DEADLINE_EXCEEDED");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        hop.metric("grpc_server_handled_total", &[echo_method, r#"grpc_code="CANCELLED""#]).await,
+        0.0
+    );
+}
