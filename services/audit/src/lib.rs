@@ -2,9 +2,12 @@
 //! append-only, hash-chained audit trail in PostgreSQL that loses nothing.
 //!
 //! - **Append** is acknowledged only after its event is committed on the
-//!   primary. Concurrent appends are group-committed: one transaction and
-//!   one multi-row insert per batch ([`appender`](crate)). An idempotency key
-//!   (per source service) returns the first result, across instances too.
+//!   primary and the WAL holding it is flushed. Concurrent appends are
+//!   group-committed: one multi-row statement per batch (usually one round
+//!   trip), then one WAL flush for every batch committed meanwhile
+//!   ([`appender`](crate), which explains why it is split so). An
+//!   idempotency key (per source service) returns the first result, across
+//!   instances too.
 //! - **The chain**: `hash = SHA-256(prev_hash || canonical(event))`, the
 //!   encoding specified in [`chain`]. Sequences are gapless and strictly
 //!   increasing across every instance because each batch holds the chain
@@ -24,7 +27,7 @@
 //! - `domain`: requests validated into [`domain::NewEvent`], [`domain::Filter`], page tokens.
 //! - [`chain`]: the event, its canonical encoding and hash.
 //! - `store`: every SQL statement.
-//! - `appender`: the group-commit task behind Append.
+//! - `appender`: the group-commit and flush tasks behind Append (on a thread of their own).
 //! - `tail`: the per-instance listener, its ring of recent events, subscribers.
 //! - [`verify`]: recomputing the chain over a range.
 //! - [`export`]: JSON lines, out and back in.

@@ -334,11 +334,14 @@ pub(crate) async fn flush(
     Ok(())
 }
 
-/// The chain head as of a moment when everything up to it is durable
-/// (read, then flushed): what Tail may announce.
-pub(crate) async fn durable_head(pool: &PgPool) -> Result<Head, sqlx::Error> {
+/// The chain head as of a moment when everything up to it is durable, for
+/// Tail to announce: read, then, only if it is past `known` (so an idle
+/// instance writes no WAL), flushed.
+pub(crate) async fn durable_head(pool: &PgPool, known: u64) -> Result<Head, sqlx::Error> {
     let head = read_head(pool).await?;
-    flush_only(pool).await?;
+    if head.last() > known {
+        flush_only(pool).await?;
+    }
     Ok(head)
 }
 

@@ -236,7 +236,7 @@ async fn listen(hub: Weak<HubInner>, pool: PgPool, channel: String, stop: Cancel
         };
         backoff = Duration::from_millis(100);
         // Anything committed while we were not listening.
-        let mut target = head_or_zero(&pool).await;
+        let mut target = head_or_zero(&pool, &hub).await;
         let mut poll = tokio::time::interval(POLL);
         loop {
             let Some(inner) = hub.upgrade() else { return };
@@ -254,13 +254,13 @@ async fn listen(hub: Weak<HubInner>, pool: PgPool, channel: String, stop: Cancel
                     // sent after the WAL flush: everything up to it is durable
                     Ok(Some(n)) => target = target.max(n.payload().parse().unwrap_or(0)),
                     // reconnected: notifications may have been lost, read the head
-                    Ok(None) => target = target.max(head_or_zero(&pool).await),
+                    Ok(None) => target = target.max(head_or_zero(&pool, &hub).await),
                     Err(e) => {
                         tracing::warn!(error = %e, "tail listener lost its connection");
                         continue 'connect;
                     }
                 },
-                _ = poll.tick() => target = target.max(head_or_zero(&pool).await),
+                _ = poll.tick() => target = target.max(head_or_zero(&pool, &hub).await),
             }
         }
     }
@@ -273,8 +273,9 @@ async fn connect(pool: &PgPool, channel: &str) -> Result<PgListener, sqlx::Error
 }
 
 /// The durable head, or 0 (no news) when it cannot be read.
-async fn head_or_zero(pool: &PgPool) -> u64 {
-    store::durable_head(pool).await.map(|h| h.last()).unwrap_or(0)
+async fn head_or_zero(pool: &PgPool, hub: &Weak<HubInner>) -> u64 {
+    let Some(published) = hub.upgrade().map(|h| h.published()) else { return 0 };
+    store::durable_head(pool, published).await.map(|h| h.last()).unwrap_or(0)
 }
 
 /// Brings the ring up to `target`, reading only if someone is subscribed.
