@@ -175,7 +175,8 @@ impl Db {
         registry: &mut Registry,
         role: Option<&str>,
     ) -> Result<Self, DbError> {
-        let primary_opts = options(config.write_url.expose_secret(), crate::keys::WRITE_URL, config, app, role)?;
+        let primary_opts =
+            options(config.write_url.expose_secret(), crate::keys::WRITE_URL, config, app, role)?;
         let primary = pool(primary_opts, config);
         let mut replicas = Vec::new();
         for url in &config.read_urls {

@@ -382,7 +382,7 @@ pub struct Filter {
 }
 
 impl Filter {
-    /// Whether `e` passes; the same test the SQL of [`crate::store`] makes.
+    /// Whether `e` passes: the same test the SQL built in `store` makes.
     pub fn matches(&self, e: &Event) -> bool {
         fn eq(want: &Option<String>, got: &str) -> bool {
             want.as_deref().is_none_or(|w| w == got)

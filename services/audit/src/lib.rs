@@ -5,7 +5,7 @@
 //!   primary and the WAL holding it is flushed. Concurrent appends are
 //!   group-committed: one multi-row statement per batch (usually one round
 //!   trip), then one WAL flush for every batch committed meanwhile
-//!   ([`appender`](crate), which explains why it is split so). An
+//!   (module `appender` explains why it is split so). An
 //!   idempotency key (per source service) returns the first result, across
 //!   instances too.
 //! - **The chain**: `hash = SHA-256(prev_hash || canonical(event))`, the
