@@ -35,7 +35,11 @@ impl Injector for Writer<'_> {
                 Err(_) => return,
             },
         };
-        if let Ok(v) = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
+        if let Ok(mut v) = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
+            // A `traceparent` is new on every call: marked so HTTP/2 does not
+            // put it in the HPACK table, where it would only evict the
+            // headers that repeat.
+            v.set_sensitive(name == "traceparent");
             self.0.insert(name, v);
         }
     }

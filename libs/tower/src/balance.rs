@@ -404,8 +404,11 @@ where
             let span = Span::current();
             span.record("server.address", &*ep.addr.host);
             span.record("server.port", ep.addr.addr.port());
-            span.record("network.peer.address", tracing::field::display(ep.addr.addr.ip()));
-            span.record("network.peer.port", ep.addr.addr.port());
+            // The peer's address says something only when the host was a name.
+            if ep.addr.host.parse::<std::net::IpAddr>().is_err() {
+                span.record("network.peer.address", tracing::field::display(ep.addr.addr.ip()));
+                span.record("network.peer.port", ep.addr.addr.port());
+            }
             // With one endpoint there is nothing to compare: skip the load
             // bookkeeping (it costs clock reads on every call).
             let in_flight = compared.then(|| ep.load.start());

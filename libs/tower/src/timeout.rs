@@ -73,7 +73,9 @@ where
         };
         let budget = deadline.saturating_duration_since(now);
         match format_grpc_timeout(budget).and_then(|v| HeaderValue::from_str(&v).ok()) {
-            Some(v) => {
+            Some(mut v) => {
+                // A different value on every call: keep it out of the HPACK table.
+                v.set_sensitive(true);
                 req.headers_mut().insert(GRPC_TIMEOUT, v);
             }
             None => return Box::pin(async move { Err(Error::Timeout(Duration::ZERO).into()) }),

@@ -1,7 +1,8 @@
 //! Trace propagation, the outermost layer: one client span per call with the
 //! OpenTelemetry RPC semantic-convention attributes (`rpc.system`,
-//! `rpc.service`, `rpc.method`, `rpc.grpc.status_code`, `server.address`,
-//! `network.peer.address` of the endpoint that answered), the W3C
+//! `rpc.service`, `rpc.method`, `rpc.grpc.status_code`, `server.address` and
+//! `server.port` of the endpoint that answered, plus `network.peer.address`
+//! when that endpoint came from a DNS name), the W3C
 //! `traceparent`/`tracestate` of that span in the outgoing metadata, an
 //! `x-request-id` (the caller's own, else the one of the call being handled,
 //! else a fresh one), and the `grpc_client_*` metrics.
@@ -88,7 +89,10 @@ where
             Some(v) => v.into(),
             None => {
                 let rid = CallContext::current().map(|c| c.request_id_arc()).unwrap_or_else(new_request_id);
-                if let Ok(v) = HeaderValue::from_str(&rid) {
+                if let Ok(mut v) = HeaderValue::from_str(&rid) {
+                    // Unique per call: never worth a slot in the HPACK table
+                    // (it would evict the headers every call repeats).
+                    v.set_sensitive(true);
                     req.headers_mut().insert(REQUEST_ID, v);
                 }
                 rid
@@ -128,7 +132,8 @@ where
 /// per id, unlike `Uuid::new_v4`).
 fn new_request_id() -> Arc<str> {
     let bytes: [u8; 16] = rand::random();
-    uuid::Builder::from_random_bytes(bytes).into_uuid().hyphenated().to_string().into()
+    let mut buf = uuid::Uuid::encode_buffer();
+    Arc::from(&*uuid::Builder::from_random_bytes(bytes).into_uuid().hyphenated().encode_lower(&mut buf))
 }
 
 /// Records a call's outcome on its span and in the metrics, once.
