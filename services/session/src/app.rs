@@ -1,9 +1,24 @@
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
+use fred::clients::Pool;
+use mesh_client::{AuditClient, ClientMetrics, RateLimitClient, config::keys as client_keys};
 use mesh_proto::session::session_service_server::SessionServiceServer;
-use mesh_runtime::{ConfigError, ServeError, Server};
+use mesh_runtime::{ConfigError, ServeError, Server, redis::RedisConfig};
+use secrecy::ExposeSecret;
+use tokio::task::JoinHandle;
 
-use crate::{Config, api::Api};
+use crate::{
+    Config,
+    api::Api,
+    cache::Cache,
+    config::keys,
+    limiter::Limiter,
+    metrics::Metrics,
+    outbox::Drainer,
+    pubsub::Subscriber,
+    store::{Durability, Store},
+    token::{AuditHasher, Bucket},
+};
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -16,21 +31,109 @@ pub enum StartError {
     Serve(#[from] ServeError),
 }
 
+/// Notifications of new outbox events waiting for the drainer.
+const NOTIFY_BUFFER: usize = 1024;
+
 /// The session service, bound and connected, ready to serve.
 #[derive(Debug)]
 pub struct App {
     server: Server,
+    background: Vec<JoinHandle<()>>,
+    // Kept so their connections live as long as the app.
+    _pools: Vec<Pool>,
+}
+
+fn pool(config: &RedisConfig, size: usize) -> Result<Pool, ConfigError> {
+    mesh_runtime::redis::connect(&RedisConfig { pool_size: size, ..config.clone() })
 }
 
 impl App {
     /// Binds the listeners and connects to Redis (in the background: the
-    /// service starts, not ready, while Redis is down).
+    /// service starts, not ready, while Redis is down). Readiness follows the
+    /// Redis Cluster only: the rate-limit and audit services being away
+    /// affects CreateSession (see the failure mode) and audit delivery
+    /// (it waits in the outbox), never validation.
     pub async fn build(config: Config) -> Result<Self, StartError> {
+        let c = &config.session;
         let mut server = Server::bind(config.server).await?;
-        let redis = mesh_runtime::redis::connect(&config.redis)?;
-        server.add_check(mesh_runtime::redis::check(&redis));
-        server.add_service(SessionServiceServer::new(Api::new(redis)));
-        Ok(Self { server })
+        let metrics = Metrics::register(server.registry());
+        let client_metrics = ClientMetrics::register(server.registry());
+
+        let reads = mesh_runtime::redis::connect(&config.redis)?;
+        let writes = pool(&config.redis, c.write_pool_size)?;
+        server.add_check(mesh_runtime::redis::check(&reads));
+        let store = Store::new(
+            reads.clone(),
+            writes.clone(),
+            config.redis.key_prefix.clone(),
+            Durability { replicas: c.wait_replicas, timeout: c.wait_timeout },
+            c.outbox_ttl,
+            metrics.clone(),
+        );
+        let mut background = vec![tokio::spawn(crate::store::preload_scripts(reads.clone()))];
+        let mut pools = vec![reads, writes];
+
+        let ratelimit = match &config.clients.ratelimit {
+            Some(_) => Some(RateLimitClient::from_config(&config.clients, &client_metrics)?),
+            None => {
+                tracing::warn!(
+                    "{} is not set: CreateSession is not rate limited",
+                    client_keys::RATELIMIT_ADDR
+                );
+                None
+            }
+        };
+        let hasher = match &c.audit_hash_key {
+            Some(k) => AuditHasher::new(k.expose_secret().as_bytes()),
+            None => {
+                tracing::warn!(
+                    "{} is not set: audit token hashes use a random key and differ between instances",
+                    keys::AUDIT_HASH_KEY
+                );
+                AuditHasher::random()
+            }
+        };
+        let (notify_tx, notify_rx) = tokio::sync::mpsc::channel(NOTIFY_BUFFER);
+        let notify = match &config.clients.audit {
+            Some(_) => {
+                let audit = AuditClient::from_config(&config.clients, &client_metrics)?;
+                let drainer = Arc::new(Drainer::new(store.clone(), audit, hasher, c, metrics.clone()));
+                background.push(tokio::spawn(drainer.run(notify_rx)));
+                Some(notify_tx)
+            }
+            None => {
+                tracing::warn!(
+                    "{} is not set: audit events wait in the outbox for an instance that delivers them",
+                    client_keys::AUDIT_ADDR
+                );
+                None
+            }
+        };
+
+        let cache = Arc::new(Cache::new(c.cache_max_bytes, metrics.clone()));
+        if cache.configured() || notify.is_some() {
+            let subscriber = pool(&config.redis, 1)?;
+            let channels = Bucket::all().map(|b| store.channel(b)).collect();
+            background.extend(
+                Subscriber::new(
+                    subscriber.clone(),
+                    store.prefix().to_owned(),
+                    channels,
+                    cache.clone(),
+                    notify,
+                    metrics.clone(),
+                )
+                .spawn(),
+            );
+            pools.push(subscriber);
+        }
+
+        let limiter = Limiter::new(ratelimit, c, metrics.clone());
+        let api = Api::new(store, cache, limiter, c.clone(), metrics);
+        server.add_service(SessionServiceServer::new(api));
+        // So grpcurl can show the google.rpc details (BadRequest, RetryInfo).
+        server.add_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET);
+        Ok(Self { server, background, _pools: pools })
     }
 
     /// The gRPC address.
@@ -45,6 +148,11 @@ impl App {
 
     /// Serves until `shutdown` resolves, then drains.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
-        self.server.serve(shutdown).await
+        let result = self.server.serve(shutdown).await;
+        // The outbox is durable: a drain cut short is redelivered, once.
+        for task in &self.background {
+            task.abort();
+        }
+        result
     }
 }

@@ -1,7 +1,308 @@
-use mesh_runtime::{ConfigError, Lookup, ServerConfig, redis::RedisConfig};
+//! Configuration from the environment.
+//!
+//! Besides the shared server (`MESH_LISTEN_ADDR`, …), Redis (`MESH_REDIS_*`)
+//! and client (`MESH_RATELIMIT_ADDR`, `MESH_AUDIT_ADDR`, `MESH_CLIENT_*`)
+//! settings, the session service reads:
+//!
+//! | variable | default | meaning |
+//! | --- | --- | --- |
+//! | `MESH_SESSION_IDLE_TIMEOUT_MS` | 1800000 (30 min) | idle timeout of a session that asks for none |
+//! | `MESH_SESSION_ABSOLUTE_TIMEOUT_MS` | 43200000 (12 h) | absolute lifetime of a session that asks for none |
+//! | `MESH_SESSION_MAX_IDLE_TIMEOUT_MS` | 86400000 (24 h) | largest idle timeout a call may ask for |
+//! | `MESH_SESSION_MAX_ABSOLUTE_TIMEOUT_MS` | 2592000000 (30 days) | largest absolute lifetime a call may ask for |
+//! | `MESH_SESSION_MAX_PER_USER` | 10 | live sessions per user; creating one more evicts the oldest |
+//! | `MESH_SESSION_TOUCH_INTERVAL_MS` | 60000 | a touch is written only when the session was last seen longer ago than this (or a sixteenth of its idle timeout, if smaller) |
+//! | `MESH_SESSION_CACHE_MAX_BYTES` | 67108864 (64 MiB) | validation cache size (0: no cache) |
+//! | `MESH_SESSION_CACHE_TTL_MS` | 30000 | longest a validation is served from the cache (a backstop; revocations invalidate at once) |
+//! | `MESH_SESSION_WAIT_REPLICAS` | 1 | replicas a change must reach (`WAIT`) before the call returns (0: don't wait) |
+//! | `MESH_SESSION_WAIT_TIMEOUT_MS` | 100 | longest a change waits for them; then it returns anyway and counts it |
+//! | `MESH_SESSION_WRITE_POOL_SIZE` | 2 | Redis clients for changes (they block on `WAIT`, so they are apart from validation's) |
+//! | `MESH_SESSION_RATELIMIT_DOMAIN` | `session` | rate-limit domain of CreateSession (descriptors `user_id`, `client_ip`) |
+//! | `MESH_SESSION_RATELIMIT_FAILURE_MODE` | `fail_closed` | `fail_closed`: CreateSession answers UNAVAILABLE while the rate-limit service cannot decide; `fail_open`: creates go on unlimited |
+//! | `MESH_SESSION_RATELIMIT_TIMEOUT_MS` | 250 | longest CreateSession waits for the rate-limit service |
+//! | `MESH_SESSION_AUDIT_HASH_KEY` | random per process (warned) | secret key of the salted token hashes in audit events; set the same on every instance |
+//! | `MESH_SESSION_AUDIT_TIMEOUT_MS` | 5000 | deadline of one audit Append from the outbox |
+//! | `MESH_SESSION_OUTBOX_SWEEP_MS` | 10000 | how often every bucket's outbox is checked (depth and age metrics, missed notifications, retries) |
+//! | `MESH_SESSION_OUTBOX_BATCH` | 100 | most events one drain of one bucket delivers |
+//! | `MESH_SESSION_OUTBOX_CONCURRENCY` | 8 | buckets drained at once per instance |
+//! | `MESH_SESSION_OUTBOX_LEASE_MS` | 15000 | a drain's claim on a bucket; another instance takes over after it |
+//! | `MESH_SESSION_OUTBOX_RETRY_MAX_MS` | 30000 | longest backoff between failed deliveries (from 500 ms, doubling, jittered) |
+//! | `MESH_SESSION_OUTBOX_TTL_MS` | 604800000 (7 days) | an outbox nobody drains expires after this |
+//!
+//! Without `MESH_RATELIMIT_ADDR`, CreateSession is not rate limited; without
+//! `MESH_AUDIT_ADDR`, audit events wait in the outbox (up to its TTL) for an
+//! instance that has it. Both are logged at startup.
+
+use std::time::Duration;
+
+use mesh_client::ClientConfig;
+use mesh_runtime::{ConfigError, Lookup, LookupExt, ServerConfig, redis::RedisConfig};
+use secrecy::{ExposeSecret, SecretString};
 
 /// Default gRPC port.
 pub const DEFAULT_PORT: u16 = 50051;
+
+/// Keys read by [`Config::from_lookup`] beyond the shared ones.
+pub mod keys {
+    /// Default idle timeout (ms).
+    pub const IDLE_TIMEOUT_MS: &str = "MESH_SESSION_IDLE_TIMEOUT_MS";
+    /// Default absolute lifetime (ms).
+    pub const ABSOLUTE_TIMEOUT_MS: &str = "MESH_SESSION_ABSOLUTE_TIMEOUT_MS";
+    /// Largest idle timeout per call (ms).
+    pub const MAX_IDLE_TIMEOUT_MS: &str = "MESH_SESSION_MAX_IDLE_TIMEOUT_MS";
+    /// Largest absolute lifetime per call (ms).
+    pub const MAX_ABSOLUTE_TIMEOUT_MS: &str = "MESH_SESSION_MAX_ABSOLUTE_TIMEOUT_MS";
+    /// Live sessions per user.
+    pub const MAX_PER_USER: &str = "MESH_SESSION_MAX_PER_USER";
+    /// Touch resolution (ms).
+    pub const TOUCH_INTERVAL_MS: &str = "MESH_SESSION_TOUCH_INTERVAL_MS";
+    /// Validation cache size (bytes, 0: off).
+    pub const CACHE_MAX_BYTES: &str = "MESH_SESSION_CACHE_MAX_BYTES";
+    /// Longest a cached validation is used (ms).
+    pub const CACHE_TTL_MS: &str = "MESH_SESSION_CACHE_TTL_MS";
+    /// Replicas a change waits for.
+    pub const WAIT_REPLICAS: &str = "MESH_SESSION_WAIT_REPLICAS";
+    /// Longest wait for them (ms).
+    pub const WAIT_TIMEOUT_MS: &str = "MESH_SESSION_WAIT_TIMEOUT_MS";
+    /// Redis clients for changes.
+    pub const WRITE_POOL_SIZE: &str = "MESH_SESSION_WRITE_POOL_SIZE";
+    /// Rate-limit domain.
+    pub const RATELIMIT_DOMAIN: &str = "MESH_SESSION_RATELIMIT_DOMAIN";
+    /// `fail_closed` or `fail_open`.
+    pub const RATELIMIT_FAILURE_MODE: &str = "MESH_SESSION_RATELIMIT_FAILURE_MODE";
+    /// Rate-limit call timeout (ms).
+    pub const RATELIMIT_TIMEOUT_MS: &str = "MESH_SESSION_RATELIMIT_TIMEOUT_MS";
+    /// Key of the audit token hashes (secret).
+    pub const AUDIT_HASH_KEY: &str = "MESH_SESSION_AUDIT_HASH_KEY";
+    /// Audit Append timeout (ms).
+    pub const AUDIT_TIMEOUT_MS: &str = "MESH_SESSION_AUDIT_TIMEOUT_MS";
+    /// Outbox sweep period (ms).
+    pub const OUTBOX_SWEEP_MS: &str = "MESH_SESSION_OUTBOX_SWEEP_MS";
+    /// Events per drain.
+    pub const OUTBOX_BATCH: &str = "MESH_SESSION_OUTBOX_BATCH";
+    /// Buckets drained at once.
+    pub const OUTBOX_CONCURRENCY: &str = "MESH_SESSION_OUTBOX_CONCURRENCY";
+    /// Drain lease (ms).
+    pub const OUTBOX_LEASE_MS: &str = "MESH_SESSION_OUTBOX_LEASE_MS";
+    /// Longest delivery backoff (ms).
+    pub const OUTBOX_RETRY_MAX_MS: &str = "MESH_SESSION_OUTBOX_RETRY_MAX_MS";
+    /// Outbox expiry (ms).
+    pub const OUTBOX_TTL_MS: &str = "MESH_SESSION_OUTBOX_TTL_MS";
+}
+
+/// Shortest idle timeout or lifetime a call may ask for.
+pub const MIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What CreateSession does when the rate-limit service cannot decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureMode {
+    /// Refuse with UNAVAILABLE (retryable): the limits are login-attempt
+    /// protection, and an attacker who can overload the rate limiter must not
+    /// get unlimited attempts. Validation and existing sessions are unaffected.
+    FailClosed,
+    /// Create without a limit, for deployments that value logins over the limit.
+    FailOpen,
+}
+
+impl FailureMode {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::FailClosed => "fail_closed",
+            Self::FailOpen => "fail_open",
+        }
+    }
+}
+
+/// The session service's own settings (see the module docs).
+#[derive(Clone)]
+pub struct SessionConfig {
+    /// Default idle timeout.
+    pub idle_timeout: Duration,
+    /// Default absolute lifetime.
+    pub absolute_timeout: Duration,
+    /// Largest idle timeout per call.
+    pub max_idle_timeout: Duration,
+    /// Largest absolute lifetime per call.
+    pub max_absolute_timeout: Duration,
+    /// Live sessions per user.
+    pub max_per_user: u32,
+    /// Touch resolution.
+    pub touch_interval: Duration,
+    /// Validation cache size in bytes (0: off).
+    pub cache_max_bytes: usize,
+    /// Longest a cached validation is used.
+    pub cache_ttl: Duration,
+    /// Replicas a change waits for (0: none).
+    pub wait_replicas: u32,
+    /// Longest a change waits for them.
+    pub wait_timeout: Duration,
+    /// Redis clients for changes.
+    pub write_pool_size: usize,
+    /// Rate-limit domain.
+    pub ratelimit_domain: String,
+    /// What happens when the rate-limit service cannot decide.
+    pub ratelimit_failure_mode: FailureMode,
+    /// Longest wait for the rate-limit service.
+    pub ratelimit_timeout: Duration,
+    /// Key of the audit token hashes; `None`: random per process.
+    pub audit_hash_key: Option<SecretString>,
+    /// Deadline of one audit Append.
+    pub audit_timeout: Duration,
+    /// Outbox sweep period.
+    pub outbox_sweep: Duration,
+    /// Events per drain.
+    pub outbox_batch: usize,
+    /// Buckets drained at once.
+    pub outbox_concurrency: usize,
+    /// Drain lease.
+    pub outbox_lease: Duration,
+    /// First delivery backoff.
+    pub outbox_retry_base: Duration,
+    /// Longest delivery backoff.
+    pub outbox_retry_max: Duration,
+    /// Outbox expiry.
+    pub outbox_ttl: Duration,
+}
+
+impl std::fmt::Debug for SessionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionConfig")
+            .field("idle_timeout", &self.idle_timeout)
+            .field("absolute_timeout", &self.absolute_timeout)
+            .field("max_per_user", &self.max_per_user)
+            .field("cache_max_bytes", &self.cache_max_bytes)
+            .field("wait_replicas", &self.wait_replicas)
+            .field("ratelimit_failure_mode", &self.ratelimit_failure_mode)
+            .field("audit_hash_key", &self.audit_hash_key.as_ref().map(|_| "[redacted]"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(30 * 60),
+            absolute_timeout: Duration::from_secs(12 * 3600),
+            max_idle_timeout: Duration::from_secs(24 * 3600),
+            max_absolute_timeout: Duration::from_secs(30 * 24 * 3600),
+            max_per_user: 10,
+            touch_interval: Duration::from_secs(60),
+            cache_max_bytes: 64 << 20,
+            cache_ttl: Duration::from_secs(30),
+            wait_replicas: 1,
+            wait_timeout: Duration::from_millis(100),
+            write_pool_size: 2,
+            ratelimit_domain: "session".to_owned(),
+            ratelimit_failure_mode: FailureMode::FailClosed,
+            ratelimit_timeout: Duration::from_millis(250),
+            audit_hash_key: None,
+            audit_timeout: Duration::from_secs(5),
+            outbox_sweep: Duration::from_secs(10),
+            outbox_batch: 100,
+            outbox_concurrency: 8,
+            outbox_lease: Duration::from_secs(15),
+            outbox_retry_base: Duration::from_millis(500),
+            outbox_retry_max: Duration::from_secs(30),
+            outbox_ttl: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+impl SessionConfig {
+    /// Reads the `MESH_SESSION_*` keys.
+    pub fn from_lookup(l: &impl Lookup) -> Result<Self, ConfigError> {
+        use keys::*;
+        let d = Self::default();
+        let failure_mode = match l.string(RATELIMIT_FAILURE_MODE).as_deref() {
+            None | Some("fail_closed") => FailureMode::FailClosed,
+            Some("fail_open") => FailureMode::FailOpen,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    RATELIMIT_FAILURE_MODE,
+                    format!("expected fail_closed or fail_open, got {other:?}"),
+                ));
+            }
+        };
+        let c = Self {
+            idle_timeout: l.millis_or(IDLE_TIMEOUT_MS, d.idle_timeout)?,
+            absolute_timeout: l.millis_or(ABSOLUTE_TIMEOUT_MS, d.absolute_timeout)?,
+            max_idle_timeout: l.millis_or(MAX_IDLE_TIMEOUT_MS, d.max_idle_timeout)?,
+            max_absolute_timeout: l.millis_or(MAX_ABSOLUTE_TIMEOUT_MS, d.max_absolute_timeout)?,
+            max_per_user: l.parse_or(MAX_PER_USER, d.max_per_user)?,
+            touch_interval: l.millis_or(TOUCH_INTERVAL_MS, d.touch_interval)?,
+            cache_max_bytes: l.parse_or(CACHE_MAX_BYTES, d.cache_max_bytes)?,
+            cache_ttl: l.millis_or(CACHE_TTL_MS, d.cache_ttl)?,
+            wait_replicas: l.parse_or(WAIT_REPLICAS, d.wait_replicas)?,
+            wait_timeout: l.millis_or(WAIT_TIMEOUT_MS, d.wait_timeout)?,
+            write_pool_size: l.parse_or(WRITE_POOL_SIZE, d.write_pool_size)?,
+            ratelimit_domain: l.string(RATELIMIT_DOMAIN).unwrap_or(d.ratelimit_domain),
+            ratelimit_failure_mode: failure_mode,
+            ratelimit_timeout: l.millis_or(RATELIMIT_TIMEOUT_MS, d.ratelimit_timeout)?,
+            audit_hash_key: l.secret(AUDIT_HASH_KEY),
+            audit_timeout: l.millis_or(AUDIT_TIMEOUT_MS, d.audit_timeout)?,
+            outbox_sweep: l.millis_or(OUTBOX_SWEEP_MS, d.outbox_sweep)?,
+            outbox_batch: l.parse_or(OUTBOX_BATCH, d.outbox_batch)?,
+            outbox_concurrency: l.parse_or(OUTBOX_CONCURRENCY, d.outbox_concurrency)?,
+            outbox_lease: l.millis_or(OUTBOX_LEASE_MS, d.outbox_lease)?,
+            outbox_retry_base: d.outbox_retry_base,
+            outbox_retry_max: l.millis_or(OUTBOX_RETRY_MAX_MS, d.outbox_retry_max)?,
+            outbox_ttl: l.millis_or(OUTBOX_TTL_MS, d.outbox_ttl)?,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        use keys::*;
+        let at_least = |key: &'static str, v: Duration, min: Duration| {
+            if v < min {
+                Err(ConfigError::new(key, format!("must be at least {}", min.as_millis())))
+            } else {
+                Ok(())
+            }
+        };
+        at_least(IDLE_TIMEOUT_MS, self.idle_timeout, MIN_TIMEOUT)?;
+        at_least(ABSOLUTE_TIMEOUT_MS, self.absolute_timeout, MIN_TIMEOUT)?;
+        if self.idle_timeout > self.max_idle_timeout {
+            return Err(ConfigError::new(MAX_IDLE_TIMEOUT_MS, format!("must be at least {IDLE_TIMEOUT_MS}")));
+        }
+        if self.absolute_timeout > self.max_absolute_timeout {
+            return Err(ConfigError::new(
+                MAX_ABSOLUTE_TIMEOUT_MS,
+                format!("must be at least {ABSOLUTE_TIMEOUT_MS}"),
+            ));
+        }
+        if self.max_per_user == 0 {
+            return Err(ConfigError::new(MAX_PER_USER, "must be at least 1"));
+        }
+        if self.ratelimit_domain.len() > 256 {
+            return Err(ConfigError::new(RATELIMIT_DOMAIN, "must be at most 256 bytes"));
+        }
+        if let Some(k) = &self.audit_hash_key
+            && k.expose_secret().len() < 16
+        {
+            // Never echo the value.
+            return Err(ConfigError::new(AUDIT_HASH_KEY, "must be at least 16 bytes long"));
+        }
+        at_least(RATELIMIT_TIMEOUT_MS, self.ratelimit_timeout, Duration::from_millis(1))?;
+        at_least(AUDIT_TIMEOUT_MS, self.audit_timeout, Duration::from_millis(1))?;
+        at_least(OUTBOX_SWEEP_MS, self.outbox_sweep, Duration::from_millis(10))?;
+        at_least(OUTBOX_LEASE_MS, self.outbox_lease, Duration::from_millis(100))?;
+        at_least(OUTBOX_RETRY_MAX_MS, self.outbox_retry_max, self.outbox_retry_base)?;
+        at_least(OUTBOX_TTL_MS, self.outbox_ttl, Duration::from_secs(60))?;
+        for (key, v) in [
+            (OUTBOX_BATCH, self.outbox_batch),
+            (OUTBOX_CONCURRENCY, self.outbox_concurrency),
+            (WRITE_POOL_SIZE, self.write_pool_size),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::new(key, "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
 
 /// The session service's configuration.
 #[derive(Debug, Clone)]
@@ -10,6 +311,10 @@ pub struct Config {
     pub server: ServerConfig,
     /// The Redis Cluster holding sessions.
     pub redis: RedisConfig,
+    /// Where the rate-limit and audit services are, and the client stack's tuning.
+    pub clients: ClientConfig,
+    /// Timeouts, cap, cache, durability, rate limiting, audit.
+    pub session: SessionConfig,
 }
 
 impl Config {
@@ -20,6 +325,76 @@ impl Config {
 
     /// Reads any [`Lookup`].
     pub fn from_lookup(l: &impl Lookup) -> Result<Self, ConfigError> {
-        Ok(Self { server: ServerConfig::from_lookup(l, DEFAULT_PORT)?, redis: RedisConfig::from_lookup(l)? })
+        Ok(Self {
+            server: ServerConfig::from_lookup(l, DEFAULT_PORT)?,
+            redis: RedisConfig::from_lookup(l)?,
+            clients: ClientConfig::from_lookup(l)?,
+            session: SessionConfig::from_lookup(l)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &str)]) -> HashMap<&'static str, String> {
+        let mut m: HashMap<&'static str, String> = pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
+        m.entry("MESH_REDIS_URLS").or_insert_with(|| "127.0.0.1:7000".to_owned());
+        m
+    }
+
+    #[test]
+    fn defaults_follow_the_issue() {
+        let c = Config::from_lookup(&map(&[])).unwrap();
+        let s = &c.session;
+        assert_eq!(s.idle_timeout, Duration::from_secs(1800));
+        assert_eq!(s.absolute_timeout, Duration::from_secs(12 * 3600));
+        assert_eq!(s.max_per_user, 10);
+        assert_eq!(s.ratelimit_failure_mode, FailureMode::FailClosed);
+        assert!(c.clients.ratelimit.is_none() && c.clients.audit.is_none());
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let c = Config::from_lookup(&map(&[
+            (keys::IDLE_TIMEOUT_MS, "60000"),
+            (keys::MAX_PER_USER, "3"),
+            (keys::RATELIMIT_FAILURE_MODE, "fail_open"),
+            (keys::CACHE_MAX_BYTES, "0"),
+            (keys::WAIT_REPLICAS, "0"),
+            (keys::AUDIT_HASH_KEY, "0123456789abcdef0123"),
+            (keys::OUTBOX_SWEEP_MS, "200"),
+            ("MESH_AUDIT_ADDR", "127.0.0.1:50053"),
+        ]))
+        .unwrap();
+        let s = &c.session;
+        assert_eq!(s.idle_timeout, Duration::from_secs(60));
+        assert_eq!((s.max_per_user, s.cache_max_bytes, s.wait_replicas), (3, 0, 0));
+        assert_eq!(s.ratelimit_failure_mode, FailureMode::FailOpen);
+        assert_eq!(s.outbox_sweep, Duration::from_millis(200));
+        assert!(c.clients.audit.is_some());
+        assert!(!format!("{s:?}").contains("0123456789abcdef"), "the key never prints");
+    }
+
+    #[test]
+    fn bad_values_name_their_key_and_never_echo_secrets() {
+        for (key, value) in [
+            (keys::IDLE_TIMEOUT_MS, "10"),
+            (keys::MAX_IDLE_TIMEOUT_MS, "1000"),
+            (keys::MAX_ABSOLUTE_TIMEOUT_MS, "1000"),
+            (keys::MAX_PER_USER, "0"),
+            (keys::RATELIMIT_FAILURE_MODE, "sometimes"),
+            (keys::OUTBOX_BATCH, "0"),
+            (keys::TOUCH_INTERVAL_MS, "soon"),
+        ] {
+            let err = Config::from_lookup(&map(&[(key, value)])).unwrap_err();
+            assert_eq!(err.key, key, "{value:?}: {err}");
+        }
+        let err = Config::from_lookup(&map(&[(keys::AUDIT_HASH_KEY, "short-secret")])).unwrap_err();
+        assert_eq!(err.key, keys::AUDIT_HASH_KEY);
+        assert!(!err.to_string().contains("short-secret"));
     }
 }

@@ -1,4 +1,10 @@
-//! Integration tests of the session service against the real Redis Cluster.
+//! Integration tests of the session service against the real Redis Cluster
+//! and the real rate-limit and audit services.
 
+mod audit;
+mod failover;
 mod helpers;
+mod instances;
 mod lifecycle;
+mod ratelimit;
+mod sessions;

@@ -1,0 +1,93 @@
+//! CreateSession's rate limits, decided by the rate-limit service: one Check
+//! with a `user_id` and a `client_ip` descriptor (all-or-nothing), in the
+//! configured domain. Over a limit: RESOURCE_EXHAUSTED with RetryInfo. The
+//! rate-limit service unreachable or too slow: the configured failure mode
+//! (see [`FailureMode`]).
+
+use std::{sync::Arc, time::Duration};
+
+use mesh_client::RateLimitClient;
+use mesh_proto::ratelimit::{CheckRequest, Code, Descriptor, Entry};
+
+use crate::{
+    config::{FailureMode, SessionConfig},
+    error::Error,
+    metrics::{Metrics, ModeLabels},
+    request::UserId,
+};
+
+/// Used when the rate-limit service says "over" without saying until when.
+const DEFAULT_RETRY: Duration = Duration::from_secs(1);
+
+/// See the module docs.
+#[derive(Debug, Clone)]
+pub(crate) struct Limiter {
+    client: Option<RateLimitClient>,
+    domain: String,
+    mode: FailureMode,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+fn descriptor(key: &str, value: &str) -> Descriptor {
+    Descriptor { entries: vec![Entry { key: key.to_owned(), value: value.to_owned() }], hits_addend: None }
+}
+
+impl Limiter {
+    /// `client` `None`: no rate limiting.
+    pub(crate) fn new(client: Option<RateLimitClient>, c: &SessionConfig, metrics: Arc<Metrics>) -> Self {
+        Self {
+            client,
+            domain: c.ratelimit_domain.clone(),
+            mode: c.ratelimit_failure_mode,
+            timeout: c.ratelimit_timeout,
+            metrics,
+        }
+    }
+
+    /// Counts one CreateSession for `user` from `ip` (empty: unknown).
+    pub(crate) async fn check(&self, user: &UserId, ip: &str) -> Result<(), Error> {
+        let Some(client) = &self.client else { return Ok(()) };
+        let mut descriptors = vec![descriptor("user_id", user.as_str())];
+        if !ip.is_empty() {
+            descriptors.push(descriptor("client_ip", ip));
+        }
+        let mut req =
+            tonic::Request::new(CheckRequest { domain: self.domain.clone(), descriptors, hits_addend: 0 });
+        // Together with the handler's own deadline: whichever is sooner.
+        req.set_timeout(self.timeout);
+        match client.check(req).await {
+            Ok(resp) if resp.overall_code() == Code::OverLimit => {
+                self.metrics.ratelimited.inc();
+                let retry_after = resp
+                    .statuses
+                    .iter()
+                    .filter(|s| s.code() == Code::OverLimit && !s.shadow_mode)
+                    .filter_map(|s| s.retry_after.or(s.duration_until_reset))
+                    .filter_map(|d| Duration::try_from(d).ok())
+                    .max()
+                    .unwrap_or(DEFAULT_RETRY);
+                Err(Error::RateLimited { retry_after })
+            }
+            Ok(_) => Ok(()),
+            Err(status) => {
+                self.metrics
+                    .ratelimit_unavailable
+                    .get_or_create(&ModeLabels { mode: self.mode.label() })
+                    .inc();
+                tracing::warn!(
+                    code = ?status.code(),
+                    error = %status.message(),
+                    mode = self.mode.label(),
+                    "rate-limit service could not decide a session creation"
+                );
+                match self.mode {
+                    FailureMode::FailClosed => {
+                        Err(Error::Unavailable("rate limiting is unavailable, try again later".to_owned()))
+                    }
+                    FailureMode::FailOpen => Ok(()),
+                }
+            }
+        }
+    }
+}

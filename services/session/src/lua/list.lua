@@ -1,0 +1,7 @@
+-- ListUserSessions: KEYS[1] the user's index. ARGV[3] user id.
+-- Reply: the live sessions, newest first, each a `reply`.
+local now = now_ms()
+local sessions = reindex(ARGV[3], now)
+local out = {}
+for n = #sessions, 1, -1 do table.insert(out, reply(sessions[n], now)) end
+return out

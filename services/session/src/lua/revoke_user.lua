@@ -1,0 +1,14 @@
+-- RevokeUserSessions: KEYS[1] the user's index. ARGV[3] user id, ARGV[4] a
+-- session id to keep, or ''. Reply: {count, revoked token hashes...}.
+local now = now_ms()
+local n = 0
+for _, s in ipairs(reindex(ARGV[3], now)) do
+  if s.sid ~= ARGV[4] then
+    kill(s)
+    audit(now, 'session.revoke_all', s, ARGV[4] ~= '' and { m = 'except_one' } or nil)
+    n = n + 1
+  end
+end
+reindex(ARGV[3], now)
+finish()
+return with_revoked({ n })

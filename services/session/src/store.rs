@@ -1,0 +1,644 @@
+//! Sessions in the Redis Cluster.
+//!
+//! Every key of a user lives in their bucket's slot (see `token` and the
+//! key table in `lua/common.lua`), so every operation is one `EVALSHA` of a
+//! script that does all of it atomically: validation and touch, create with
+//! cap eviction, rotation, revocation by id, token or user, listing, and the
+//! outbox scripts. Each script that changes a session also appends the
+//! audit events of the change to the bucket's outbox and publishes revoked
+//! token hashes on the bucket's channel, in the same atomic step.
+//!
+//! # Durability
+//! Redis replicates asynchronously: a master that dies right after
+//! acknowledging a write can take it along in the failover. So after every
+//! change (create, refresh, revoke, revoke-all) the call waits, on the same
+//! connection, with `WAIT <replicas> <timeout>` for a replica to hold it.
+//! These calls use their own clients (`MESH_SESSION_WRITE_POOL_SIZE`), as
+//! `WAIT` holds up whatever follows it on its connection; validations
+//! (touches included, whose loss costs at most one interval of idle time)
+//! never wait. When no replica acknowledges in time the call still
+//! succeeds: the change is applied on a master that is still serving, and
+//! failing the call would not undo it, only leave the caller unsure (a
+//! rotated token the caller never learns). It is logged and counted as
+//! `mesh_session_replica_waits_total{result="timeout"}`; a master without an
+//! in-sync replica cannot be failed over to one that lacks the write anyway.
+//!
+//! Session ids and new token hashes are chosen before a script runs, so a
+//! script repeated after a lost reply (fred resends once on a broken
+//! connection) answers as the first time instead of creating or rotating twice.
+
+use std::{sync::Arc, time::Duration};
+
+use fred::{
+    clients::{Client, Pool},
+    interfaces::ClientLike,
+    prelude::Error as FredError,
+    types::{ClusterHash, CustomCommand, Value, scripts::Script},
+};
+use tokio::time::Instant;
+use tracing::Instrument as _;
+
+use crate::{
+    metrics::{Metrics, OpLabels, ResultLabels},
+    request::{Client as CallClient, NewSession, UserId},
+    token::{Bucket, SessionId, TokenHash},
+};
+
+macro_rules! script {
+    ($name:literal) => {
+        concat!(include_str!("lua/common.lua"), include_str!(concat!("lua/", $name, ".lua")))
+    };
+}
+
+/// A Redis failure; the details are for logs (they never hold tokens).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("redis {op} failed: {details}")]
+pub(crate) struct StoreError {
+    pub(crate) op: &'static str,
+    pub(crate) details: String,
+}
+
+/// A session as Redis keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Record {
+    pub(crate) id: String,
+    pub(crate) user_id: String,
+    pub(crate) attributes_json: String,
+    pub(crate) ip: String,
+    pub(crate) user_agent: String,
+    pub(crate) created_ms: i64,
+    pub(crate) last_seen_ms: i64,
+    pub(crate) idle_expires_ms: i64,
+    pub(crate) absolute_expires_ms: i64,
+    pub(crate) idle_timeout_ms: i64,
+    /// Redis's clock when the script ran.
+    pub(crate) now_ms: i64,
+    pub(crate) token_hash: Option<TokenHash>,
+}
+
+impl Record {
+    /// Milliseconds left before the session expires, at `now_ms`.
+    pub(crate) fn remaining_ms(&self) -> i64 {
+        self.idle_expires_ms.min(self.absolute_expires_ms) - self.now_ms
+    }
+}
+
+/// What an audited change records besides the session: who asked, from where.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AuditContext {
+    pub(crate) request_id: String,
+    pub(crate) trace_id: String,
+    pub(crate) client: CallClient,
+}
+
+fn text(v: &Value) -> String {
+    v.as_string().unwrap_or_default()
+}
+
+fn int(v: &Value) -> i64 {
+    v.as_i64().unwrap_or(0)
+}
+
+fn array(v: Value) -> Vec<Value> {
+    match v {
+        Value::Array(a) => a,
+        Value::Null => Vec::new(),
+        other => vec![other],
+    }
+}
+
+/// Parses a `reply` (lua/common.lua) starting at its leading 1.
+fn record(v: &[Value]) -> Option<Record> {
+    if v.len() < 13 || int(&v[0]) != 1 {
+        return None;
+    }
+    Some(Record {
+        id: text(&v[1]),
+        user_id: text(&v[2]),
+        attributes_json: text(&v[3]),
+        ip: text(&v[4]),
+        user_agent: text(&v[5]),
+        created_ms: int(&v[6]),
+        last_seen_ms: int(&v[7]),
+        idle_expires_ms: int(&v[8]),
+        absolute_expires_ms: int(&v[9]),
+        now_ms: int(&v[10]),
+        idle_timeout_ms: int(&v[11]),
+        token_hash: TokenHash::from_hex(&text(&v[12])),
+    })
+}
+
+fn hashes(v: &[Value]) -> Vec<TokenHash> {
+    v.iter().filter_map(|h| TokenHash::from_hex(&text(h))).collect()
+}
+
+#[derive(Debug)]
+struct Scripts {
+    validate: Script,
+    create: Script,
+    refresh: Script,
+    revoke: Script,
+    revoke_user: Script,
+    list: Script,
+    outbox_peek: Script,
+    outbox_claim: Script,
+    outbox_ack: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            validate: Script::from_lua(script!("validate")),
+            create: Script::from_lua(script!("create")),
+            refresh: Script::from_lua(script!("refresh")),
+            revoke: Script::from_lua(script!("revoke")),
+            revoke_user: Script::from_lua(script!("revoke_user")),
+            list: Script::from_lua(script!("list")),
+            outbox_peek: Script::from_lua(include_str!("lua/outbox_peek.lua")),
+            outbox_claim: Script::from_lua(include_str!("lua/outbox_claim.lua")),
+            outbox_ack: Script::from_lua(include_str!("lua/outbox_ack.lua")),
+        }
+    }
+
+    fn all(&self) -> [&Script; 9] {
+        [
+            &self.validate,
+            &self.create,
+            &self.refresh,
+            &self.revoke,
+            &self.revoke_user,
+            &self.list,
+            &self.outbox_peek,
+            &self.outbox_claim,
+            &self.outbox_ack,
+        ]
+    }
+}
+
+/// Durability settings of changes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Durability {
+    pub(crate) replicas: u32,
+    pub(crate) timeout: Duration,
+}
+
+/// How long a rotated token's pointer remembers the rotation (for a retry).
+const ROTATION_MEMORY: Duration = Duration::from_secs(60);
+
+/// The Redis side of the service. Cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct Store {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    reads: Pool,
+    writes: Pool,
+    prefix: String,
+    scripts: Scripts,
+    durability: Durability,
+    outbox_ttl: Duration,
+    metrics: Arc<Metrics>,
+}
+
+/// The result of a change: the session (if any) and the tokens it revoked.
+#[derive(Debug, Clone)]
+pub(crate) struct Changed<T> {
+    pub(crate) value: T,
+    pub(crate) revoked: Vec<TokenHash>,
+}
+
+/// One claimed outbox event.
+#[derive(Debug, Clone)]
+pub(crate) struct OutboxEntry {
+    pub(crate) id: String,
+    pub(crate) event: String,
+}
+
+/// What a claim found.
+#[derive(Debug, Clone)]
+pub(crate) enum Claim {
+    /// Another instance is draining the bucket.
+    Busy,
+    /// The events to deliver, oldest first (empty: nothing waits).
+    Events(Vec<OutboxEntry>),
+}
+
+impl Store {
+    pub(crate) fn new(
+        reads: Pool,
+        writes: Pool,
+        prefix: String,
+        durability: Durability,
+        outbox_ttl: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                reads,
+                writes,
+                prefix,
+                scripts: Scripts::new(),
+                durability,
+                outbox_ttl,
+                metrics,
+            }),
+        }
+    }
+
+    /// The configured key prefix.
+    pub(crate) fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// The bucket's key base.
+    pub(crate) fn base(&self, b: Bucket) -> String {
+        b.base(&self.inner.prefix)
+    }
+
+    /// The bucket's invalidation channel.
+    pub(crate) fn channel(&self, b: Bucket) -> String {
+        format!("{}c", self.base(b))
+    }
+
+    fn token_key(&self, b: Bucket, h: &TokenHash) -> String {
+        format!("{}t:{}", self.base(b), h.hex())
+    }
+
+    fn ctx_json(&self, ctx: &AuditContext) -> String {
+        serde_json::json!({
+            "k": uuid::Uuid::now_v7().to_string(),
+            "r": ctx.request_id,
+            "tr": ctx.trace_id,
+            "ip": ctx.client.ip,
+            "ua": ctx.client.user_agent,
+            "ttl": self.inner.outbox_ttl.as_millis().to_string(),
+        })
+        .to_string()
+    }
+
+    /// Runs `script` on `client`, timed, traced and counted.
+    async fn eval(
+        &self,
+        client: &Client,
+        op: &'static str,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Value, StoreError> {
+        let start = Instant::now();
+        let span = mesh_runtime::redis::span("EVALSHA", Some(op));
+        let r = script.evalsha_with_reload::<Value, _, _>(client, keys, args).instrument(span.clone()).await;
+        let m = &self.inner.metrics;
+        m.redis_seconds.get_or_create(&OpLabels { op }).observe(start.elapsed().as_secs_f64());
+        r.map_err(|e: FredError| {
+            span.record("otel.status_code", "ERROR");
+            m.redis_errors.get_or_create(&OpLabels { op }).inc();
+            StoreError { op, details: e.details().to_owned() }
+        })
+    }
+
+    /// Runs a change on a write client and waits for replicas (module docs).
+    async fn change(
+        &self,
+        op: &'static str,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Value, StoreError> {
+        let client = self.inner.writes.next().clone();
+        let slot = fred::util::redis_keyslot(keys[0].as_bytes());
+        let v = self.eval(&client, op, script, keys, args).await?;
+        self.wait_for_replicas(&client, slot).await;
+        Ok(v)
+    }
+
+    async fn wait_for_replicas(&self, client: &Client, slot: u16) {
+        let Durability { replicas, timeout } = self.inner.durability;
+        if replicas == 0 {
+            return;
+        }
+        // Not "blocking" for fred: other commands may queue behind it on this
+        // connection (Redis answers them after WAIT), none wait in fred.
+        let cmd = CustomCommand::new_static("WAIT", ClusterHash::Custom(slot), false);
+        let start = Instant::now();
+        let r: Result<i64, FredError> = client
+            .custom(cmd, vec![i64::from(replicas), timeout.as_millis() as i64])
+            .instrument(mesh_runtime::redis::span("WAIT", None))
+            .await;
+        let m = &self.inner.metrics;
+        m.redis_seconds.get_or_create(&OpLabels { op: "wait" }).observe(start.elapsed().as_secs_f64());
+        let result = match r {
+            Ok(n) if n >= i64::from(replicas) => "ok",
+            Ok(n) => {
+                tracing::warn!(
+                    slot,
+                    acknowledged = n,
+                    wanted = replicas,
+                    "no replica acknowledged a session change in time; it is applied on the master only"
+                );
+                "timeout"
+            }
+            Err(e) => {
+                tracing::warn!(slot, error = %e.details(), "waiting for replicas failed");
+                "error"
+            }
+        };
+        m.replica_waits.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Validates (and touches) a token: one round trip.
+    pub(crate) async fn validate(
+        &self,
+        b: Bucket,
+        h: &TokenHash,
+        touch: bool,
+        touch_interval: Duration,
+    ) -> Result<Option<Record>, StoreError> {
+        let s = &self.inner.scripts;
+        let client = self.inner.reads.next().clone();
+        let v = self
+            .eval(
+                &client,
+                "session_validate",
+                &s.validate,
+                vec![self.token_key(b, h)],
+                vec![
+                    self.base(b),
+                    String::new(),
+                    if touch { "1" } else { "0" }.to_owned(),
+                    touch_interval.as_millis().to_string(),
+                ],
+            )
+            .await?;
+        Ok(record(&array(v)))
+    }
+
+    /// Creates a session, evicting the user's oldest beyond `cap`.
+    pub(crate) async fn create(
+        &self,
+        new: &NewSession,
+        id: &SessionId,
+        h: &TokenHash,
+        cap: u32,
+        ctx: &AuditContext,
+    ) -> Result<Changed<Record>, StoreError> {
+        let b = new.user_id.bucket();
+        let base = self.base(b);
+        let v = self
+            .change(
+                "session_create",
+                &self.inner.scripts.create,
+                vec![format!("{base}u:{}", new.user_id.as_str())],
+                vec![
+                    base,
+                    self.ctx_json(ctx),
+                    id.as_str().to_owned(),
+                    h.hex(),
+                    new.user_id.as_str().to_owned(),
+                    new.attributes_json.clone(),
+                    new.client.ip.clone(),
+                    new.client.user_agent.clone(),
+                    new.idle_timeout.as_millis().to_string(),
+                    new.absolute_timeout.as_millis().to_string(),
+                    cap.to_string(),
+                ],
+            )
+            .await?;
+        let v = array(v);
+        let rec = record(&v).ok_or_else(|| StoreError {
+            op: "session_create",
+            details: "the script answered without a session".to_owned(),
+        })?;
+        Ok(Changed { value: rec, revoked: hashes(&v[13..]) })
+    }
+
+    /// Rotates a token: `None` when it has no live session.
+    pub(crate) async fn refresh(
+        &self,
+        b: Bucket,
+        old: &TokenHash,
+        new: &TokenHash,
+        ctx: &AuditContext,
+    ) -> Result<Option<Record>, StoreError> {
+        let v = self
+            .change(
+                "session_refresh",
+                &self.inner.scripts.refresh,
+                vec![self.token_key(b, old)],
+                vec![
+                    self.base(b),
+                    self.ctx_json(ctx),
+                    old.hex(),
+                    new.hex(),
+                    ROTATION_MEMORY.as_millis().to_string(),
+                ],
+            )
+            .await?;
+        Ok(record(&array(v)))
+    }
+
+    /// Revokes one session by id; the revoked token, if it was live.
+    pub(crate) async fn revoke_id(
+        &self,
+        id: &SessionId,
+        ctx: &AuditContext,
+    ) -> Result<Option<TokenHash>, StoreError> {
+        let base = self.base(id.bucket());
+        self.revoke(vec![format!("{base}s:{}", id.as_str())], base, "s", ctx).await
+    }
+
+    /// Revokes one session by token.
+    pub(crate) async fn revoke_token(
+        &self,
+        b: Bucket,
+        h: &TokenHash,
+        ctx: &AuditContext,
+    ) -> Result<Option<TokenHash>, StoreError> {
+        self.revoke(vec![self.token_key(b, h)], self.base(b), "t", ctx).await
+    }
+
+    async fn revoke(
+        &self,
+        keys: Vec<String>,
+        base: String,
+        kind: &str,
+        ctx: &AuditContext,
+    ) -> Result<Option<TokenHash>, StoreError> {
+        let v = self
+            .change(
+                "session_revoke",
+                &self.inner.scripts.revoke,
+                keys,
+                vec![base, self.ctx_json(ctx), kind.to_owned()],
+            )
+            .await?;
+        let v = array(v);
+        Ok((v.first().map(int) == Some(1)).then(|| hashes(&v[1..]).into_iter().next()).flatten())
+    }
+
+    /// Revokes every session of a user but `except`; how many, and their tokens.
+    pub(crate) async fn revoke_user(
+        &self,
+        user: &UserId,
+        except: Option<&SessionId>,
+        ctx: &AuditContext,
+    ) -> Result<Changed<u32>, StoreError> {
+        let base = self.base(user.bucket());
+        let v = self
+            .change(
+                "session_revoke_user",
+                &self.inner.scripts.revoke_user,
+                vec![format!("{base}u:{}", user.as_str())],
+                vec![
+                    base,
+                    self.ctx_json(ctx),
+                    user.as_str().to_owned(),
+                    except.map(|e| e.as_str().to_owned()).unwrap_or_default(),
+                ],
+            )
+            .await?;
+        let v = array(v);
+        let n = v.first().map(int).unwrap_or(0);
+        Ok(Changed { value: u32::try_from(n).unwrap_or(0), revoked: hashes(v.get(1..).unwrap_or(&[])) })
+    }
+
+    /// A user's live sessions, newest first.
+    pub(crate) async fn list(&self, user: &UserId) -> Result<Vec<Record>, StoreError> {
+        let base = self.base(user.bucket());
+        let client = self.inner.reads.next().clone();
+        let v = self
+            .eval(
+                &client,
+                "session_list",
+                &self.inner.scripts.list,
+                vec![format!("{base}u:{}", user.as_str())],
+                vec![base, String::new(), user.as_str().to_owned()],
+            )
+            .await?;
+        Ok(array(v).into_iter().filter_map(|s| record(&array(s))).collect())
+    }
+
+    fn outbox_keys(&self, b: Bucket) -> (String, String, String) {
+        let base = self.base(b);
+        (format!("{base}o"), format!("{base}l"), format!("{base}x"))
+    }
+
+    /// Depth of a bucket's outbox and the id of its oldest event.
+    pub(crate) async fn outbox_peek(&self, b: Bucket) -> Result<(u64, Option<String>), StoreError> {
+        let (outbox, _, _) = self.outbox_keys(b);
+        let client = self.inner.reads.next().clone();
+        let v = array(
+            self.eval(&client, "session_outbox_peek", &self.inner.scripts.outbox_peek, vec![outbox], vec![])
+                .await?,
+        );
+        let depth = v.first().map(int).unwrap_or(0).max(0) as u64;
+        let first = v.get(1).map(text).filter(|s| !s.is_empty());
+        Ok((depth, first))
+    }
+
+    /// Claims up to `count` events of a bucket's outbox for `owner`.
+    pub(crate) async fn outbox_claim(
+        &self,
+        b: Bucket,
+        owner: &str,
+        lease: Duration,
+        count: usize,
+    ) -> Result<Claim, StoreError> {
+        let (outbox, lease_key, _) = self.outbox_keys(b);
+        let client = self.inner.reads.next().clone();
+        let v = array(
+            self.eval(
+                &client,
+                "session_outbox_claim",
+                &self.inner.scripts.outbox_claim,
+                vec![outbox, lease_key],
+                vec![owner.to_owned(), lease.as_millis().to_string(), count.to_string()],
+            )
+            .await?,
+        );
+        if v.first().map(int) != Some(1) {
+            return Ok(Claim::Busy);
+        }
+        let events = v[1..]
+            .chunks_exact(2)
+            .map(|pair| OutboxEntry { id: text(&pair[0]), event: text(&pair[1]) })
+            .collect();
+        Ok(Claim::Events(events))
+    }
+
+    /// Deletes delivered events (`dead` first go to the dead-letter stream)
+    /// and releases the lease; returns the events left.
+    pub(crate) async fn outbox_ack(
+        &self,
+        b: Bucket,
+        owner: &str,
+        dead: &[String],
+        delivered: &[String],
+    ) -> Result<u64, StoreError> {
+        let (outbox, lease_key, dead_key) = self.outbox_keys(b);
+        let mut args =
+            vec![owner.to_owned(), dead.len().to_string(), self.inner.outbox_ttl.as_millis().to_string()];
+        args.extend(dead.iter().cloned());
+        args.extend(delivered.iter().cloned());
+        let client = self.inner.reads.next().clone();
+        let v = self
+            .eval(
+                &client,
+                "session_outbox_ack",
+                &self.inner.scripts.outbox_ack,
+                vec![outbox, lease_key, dead_key],
+                args,
+            )
+            .await?;
+        Ok(int(&v).max(0) as u64)
+    }
+}
+
+/// Loads every script on every master once Redis answers, so the first calls
+/// do not pay a `NOSCRIPT` round trip (`EVALSHA` reloads them in any case).
+pub(crate) async fn preload_scripts(pool: Pool) {
+    if !mesh_runtime::redis::wait_connected(&pool, Duration::from_secs(30)).await {
+        return;
+    }
+    for script in Scripts::new().all() {
+        if let Err(e) = script.load(pool.next()).await {
+            tracing::debug!(error = %e.details(), "cannot preload session scripts, evalsha will load them");
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_parse_into_records() {
+        let h = TokenHash([7; 32]);
+        let s = |x: &str| Value::String(x.into());
+        let v = vec![
+            Value::Integer(1),
+            s("ses_001_AAAAAAAAAAAAAAAAAAAAAA"),
+            s("alice"),
+            s("{}"),
+            s("10.0.0.1"),
+            Value::Null,
+            s("1000"),
+            s("2000"),
+            s("3000"),
+            s("9000"),
+            s("2500"),
+            s("1000"),
+            s(&h.hex()),
+            s(&TokenHash([9; 32]).hex()),
+        ];
+        let r = record(&v).unwrap();
+        assert_eq!((r.user_id.as_str(), r.user_agent.as_str()), ("alice", ""));
+        assert_eq!((r.created_ms, r.now_ms, r.remaining_ms()), (1000, 2500, 500));
+        assert_eq!(r.token_hash, Some(h));
+        assert_eq!(hashes(&v[13..]), vec![TokenHash([9; 32])]);
+        assert!(record(&[Value::Integer(0)]).is_none());
+    }
+}
