@@ -1,6 +1,6 @@
 use std::{net::SocketAddr, sync::Arc};
 
-use fred::clients::Pool;
+use fred::{clients::Pool, interfaces::ClientLike as _};
 use mesh_client::{AuditClient, ClientMetrics, RateLimitClient, config::keys as client_keys};
 use mesh_proto::session::session_service_server::SessionServiceServer;
 use mesh_runtime::{ConfigError, ServeError, Server, redis::RedisConfig};
@@ -39,8 +39,8 @@ const NOTIFY_BUFFER: usize = 1024;
 pub struct App {
     server: Server,
     background: Vec<JoinHandle<()>>,
-    // Kept so their connections live as long as the app.
-    _pools: Vec<Pool>,
+    // Closed when serving ends.
+    pools: Vec<Pool>,
 }
 
 fn pool(config: &RedisConfig, size: usize) -> Result<Pool, ConfigError> {
@@ -133,7 +133,7 @@ impl App {
         server.add_service(SessionServiceServer::new(api));
         // So grpcurl can show the google.rpc details (BadRequest, RetryInfo).
         server.add_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET);
-        Ok(Self { server, background, _pools: pools })
+        Ok(Self { server, background, pools })
     }
 
     /// The gRPC address.
@@ -152,6 +152,9 @@ impl App {
         // The outbox is durable: a drain cut short is redelivered, once.
         for task in &self.background {
             task.abort();
+        }
+        for pool in &self.pools {
+            let _ = pool.quit().await;
         }
         result
     }

@@ -37,6 +37,7 @@
 //! - `limiter`: CreateSession's rate limits.
 //! - `outbox`: audit delivery.
 //! - `metrics`: Prometheus metrics.
+//! - `throttle`: warnings that could repeat on every call, logged once in a while.
 
 mod api;
 mod app;
@@ -49,6 +50,7 @@ mod outbox;
 mod pubsub;
 mod request;
 mod store;
+mod throttle;
 pub mod token;
 
 pub use app::{App, StartError};

@@ -14,6 +14,7 @@ use crate::{
     error::Error,
     metrics::{Metrics, ModeLabels},
     request::UserId,
+    throttle::Throttle,
 };
 
 /// Used when the rate-limit service says "over" without saying until when.
@@ -27,6 +28,7 @@ pub(crate) struct Limiter {
     mode: FailureMode,
     timeout: Duration,
     metrics: Arc<Metrics>,
+    warnings: Arc<Throttle>,
 }
 
 fn descriptor(key: &str, value: &str) -> Descriptor {
@@ -42,6 +44,7 @@ impl Limiter {
             mode: c.ratelimit_failure_mode,
             timeout: c.ratelimit_timeout,
             metrics,
+            warnings: Arc::new(Throttle::new(Duration::from_secs(10))),
         }
     }
 
@@ -75,12 +78,15 @@ impl Limiter {
                     .ratelimit_unavailable
                     .get_or_create(&ModeLabels { mode: self.mode.label() })
                     .inc();
-                tracing::warn!(
-                    code = ?status.code(),
-                    error = %status.message(),
-                    mode = self.mode.label(),
-                    "rate-limit service could not decide a session creation"
-                );
+                if let Some(suppressed) = self.warnings.ready() {
+                    tracing::warn!(
+                        code = ?status.code(),
+                        error = %status.message(),
+                        mode = self.mode.label(),
+                        suppressed,
+                        "rate-limit service could not decide a session creation"
+                    );
+                }
                 match self.mode {
                     FailureMode::FailClosed => {
                         Err(Error::Unavailable("rate limiting is unavailable, try again later".to_owned()))

@@ -84,7 +84,7 @@ impl Metrics {
         };
         r.register(
             "mesh_session_validations",
-            "ValidateSession answers, by result and by what answered (cache or redis)",
+            "ValidateSession answers, by result and by what answered (format: refused on its shape, cache, redis)",
             m.validations.clone(),
         );
         r.register("mesh_session_created", "Sessions created", m.created.clone());

@@ -146,7 +146,7 @@ impl Subscriber {
                             tracing::info!(
                                 channels = self.channels.len(),
                                 took = ?started.elapsed(),
-                                "subscribed to every invalidation channel, session cache on"
+                                "subscribed to every bucket channel"
                             );
                             break;
                         }

@@ -41,6 +41,7 @@ use tracing::Instrument as _;
 use crate::{
     metrics::{Metrics, OpLabels, ResultLabels},
     request::{Client as CallClient, NewSession, UserId},
+    throttle::Throttle,
     token::{Bucket, SessionId, TokenHash},
 };
 
@@ -182,6 +183,9 @@ pub(crate) struct Durability {
     pub(crate) timeout: Duration,
 }
 
+/// Least time between two warnings about replica waits.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// How long a rotated token's pointer remembers the rotation (for a retry).
 const ROTATION_MEMORY: Duration = Duration::from_secs(60);
 
@@ -200,6 +204,7 @@ struct Inner {
     durability: Durability,
     outbox_ttl: Duration,
     metrics: Arc<Metrics>,
+    wait_warnings: Throttle,
 }
 
 /// The result of a change: the session (if any) and the tokens it revoked.
@@ -243,6 +248,7 @@ impl Store {
                 durability,
                 outbox_ttl,
                 metrics,
+                wait_warnings: Throttle::new(WARN_EVERY),
             }),
         }
     }
@@ -332,16 +338,21 @@ impl Store {
         let result = match r {
             Ok(n) if n >= i64::from(replicas) => "ok",
             Ok(n) => {
-                tracing::warn!(
-                    slot,
-                    acknowledged = n,
-                    wanted = replicas,
-                    "no replica acknowledged a session change in time; it is applied on the master only"
-                );
+                if let Some(suppressed) = self.inner.wait_warnings.ready() {
+                    tracing::warn!(
+                        slot,
+                        acknowledged = n,
+                        wanted = replicas,
+                        suppressed,
+                        "no replica acknowledged a session change in time; it is applied on the master only"
+                    );
+                }
                 "timeout"
             }
             Err(e) => {
-                tracing::warn!(slot, error = %e.details(), "waiting for replicas failed");
+                if let Some(suppressed) = self.inner.wait_warnings.ready() {
+                    tracing::warn!(slot, error = %e.details(), suppressed, "waiting for replicas failed");
+                }
                 "error"
             }
         };
