@@ -8,7 +8,10 @@
 //!    the ratios are per round, summarised by their median. Run on Tokio's
 //!    multi-threaded runtime (what services use) and on a current-thread
 //!    runtime, where client and server share one thread: no cross-thread
-//!    wake-ups, so the difference is the stack's CPU and little else.
+//!    wake-ups, so the difference is the stack's CPU and little else. The
+//!    baseline server is tonic alone; a last setup repeats the comparison
+//!    against the echo service on the mesh runtime, which is what the stack
+//!    calls in production (its server layer builds spans too).
 //! 2. **CPU per layer**: each layer alone, then the whole stack, over a fake
 //!    endpoint that answers at once (no network), in nanoseconds per call.
 //!
@@ -59,9 +62,11 @@ struct Args {
     /// Calls per layer in the CPU-per-layer section (0: skip it).
     #[arg(long, default_value_t = 200_000)]
     layer_calls: u32,
-    /// Runtimes for the end-to-end section: `multi`, `current`.
-    #[arg(long, default_value = "multi,current", value_delimiter = ',')]
-    runtimes: Vec<String>,
+    /// End-to-end setups, `runtime/server`: runtime `multi` or `current`,
+    /// server `plain` (tonic alone, the baseline the goal refers to) or
+    /// `mesh` (the echo service on the mesh runtime, as services run).
+    #[arg(long, default_value = "multi/plain,current/plain,multi/mesh", value_delimiter = ',')]
+    setups: Vec<String>,
 }
 
 async fn measure<T>(name: &str, load: Load, client: EchoServiceClient<T>, payload: usize) -> Report
@@ -94,12 +99,28 @@ fn median(mut v: Vec<f64>) -> f64 {
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
-async fn end_to_end(args: &Args, metrics: &ClientMetrics, runtime: &str) {
-    let addr = spawn_plain_echo().await;
+/// The echo service on the mesh runtime (server span, request id, metrics,
+/// health, reflection), on 127.0.0.1:0.
+async fn spawn_mesh_echo() -> anyhow::Result<SocketAddr> {
+    let mut server = mesh_runtime::Server::bind(mesh_runtime::ServerConfig::for_tests()).await?;
+    server
+        .add_service(mesh_testkit::echo::server())
+        .add_descriptor_set(mesh_testkit::echo::FILE_DESCRIPTOR_SET);
+    let addr = server.local_addr();
+    tokio::spawn(server.serve(std::future::pending()));
+    Ok(addr)
+}
+
+async fn end_to_end(args: &Args, metrics: &ClientMetrics, runtime: &str, server: &str) -> anyhow::Result<()> {
+    let addr = match server {
+        "plain" => spawn_plain_echo().await,
+        "mesh" => spawn_mesh_echo().await?,
+        other => anyhow::bail!("unknown server {other:?}: plain or mesh"),
+    };
     let bare = EchoServiceClient::new(mesh_testkit::channel(addr).await);
     let stacked = stack(addr, metrics);
 
-    println!("## End to end, {runtime} runtime\n\n{TABLE_HEADER}");
+    println!("## End to end, {runtime} runtime, {server} echo server\n\n{TABLE_HEADER}");
     let mut summary = Vec::new();
     for &concurrency in &args.concurrency {
         let load = Load {
@@ -132,13 +153,14 @@ async fn end_to_end(args: &Args, metrics: &ClientMetrics, runtime: &str) {
         summary.push((concurrency, median(tput), median(p50), median(p99)));
     }
     println!(
-        "\n| runtime | concurrency | stack/bare calls/s (median) | added p50 µs (median) | added p99 µs (median) |"
+        "\n| runtime | server | concurrency | stack/bare calls/s (median) | added p50 µs (median) | added p99 µs (median) |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: |");
     for (c, t, p50, p99) in summary {
-        println!("| {runtime} | {c} | {t:.3} | {p50:.0} | {p99:.0} |");
+        println!("| {runtime} | {server} | {c} | {t:.3} | {p50:.0} | {p99:.0} |");
     }
     println!();
+    Ok(())
 }
 
 fn request() -> Request<Body> {
@@ -218,13 +240,14 @@ fn main() -> anyhow::Result<()> {
     });
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = ClientMetrics::register(&mut registry);
-    for flavor in &args.runtimes {
-        let rt = match flavor.as_str() {
+    for setup in &args.setups {
+        let (flavor, server) = setup.split_once('/').unwrap_or((setup, "plain"));
+        let rt = match flavor {
             "multi" => tokio::runtime::Builder::new_multi_thread().enable_all().build()?,
             "current" => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
             other => anyhow::bail!("unknown runtime {other:?}: multi or current"),
         };
-        rt.block_on(end_to_end(&args, &metrics, flavor));
+        rt.block_on(end_to_end(&args, &metrics, flavor, server))?;
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     if args.layer_calls > 0 {
