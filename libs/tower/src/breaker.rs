@@ -381,11 +381,19 @@ impl Drop for Permit {
 
 /// Reports the status at the end of a streamed body to the breaker.
 #[derive(Debug)]
-pub struct Verdict(Permit);
+pub struct Verdict {
+    permit: Permit,
+    /// The span of the call: the body ends outside it, but a state change
+    /// it causes belongs to it (as a span event).
+    span: tracing::Span,
+}
 
 impl Watch for Verdict {
     fn finish(self, outcome: Outcome) {
-        self.0.record(outcome);
+        let may_change_state =
+            self.permit.breaker.is_failure(outcome) || self.permit.breaker.state() != BreakerState::Closed;
+        let _entered = may_change_state.then(|| self.span.enter());
+        self.permit.record(outcome);
     }
 }
 
@@ -461,7 +469,7 @@ impl<S> CircuitBreaker<S> {
                             permit.record(Outcome::Status(code));
                             None
                         }
-                        None => Some(Verdict(permit)),
+                        None => Some(Verdict { permit, span: tracing::Span::current() }),
                     };
                     Ok(Response::from_parts(parts, StatusBody::new(body, watch)))
                 }
