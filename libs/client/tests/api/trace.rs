@@ -106,3 +106,30 @@ async fn one_call_across_two_services_and_redis_is_one_trace_tree() {
     assert_eq!(redis.attr("db.operation.name"), Some("INCR"));
     telemetry.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_breaker_opening_is_an_event_of_the_call_that_opened_it() {
+    let receiver = OtlpReceiver::start().await;
+    let telemetry = telemetry::init_for_tests("mesh-client-test", Some(receiver.endpoint()));
+    let config = StackConfig {
+        retry: mesh_tower::RetryConfig { max_attempts: 1, ..Default::default() },
+        breaker: mesh_tower::BreakerConfig {
+            consecutive_failures: 2,
+            success_rate: 0.0,
+            ..Default::default()
+        },
+        ..StackConfig::default()
+    };
+    // Nothing listens there: connections are refused.
+    let client = EchoServiceClient::new(echo_channel(&[free_addr()], config, &ClientMetrics::default()));
+    for _ in 0..3 {
+        let err = echo(&client, EchoRequest::default()).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+    }
+    telemetry.flush().await;
+    let opened = |s: &Span| s.kind == 3 && s.events.iter().any(|e| e == "circuit breaker opened");
+    let spans = receiver.wait_for(Duration::from_secs(10), |spans| spans.iter().any(opened)).await;
+    let span = one(&spans, "the client span of the second call", opened);
+    assert_eq!(span.attr("rpc.grpc.status_code"), Some("14"));
+    telemetry.shutdown().await;
+}
