@@ -10,6 +10,7 @@ use mesh_proto::session::{
     RevokeSessionResponse, RevokeUserSessionsRequest, RevokeUserSessionsResponse, ValidateSessionRequest,
     ValidateSessionResponse, session_service_server::SessionService,
 };
+use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
@@ -21,8 +22,14 @@ use crate::{
     metrics::{Metrics, ReasonLabels, ValidationLabels},
     request::{self, Client, RevokeTarget},
     store::{AuditContext, Record, Store, StoreError},
-    token::{SessionId, Token, TokenHash},
+    token::{Bucket, SessionId, Token, TokenHash},
 };
+
+/// What a validation found without Redis.
+enum Local {
+    Hit(Arc<pb::Session>),
+    Miss(Bucket, TokenHash),
+}
 
 /// The gRPC API.
 #[derive(Debug, Clone)]
@@ -37,6 +44,9 @@ struct Inner {
     limiter: Limiter,
     config: SessionConfig,
     metrics: Arc<Metrics>,
+    // The per-call counters, looked up once.
+    invalid_format: Counter,
+    valid_from_cache: Counter,
 }
 
 fn timestamp(ms: i64) -> Option<prost_types::Timestamp> {
@@ -86,7 +96,21 @@ impl Api {
         config: SessionConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self { inner: Arc::new(Inner { store, cache, limiter, config, metrics }) }
+        let counter =
+            |result, source| metrics.validations.get_or_create(&ValidationLabels { result, source }).clone();
+        let invalid_format = counter("invalid", "format");
+        let valid_from_cache = counter("valid", "cache");
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                cache,
+                limiter,
+                config,
+                metrics,
+                invalid_format,
+                valid_from_cache,
+            }),
+        }
     }
 }
 
@@ -121,15 +145,24 @@ impl Inner {
         self.metrics.validations.get_or_create(&ValidationLabels { result, source }).inc();
     }
 
-    async fn validate(&self, token: &str, touch: bool) -> Result<pb::Session, Error> {
-        let (bucket, h) = request::token(token).inspect_err(|_| self.validated("invalid", "format"))?;
+    /// The cheap part of a validation: the token's shape, then the cache.
+    /// Kept apart from [`Inner::validate`], so the future of a cache hit
+    /// stays small (the Redis path's is large, and futures are moved).
+    fn validate_locally(&self, token: &str, touch: bool) -> Result<Local, Error> {
+        let (bucket, h) = request::token(token).inspect_err(|_| {
+            self.invalid_format.inc();
+        })?;
         let now = Instant::now();
         if let Some(e) = self.cache.get(&h, now)
             && (!touch || !e.touch_due(now))
         {
-            self.validated("valid", "cache");
-            return Ok((*e.session).clone());
+            self.valid_from_cache.inc();
+            return Ok(Local::Hit(e.session));
         }
+        Ok(Local::Miss(bucket, h))
+    }
+
+    async fn validate(&self, bucket: Bucket, h: TokenHash, touch: bool) -> Result<pb::Session, Error> {
         let generation = self.cache.generation();
         let sent = Instant::now();
         match self.store.validate(bucket, &h, touch, self.config.touch_interval).await {
@@ -185,7 +218,10 @@ impl SessionService for Api {
         req: Request<ValidateSessionRequest>,
     ) -> Result<Response<ValidateSessionResponse>, Status> {
         let r = req.into_inner();
-        let s = self.inner.validate(&r.token, r.touch).await?;
+        let s = match self.inner.validate_locally(&r.token, r.touch)? {
+            Local::Hit(s) => Arc::unwrap_or_clone(s),
+            Local::Miss(bucket, h) => Box::pin(self.inner.validate(bucket, h, r.touch)).await?,
+        };
         Ok(Response::new(ValidateSessionResponse { session: Some(s) }))
     }
 

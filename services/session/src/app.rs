@@ -15,7 +15,7 @@ use crate::{
     limiter::Limiter,
     metrics::Metrics,
     outbox::Drainer,
-    pubsub::Subscriber,
+    pubsub::{Acks, Subscriber},
     store::{Durability, Store},
     token::{AuditHasher, Bucket},
 };
@@ -62,16 +62,19 @@ impl App {
         let reads = mesh_runtime::redis::connect(&config.redis)?;
         let writes = pool(&config.redis, c.write_pool_size)?;
         server.add_check(mesh_runtime::redis::check(&reads));
+        let acks = Arc::new(Acks::default());
         let store = Store::new(
             reads.clone(),
             writes.clone(),
             config.redis.key_prefix.clone(),
             Durability { replicas: c.wait_replicas, timeout: c.wait_timeout },
             c.outbox_ttl,
+            acks.clone(),
+            c.invalidation_timeout,
             metrics.clone(),
         );
         let mut background = vec![tokio::spawn(crate::store::preload_scripts(reads.clone()))];
-        let mut pools = vec![reads, writes];
+        let mut pools = vec![reads.clone(), writes];
 
         let ratelimit = match &config.clients.ratelimit {
             Some(_) => Some(RateLimitClient::from_config(&config.clients, &client_metrics)?),
@@ -110,23 +113,26 @@ impl App {
             }
         };
 
+        // Always subscribed, even without a cache of its own: other
+        // instances' revocations are acknowledged, and this one's are
+        // confirmed, through the same channels.
         let cache = Arc::new(Cache::new(c.cache_max_bytes, metrics.clone()));
-        if cache.configured() || notify.is_some() {
-            let subscriber = pool(&config.redis, 1)?;
-            let channels = Bucket::all().map(|b| store.channel(b)).collect();
-            background.extend(
-                Subscriber::new(
-                    subscriber.clone(),
-                    store.prefix().to_owned(),
-                    channels,
-                    cache.clone(),
-                    notify,
-                    metrics.clone(),
-                )
-                .spawn(),
-            );
-            pools.push(subscriber);
-        }
+        let subscriber = pool(&config.redis, 1)?;
+        let channels = Bucket::all().map(|b| store.channel(b)).collect();
+        background.extend(
+            Subscriber::new(
+                subscriber.clone(),
+                reads,
+                acks,
+                store.prefix().to_owned(),
+                channels,
+                cache.clone(),
+                notify,
+                metrics.clone(),
+            )
+            .spawn(),
+        );
+        pools.push(subscriber);
 
         let limiter = Limiter::new(ratelimit, c, metrics.clone());
         let api = Api::new(store, cache, limiter, c.clone(), metrics);

@@ -5,8 +5,9 @@
 //!
 //! - **Revocation invalidates.** Every script that ends a token publishes its
 //!   hash on the bucket's sharded pub/sub channel in the same atomic step;
-//!   every instance removes it on receipt (`pubsub`), and the instance that
-//!   made the change removes it itself before answering.
+//!   every instance removes it on receipt and confirms (`pubsub`), the
+//!   revoking call waits for the confirmations (`store`), and the instance
+//!   that made the change also removes it itself before answering.
 //! - **No subscription, no cache.** The cache is used only while every
 //!   bucket's channel is subscribed; losing any connection (or missing
 //!   messages) disables and clears it until all are subscribed again.

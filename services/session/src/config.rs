@@ -14,6 +14,7 @@
 //! | `MESH_SESSION_TOUCH_INTERVAL_MS` | 60000 | a touch is written only when the session was last seen longer ago than this (or a sixteenth of its idle timeout, if smaller) |
 //! | `MESH_SESSION_CACHE_MAX_BYTES` | 67108864 (64 MiB) | validation cache size (0: no cache) |
 //! | `MESH_SESSION_CACHE_TTL_MS` | 30000 | longest a validation is served from the cache (a backstop; revocations invalidate at once) |
+//! | `MESH_SESSION_INVALIDATION_TIMEOUT_MS` | 250 | longest a revocation waits for every instance to confirm its cache dropped the token |
 //! | `MESH_SESSION_WAIT_REPLICAS` | 1 | replicas a change must reach (`WAIT`) before the call returns (0: don't wait) |
 //! | `MESH_SESSION_WAIT_TIMEOUT_MS` | 100 | longest a change waits for them; then it returns anyway and counts it |
 //! | `MESH_SESSION_WRITE_POOL_SIZE` | 2 | Redis clients for changes (they block on `WAIT`, so they are apart from validation's) |
@@ -60,6 +61,8 @@ pub mod keys {
     pub const CACHE_MAX_BYTES: &str = "MESH_SESSION_CACHE_MAX_BYTES";
     /// Longest a cached validation is used (ms).
     pub const CACHE_TTL_MS: &str = "MESH_SESSION_CACHE_TTL_MS";
+    /// Longest wait for revocation acknowledgements (ms).
+    pub const INVALIDATION_TIMEOUT_MS: &str = "MESH_SESSION_INVALIDATION_TIMEOUT_MS";
     /// Replicas a change waits for.
     pub const WAIT_REPLICAS: &str = "MESH_SESSION_WAIT_REPLICAS";
     /// Longest wait for them (ms).
@@ -133,6 +136,8 @@ pub struct SessionConfig {
     pub cache_max_bytes: usize,
     /// Longest a cached validation is used.
     pub cache_ttl: Duration,
+    /// Longest a revocation waits for every instance's acknowledgement.
+    pub invalidation_timeout: Duration,
     /// Replicas a change waits for (0: none).
     pub wait_replicas: u32,
     /// Longest a change waits for them.
@@ -190,6 +195,7 @@ impl Default for SessionConfig {
             touch_interval: Duration::from_secs(60),
             cache_max_bytes: 64 << 20,
             cache_ttl: Duration::from_secs(30),
+            invalidation_timeout: Duration::from_millis(250),
             wait_replicas: 1,
             wait_timeout: Duration::from_millis(100),
             write_pool_size: 2,
@@ -233,6 +239,7 @@ impl SessionConfig {
             touch_interval: l.millis_or(TOUCH_INTERVAL_MS, d.touch_interval)?,
             cache_max_bytes: l.parse_or(CACHE_MAX_BYTES, d.cache_max_bytes)?,
             cache_ttl: l.millis_or(CACHE_TTL_MS, d.cache_ttl)?,
+            invalidation_timeout: l.millis_or(INVALIDATION_TIMEOUT_MS, d.invalidation_timeout)?,
             wait_replicas: l.parse_or(WAIT_REPLICAS, d.wait_replicas)?,
             wait_timeout: l.millis_or(WAIT_TIMEOUT_MS, d.wait_timeout)?,
             write_pool_size: l.parse_or(WRITE_POOL_SIZE, d.write_pool_size)?,
@@ -286,6 +293,7 @@ impl SessionConfig {
             return Err(ConfigError::new(AUDIT_HASH_KEY, "must be at least 16 bytes long"));
         }
         at_least(RATELIMIT_TIMEOUT_MS, self.ratelimit_timeout, Duration::from_millis(1))?;
+        at_least(INVALIDATION_TIMEOUT_MS, self.invalidation_timeout, Duration::from_millis(1))?;
         at_least(AUDIT_TIMEOUT_MS, self.audit_timeout, Duration::from_millis(1))?;
         at_least(OUTBOX_SWEEP_MS, self.outbox_sweep, Duration::from_millis(10))?;
         at_least(OUTBOX_LEASE_MS, self.outbox_lease, Duration::from_millis(100))?;

@@ -14,8 +14,9 @@
 //! - **Durability**: changes wait for a replica (`WAIT`), so a master
 //!   failover loses no acknowledged session or revocation (`store`).
 //! - **Validation cache**, invalidated across instances through sharded
-//!   pub/sub published by the same scripts, used only while every channel is
-//!   subscribed (`cache`, `pubsub`).
+//!   pub/sub published by the same scripts; a revocation returns once every
+//!   instance that received it has confirmed its cache dropped the token; the
+//!   cache is used only while every channel is subscribed (`cache`, `pubsub`).
 //! - **CreateSession is rate limited** per user and client IP through the
 //!   rate-limit service (`limiter`).
 //! - **Audit**: create, refresh, revoke, revoke-all and cap evictions are

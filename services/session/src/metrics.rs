@@ -46,6 +46,7 @@ pub(crate) struct Metrics {
     pub(crate) redis_seconds: Family<OpLabels, Histogram, fn() -> Histogram>,
     pub(crate) redis_errors: Family<OpLabels, Counter>,
     pub(crate) replica_waits: Family<ResultLabels, Counter>,
+    pub(crate) revocation_acks: Family<ResultLabels, Counter>,
     pub(crate) cache_enabled: Gauge,
     pub(crate) cache_entries: Gauge,
     pub(crate) cache_bytes: Gauge,
@@ -71,6 +72,7 @@ impl Metrics {
             redis_seconds: Family::new_with_constructor(histogram),
             redis_errors: Family::default(),
             replica_waits: Family::default(),
+            revocation_acks: Family::default(),
             cache_enabled: Gauge::default(),
             cache_entries: Gauge::default(),
             cache_bytes: Gauge::default(),
@@ -103,6 +105,11 @@ impl Metrics {
             "mesh_session_replica_waits",
             "WAIT after a change: ok (a replica has it), timeout (none acknowledged in time; the call still succeeded), error",
             m.replica_waits.clone(),
+        );
+        r.register(
+            "mesh_session_revocation_acks",
+            "Revocations by result: complete (every instance that received it confirmed its cache dropped the token), timeout",
+            m.revocation_acks.clone(),
         );
         r.register(
             "mesh_session_cache_enabled",

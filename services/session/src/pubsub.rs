@@ -1,5 +1,8 @@
 //! Listening to every bucket's channel (sharded pub/sub): revoked token
-//! hashes leave the validation cache, outbox notifications wake the drainer.
+//! hashes leave the validation cache and are acknowledged (`a <nonce>`, so
+//! the revoking instance knows every cache has dropped them before it
+//! answers), acknowledgements are counted for the revocations this instance
+//! waits on ([`Acks`]), outbox notifications wake the drainer.
 //!
 //! One dedicated Redis client holds the subscriptions (a subscribed
 //! connection can do nothing else). Each bucket's channel is in the bucket's
@@ -16,7 +19,14 @@
 //! healthy masters) are caught by asking the cluster for its routing every
 //! [`ROUTING_CHECK`]; the cache's TTL bounds whatever remains.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use fred::{
     clients::{Client, Pool},
@@ -25,9 +35,9 @@ use fred::{
 };
 use futures::{StreamExt as _, stream};
 use tokio::{
-    sync::{broadcast::error::RecvError, mpsc},
+    sync::{Notify, broadcast::error::RecvError, mpsc},
     task::JoinHandle,
-    time::Instant,
+    time::{Instant, timeout_at},
 };
 
 use crate::{
@@ -41,10 +51,76 @@ pub(crate) const ROUTING_CHECK: Duration = Duration::from_secs(1);
 /// `SSUBSCRIBE`s in flight at once while (re)subscribing.
 const SUBSCRIBE_CONCURRENCY: usize = 32;
 
+/// Acknowledgements of revocations this instance published, by nonce.
+#[derive(Debug, Default)]
+pub(crate) struct Acks {
+    waiting: Mutex<HashMap<String, Arc<Counted>>>,
+}
+
+#[derive(Debug, Default)]
+struct Counted {
+    count: AtomicU64,
+    notify: Notify,
+}
+
+/// One revocation's acknowledgements, counted from before it is published;
+/// forgotten when dropped.
+#[derive(Debug)]
+pub(crate) struct Expected {
+    acks: Arc<Acks>,
+    nonce: String,
+    counted: Arc<Counted>,
+}
+
+impl Acks {
+    /// Starts counting acknowledgements of `nonce`.
+    pub(crate) fn expect(self: &Arc<Self>, nonce: &str) -> Expected {
+        let counted = Arc::new(Counted::default());
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).insert(nonce.to_owned(), counted.clone());
+        Expected { acks: self.clone(), nonce: nonce.to_owned(), counted }
+    }
+
+    fn ack(&self, nonce: &str) {
+        let counted = self.waiting.lock().unwrap_or_else(|p| p.into_inner()).get(nonce).cloned();
+        if let Some(c) = counted {
+            c.count.fetch_add(1, Ordering::SeqCst);
+            c.notify.notify_waiters();
+        }
+    }
+}
+
+impl Expected {
+    /// Waits until `n` acknowledgements arrived, at most `timeout`; whether they did.
+    pub(crate) async fn wait(&self, n: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.counted.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so an ack in between still wakes us.
+            notified.as_mut().enable();
+            if self.counted.count.load(Ordering::SeqCst) >= n {
+                return true;
+            }
+            if timeout_at(deadline, notified).await.is_err() {
+                return self.counted.count.load(Ordering::SeqCst) >= n;
+            }
+        }
+    }
+}
+
+impl Drop for Expected {
+    fn drop(&mut self) {
+        self.acks.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.nonce);
+    }
+}
+
 /// The subscriber and its two tasks.
 #[derive(Debug)]
 pub(crate) struct Subscriber {
     pool: Pool,
+    /// Publishes acknowledgements (a subscribed connection cannot).
+    publisher: Pool,
+    acks: Arc<Acks>,
     prefix: String,
     channels: Vec<String>,
     cache: Arc<Cache>,
@@ -54,15 +130,18 @@ pub(crate) struct Subscriber {
 
 impl Subscriber {
     /// `pool` is a pool of one client of its own; `channels` every bucket's channel.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         pool: Pool,
+        publisher: Pool,
+        acks: Arc<Acks>,
         prefix: String,
         channels: Vec<String>,
         cache: Arc<Cache>,
         outbox: Option<mpsc::Sender<Bucket>>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self { pool, prefix, channels, cache, outbox, metrics }
+        Self { pool, publisher, acks, prefix, channels, cache, outbox, metrics }
     }
 
     /// Starts listening and managing the subscriptions.
@@ -80,7 +159,7 @@ impl Subscriber {
                 Ok(msg) => {
                     let Some(bucket) = Bucket::from_key(&self.prefix, &msg.channel) else { continue };
                     let Some(text) = msg.value.as_str() else { continue };
-                    self.handle(bucket, &text);
+                    self.handle(bucket, &msg.channel, &text);
                 }
                 Err(RecvError::Lagged(n)) => {
                     tracing::warn!(
@@ -94,12 +173,24 @@ impl Subscriber {
         }
     }
 
-    fn handle(&self, bucket: Bucket, text: &str) {
-        if let Some(hashes) = text.strip_prefix("r ") {
-            let hashes: Vec<TokenHash> = hashes.split(' ').filter_map(TokenHash::from_hex).collect();
+    fn handle(&self, bucket: Bucket, channel: &str, text: &str) {
+        if let Some(rest) = text.strip_prefix("r ") {
+            let mut parts = rest.split(' ');
+            let nonce = parts.next().unwrap_or_default();
+            let hashes: Vec<TokenHash> = parts.filter_map(TokenHash::from_hex).collect();
             self.metrics.cache_invalidations.inc_by(hashes.len() as u64);
             self.cache.invalidate(&hashes);
             tracing::trace!(bucket = %bucket.hint(), tokens = hashes.len(), "revoked tokens invalidated");
+            // Only now is this instance's cache clean: say so.
+            let (client, channel, ack) =
+                (self.publisher.next().clone(), channel.to_owned(), format!("a {nonce}"));
+            tokio::spawn(async move {
+                if let Err(e) = client.spublish::<(), _, _>(channel, ack).await {
+                    tracing::debug!(error = %e.details(), "cannot acknowledge a revocation");
+                }
+            });
+        } else if let Some(nonce) = text.strip_prefix("a ") {
+            self.acks.ack(nonce);
         } else if text == "o"
             && let Some(tx) = &self.outbox
         {
@@ -226,5 +317,30 @@ fn drain<T: Clone>(rx: &mut tokio::sync::broadcast::Receiver<T>) -> bool {
             Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => any = true,
             Err(_) => return any,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn acknowledgements_are_counted_from_before_the_wait() {
+        let acks = Arc::new(Acks::default());
+        let expected = acks.expect("n1");
+        acks.ack("n1");
+        acks.ack("other");
+        assert!(expected.wait(1, Duration::from_millis(10)).await);
+        assert!(!expected.wait(2, Duration::from_millis(10)).await, "times out short of the count");
+        let waiter = tokio::spawn({
+            let acks = acks.clone();
+            async move { acks.expect("n2").wait(2, Duration::from_secs(1)).await }
+        });
+        tokio::task::yield_now().await;
+        acks.ack("n2");
+        acks.ack("n2");
+        assert!(waiter.await.unwrap());
+        drop(expected);
+        assert!(acks.waiting.lock().unwrap().is_empty(), "forgotten when dropped");
     }
 }

@@ -23,6 +23,15 @@
 //! `mesh_session_replica_waits_total{result="timeout"}`; a master without an
 //! in-sync replica cannot be failed over to one that lacks the write anyway.
 //!
+//! # Revocations reach every cache before the call returns
+//! A script that ends tokens publishes `r <nonce> <hashes>` on the bucket's
+//! channel and reports how many subscribers (instances) received it. Each
+//! instance drops the hashes from its cache, then publishes `a <nonce>`; the
+//! change waits for that many acknowledgements (alongside `WAIT`) before
+//! answering, up to `MESH_SESSION_INVALIDATION_TIMEOUT_MS` (an instance that
+//! received it and then died cannot answer; one whose subscription is lost
+//! was not counted and has its cache off, see `pubsub`).
+//!
 //! Session ids and new token hashes are chosen before a script runs, so a
 //! script repeated after a lost reply (fred resends once on a broken
 //! connection) answers as the first time instead of creating or rotating twice.
@@ -40,6 +49,7 @@ use tracing::Instrument as _;
 
 use crate::{
     metrics::{Metrics, OpLabels, ResultLabels},
+    pubsub::{Acks, Expected},
     request::{Client as CallClient, NewSession, UserId},
     throttle::Throttle,
     token::{Bucket, SessionId, TokenHash},
@@ -205,6 +215,9 @@ struct Inner {
     outbox_ttl: Duration,
     metrics: Arc<Metrics>,
     wait_warnings: Throttle,
+    acks: Arc<Acks>,
+    ack_timeout: Duration,
+    ack_warnings: Throttle,
 }
 
 /// The result of a change: the session (if any) and the tokens it revoked.
@@ -231,12 +244,15 @@ pub(crate) enum Claim {
 }
 
 impl Store {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         reads: Pool,
         writes: Pool,
         prefix: String,
         durability: Durability,
         outbox_ttl: Duration,
+        acks: Arc<Acks>,
+        ack_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -249,6 +265,9 @@ impl Store {
                 outbox_ttl,
                 metrics,
                 wait_warnings: Throttle::new(WARN_EVERY),
+                acks,
+                ack_timeout,
+                ack_warnings: Throttle::new(WARN_EVERY),
             }),
         }
     }
@@ -272,9 +291,10 @@ impl Store {
         format!("{}t:{}", self.base(b), h.hex())
     }
 
-    fn ctx_json(&self, ctx: &AuditContext) -> String {
+    fn ctx_json(&self, ctx: &AuditContext, nonce: &str) -> String {
         serde_json::json!({
             "k": uuid::Uuid::now_v7().to_string(),
+            "n": nonce,
             "r": ctx.request_id,
             "tr": ctx.trace_id,
             "ip": ctx.client.ip,
@@ -305,19 +325,48 @@ impl Store {
         })
     }
 
-    /// Runs a change on a write client and waits for replicas (module docs).
+    /// Runs a change on a write client (`ARGV[1]` = `base`, `ARGV[2]` = the
+    /// audit context, then `args`), then waits, together, for a replica to
+    /// hold it and for every instance that received its revocations to have
+    /// dropped them from its cache (module docs). Returns the script's reply
+    /// without the count of receivers in front.
     async fn change(
         &self,
         op: &'static str,
         script: &Script,
         keys: Vec<String>,
+        base: String,
+        ctx: &AuditContext,
         args: Vec<String>,
-    ) -> Result<Value, StoreError> {
+    ) -> Result<Vec<Value>, StoreError> {
         let client = self.inner.writes.next().clone();
         let slot = fred::util::redis_keyslot(keys[0].as_bytes());
-        let v = self.eval(&client, op, script, keys, args).await?;
-        self.wait_for_replicas(&client, slot).await;
+        let nonce = uuid::Uuid::new_v4().simple().to_string();
+        let mut all = vec![base, self.ctx_json(ctx, &nonce)];
+        all.extend(args);
+        // Before the script: acknowledgements may arrive before its reply.
+        let acks = self.inner.acks.expect(&nonce);
+        let mut v = array(self.eval(&client, op, script, keys, all).await?);
+        let receivers = if v.is_empty() { 0 } else { int(&v.remove(0)).max(0) as u64 };
+        tokio::join!(self.wait_for_replicas(&client, slot), self.wait_for_acks(acks, receivers));
         Ok(v)
+    }
+
+    async fn wait_for_acks(&self, acks: Expected, receivers: u64) {
+        if receivers == 0 {
+            return;
+        }
+        let complete = acks.wait(receivers, self.inner.ack_timeout).await;
+        let result = if complete { "complete" } else { "timeout" };
+        self.inner.metrics.revocation_acks.get_or_create(&ResultLabels { result }).inc();
+        if !complete && let Some(suppressed) = self.inner.ack_warnings.ready() {
+            tracing::warn!(
+                receivers,
+                timeout = ?self.inner.ack_timeout,
+                suppressed,
+                "not every instance confirmed a revocation in time"
+            );
+        }
     }
 
     async fn wait_for_replicas(&self, client: &Client, slot: u16) {
@@ -402,9 +451,9 @@ impl Store {
                 "session_create",
                 &self.inner.scripts.create,
                 vec![format!("{base}u:{}", new.user_id.as_str())],
+                base,
+                ctx,
                 vec![
-                    base,
-                    self.ctx_json(ctx),
                     id.as_str().to_owned(),
                     h.hex(),
                     new.user_id.as_str().to_owned(),
@@ -417,7 +466,6 @@ impl Store {
                 ],
             )
             .await?;
-        let v = array(v);
         let rec = record(&v).ok_or_else(|| StoreError {
             op: "session_create",
             details: "the script answered without a session".to_owned(),
@@ -438,16 +486,12 @@ impl Store {
                 "session_refresh",
                 &self.inner.scripts.refresh,
                 vec![self.token_key(b, old)],
-                vec![
-                    self.base(b),
-                    self.ctx_json(ctx),
-                    old.hex(),
-                    new.hex(),
-                    ROTATION_MEMORY.as_millis().to_string(),
-                ],
+                self.base(b),
+                ctx,
+                vec![old.hex(), new.hex(), ROTATION_MEMORY.as_millis().to_string()],
             )
             .await?;
-        Ok(record(&array(v)))
+        Ok(record(&v))
     }
 
     /// Revokes one session by id; the revoked token, if it was live.
@@ -478,14 +522,8 @@ impl Store {
         ctx: &AuditContext,
     ) -> Result<Option<TokenHash>, StoreError> {
         let v = self
-            .change(
-                "session_revoke",
-                &self.inner.scripts.revoke,
-                keys,
-                vec![base, self.ctx_json(ctx), kind.to_owned()],
-            )
+            .change("session_revoke", &self.inner.scripts.revoke, keys, base, ctx, vec![kind.to_owned()])
             .await?;
-        let v = array(v);
         Ok((v.first().map(int) == Some(1)).then(|| hashes(&v[1..]).into_iter().next()).flatten())
     }
 
@@ -502,15 +540,11 @@ impl Store {
                 "session_revoke_user",
                 &self.inner.scripts.revoke_user,
                 vec![format!("{base}u:{}", user.as_str())],
-                vec![
-                    base,
-                    self.ctx_json(ctx),
-                    user.as_str().to_owned(),
-                    except.map(|e| e.as_str().to_owned()).unwrap_or_default(),
-                ],
+                base,
+                ctx,
+                vec![user.as_str().to_owned(), except.map(|e| e.as_str().to_owned()).unwrap_or_default()],
             )
             .await?;
-        let v = array(v);
         let n = v.first().map(int).unwrap_or(0);
         Ok(Changed { value: u32::try_from(n).unwrap_or(0), revoked: hashes(v.get(1..).unwrap_or(&[])) })
     }

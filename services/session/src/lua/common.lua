@@ -15,7 +15,8 @@
 --   o        stream  audit outbox: events written with the change they record
 --   l        string  the outbox drain lease
 --   x        stream  audit events the audit service refused for good
--- Channel `c` (sharded pub/sub): `r <hex> ...` token hashes revoked,
+-- Channel `c` (sharded pub/sub): `r <nonce> <hex> ...` token hashes revoked
+-- (every subscriber answers `a <nonce>` once its cache has dropped them),
 -- `o` the outbox has events.
 --
 -- Session fields: u user id, t token hash, a attributes (JSON), i client ip,
@@ -90,11 +91,18 @@ local function kill(s)
   table.insert(revoked, s.t)
 end
 
--- Publishes what changed and keeps the outbox alive; call last.
-local function finish()
+-- Publishes what changed, keeps the outbox alive, and puts in front of a
+-- change's reply how many subscribers received the revocations (the
+-- acknowledgements to wait for). Every change returns through it.
+local function done(r)
+  local receivers = 0
   if events > 0 then redis.call('PEXPIRE', OUTBOX, ctx.ttl) end
-  if #revoked > 0 then redis.call('SPUBLISH', CHANNEL, 'r ' .. table.concat(revoked, ' ')) end
+  if #revoked > 0 then
+    receivers = redis.call('SPUBLISH', CHANNEL, 'r ' .. ctx.n .. ' ' .. table.concat(revoked, ' '))
+  end
   if events > 0 then redis.call('SPUBLISH', CHANNEL, 'o') end
+  table.insert(r, 1, receivers)
+  return r
 end
 
 -- The hashes revoked, as the tail of a reply.

@@ -1,13 +1,14 @@
 -- CreateSession: KEYS[1] the user's index. ARGV[3] session id, ARGV[4] token
 -- hash, ARGV[5] user id, ARGV[6] attributes, ARGV[7] ip, ARGV[8] user agent,
 -- ARGV[9] idle timeout (ms), ARGV[10] absolute lifetime (ms), ARGV[11] cap.
--- Reply: the session, then the token hashes of evicted sessions.
+-- Reply (after `done`'s count): the session, then the token hashes of
+-- evicted sessions.
 local now = now_ms()
 local sid, th, uid = ARGV[3], ARGV[4], ARGV[5]
 local existing = load(sid)
 if existing then
   -- The id is new for every call: this is a retry of this very call.
-  if existing.t == th then return reply(existing, now) end
+  if existing.t == th then return done(reply(existing, now)) end
   return redis.error_reply('ERR session id collision')
 end
 local sessions = reindex(uid, now)
@@ -28,5 +29,4 @@ redis.call('SET', tkey(th), sid, 'PXAT', x)
 redis.call('ZADD', KEYS[1], fmt(now), sid)
 reindex(uid, now)
 audit(now, 'session.create', s)
-finish()
-return with_revoked(reply(s, now))
+return done(with_revoked(reply(s, now)))

@@ -1,21 +1,21 @@
 -- RefreshSession: KEYS[1] the current token's pointer. ARGV[3] its hash,
 -- ARGV[4] the new token's hash, ARGV[5] how long (ms) the old pointer
--- remembers the rotation. Reply: the session, or {0}.
+-- remembers the rotation. Reply (after `done`'s count): the session, or {0}.
 local now = now_ms()
 local old, new = ARGV[3], ARGV[4]
 local v = redis.call('GET', KEYS[1])
-if not v then return { 0 } end
+if not v then return done({ 0 }) end
 if string.sub(v, 1, 1) == '~' then
   -- Rotated already. A retry of that very rotation (same new hash) gets the
   -- same answer; anyone else presenting the old token gets nothing.
-  if string.sub(v, 2) ~= new then return { 0 } end
+  if string.sub(v, 2) ~= new then return done({ 0 }) end
   local sid = redis.call('GET', tkey(new))
   local s = sid and load(sid)
-  if live(s, now) and s.t == new then return reply(s, now) end
-  return { 0 }
+  if live(s, now) and s.t == new then return done(reply(s, now)) end
+  return done({ 0 })
 end
 local s = load(v)
-if not live(s, now) or s.t ~= old then return { 0 } end
+if not live(s, now) or s.t ~= old then return done({ 0 }) end
 s.t = new
 s.l = now
 s.ie = math.min(now + s.d, s.ae)
@@ -29,5 +29,4 @@ local t = redis.call('PEXPIRETIME', u)
 if t ~= -2 and t < expiry(s) then redis.call('PEXPIREAT', u, x) end
 table.insert(revoked, old)
 audit(now, 'session.refresh', s, { p = old })
-finish()
-return reply(s, now)
+return done(reply(s, now))

@@ -1,17 +1,16 @@
 -- RevokeSession: KEYS[1] the session (ARGV[3] = 's') or the token's pointer
--- (ARGV[3] = 't'). Reply: {1, revoked token hash} or {0}.
+-- (ARGV[3] = 't'). Reply (after `done`'s count): {1, revoked token hash} or {0}.
 local now = now_ms()
 local sid
 if ARGV[3] == 't' then
   sid = redis.call('GET', KEYS[1])
-  if not sid or string.sub(sid, 1, 1) == '~' then return { 0 } end
+  if not sid or string.sub(sid, 1, 1) == '~' then return done({ 0 }) end
 else
   sid = string.sub(KEYS[1], #base + 3)
 end
 local s = load(sid)
-if not live(s, now) or (ARGV[3] == 't' and tkey(s.t) ~= KEYS[1]) then return { 0 } end
+if not live(s, now) or (ARGV[3] == 't' and tkey(s.t) ~= KEYS[1]) then return done({ 0 }) end
 kill(s)
 reindex(s.u, now)
 audit(now, 'session.revoke', s, { m = ARGV[3] == 't' and 'token' or 'session_id' })
-finish()
-return with_revoked({ 1 })
+return done(with_revoked({ 1 }))

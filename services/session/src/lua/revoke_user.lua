@@ -1,5 +1,6 @@
 -- RevokeUserSessions: KEYS[1] the user's index. ARGV[3] user id, ARGV[4] a
--- session id to keep, or ''. Reply: {count, revoked token hashes...}.
+-- session id to keep, or ''. Reply (after `done`'s count): {count, revoked
+-- token hashes...}.
 local now = now_ms()
 local n = 0
 for _, s in ipairs(reindex(ARGV[3], now)) do
@@ -10,5 +11,4 @@ for _, s in ipairs(reindex(ARGV[3], now)) do
   end
 end
 reindex(ARGV[3], now)
-finish()
-return with_revoked({ n })
+return done(with_revoked({ n }))

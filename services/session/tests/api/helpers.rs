@@ -29,6 +29,7 @@ pub(crate) fn session_config() -> SessionConfig {
         outbox_retry_max: Duration::from_millis(1000),
         // A loaded CI machine must not turn a slow rate-limit answer into a refusal.
         ratelimit_timeout: Duration::from_secs(5),
+        invalidation_timeout: Duration::from_secs(5),
         ..SessionConfig::default()
     }
 }

@@ -61,6 +61,16 @@ async fn two_instances_see_each_others_revocations_at_once() {
         assert!(hits >= 40.0, "{name}: {hits} cache hits");
         assert!(f.metric("mesh_session_cache_invalidations_total", &[]).await >= 40.0, "{name}");
         assert_eq!(f.metric("mesh_session_cache_enabled", &[]).await, 1.0, "{name}");
+        // Every revocation waited until both caches had dropped the token.
+        assert!(
+            f.metric("mesh_session_revocation_acks_total", &["result=\"complete\""]).await >= 40.0,
+            "{name}"
+        );
+        assert_eq!(
+            f.metric("mesh_session_revocation_acks_total", &["result=\"timeout\""]).await,
+            0.0,
+            "{name}"
+        );
     }
     a.app.stop().await.unwrap();
     b.app.stop().await.unwrap();

@@ -1,0 +1,391 @@
+//! Benchmark of the session service's ValidateSession at N concurrent
+//! callers, against two baselines measured in the same run:
+//!
+//! - the plain tonic echo server (`mesh_bench::spawn_plain_echo`): the cost
+//!   of gRPC alone on this machine, in the benchmark's process as every
+//!   mesh benchmark runs it, and in a process of its own (this program,
+//!   `--serve-echo`), as the service runs: on two cores the process boundary
+//!   alone costs throughput and tail latency;
+//! - `redis-benchmark --cluster` GET on the same Redis Cluster at the same
+//!   concurrency: the cost of one Redis round trip alone.
+//!
+//! The service runs as the real release binary (`target/release/mesh-session`,
+//! build it first) against the local Redis Cluster with its own key prefix,
+//! twice: with its validation cache (the default) and without it (every
+//! validation one `EVALSHA`). Sessions are created first (users × 10, the
+//! per-user cap), validated in rotation, and revoked at the end; the
+//! outboxes of their audit events expire a minute later.
+//!
+//! ```text
+//! cargo build --release -p mesh-session -p mesh-bench --bin mesh-session --bin session
+//! target/release/session --concurrency 64 --duration 10
+//! ```
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use futures::{StreamExt as _, stream};
+use mesh_bench::{Load, Report, TABLE_HEADER, channels, rss_kib, run, spawn_plain_echo};
+use mesh_proto::session::{
+    ClientInfo, CreateSessionRequest, RevokeUserSessionsRequest, ValidateSessionRequest,
+    session_service_client::SessionServiceClient,
+};
+use mesh_testkit::echo::{EchoRequest, EchoServiceClient};
+
+#[derive(Debug, Parser)]
+#[command(about = "ValidateSession throughput and latency vs plain tonic echo and redis-benchmark GET")]
+struct Args {
+    /// Concurrent callers.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Measured seconds per target.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Unmeasured warm-up seconds per target.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// HTTP/2 connections the callers share (per target).
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Users; each gets 10 sessions, validated in rotation.
+    #[arg(long, default_value_t = 1000)]
+    users: usize,
+    /// The service binary.
+    #[arg(long, default_value = "target/release/mesh-session")]
+    binary: PathBuf,
+    /// Redis Cluster seed nodes (comma-separated host:port).
+    #[arg(long, default_value = "127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002")]
+    redis: String,
+    /// A node redis-benchmark starts from (it discovers the cluster).
+    #[arg(long, default_value_t = 7000)]
+    redis_bench_port: u16,
+    /// `MESH_REDIS_POOL_SIZE` for the service (default: the service's).
+    #[arg(long)]
+    redis_pool: Option<usize>,
+    /// Serve the plain echo server, print its address, and do nothing else
+    /// (how the out-of-process baseline runs).
+    #[arg(long, hide = true)]
+    serve_echo: bool,
+}
+
+/// The service binary as a child process, killed on drop.
+struct Service {
+    child: std::process::Child,
+    addr: SocketAddr,
+    metrics: SocketAddr,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Service {
+    async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        let text = mesh_testkit::scrape_metrics(self.metrics).await.unwrap_or_default();
+        mesh_testkit::grpc::metric_value(&text, name, labels).unwrap_or(0.0)
+    }
+}
+
+async fn start_service(args: &Args, prefix: &str, cache: bool) -> anyhow::Result<Service> {
+    let (addr, metrics) = (mesh_testkit::free_addr(), mesh_testkit::free_addr());
+    let mut cmd = Command::new(&args.binary);
+    cmd.env_clear();
+    if let Some(n) = args.redis_pool {
+        cmd.env("MESH_REDIS_POOL_SIZE", n.to_string());
+    }
+    if !cache {
+        cmd.env("MESH_SESSION_CACHE_MAX_BYTES", "0");
+    }
+    let child = cmd
+        .env("MESH_LISTEN_ADDR", addr.to_string())
+        .env("MESH_METRICS_ADDR", metrics.to_string())
+        .env("MESH_REDIS_URLS", &args.redis)
+        .env("MESH_REDIS_KEY_PREFIX", prefix)
+        .env("MESH_SESSION_AUDIT_HASH_KEY", "benchmark-only-audit-hash-key")
+        // Nobody drains these outboxes: let them go a minute after the run.
+        .env("MESH_SESSION_OUTBOX_TTL_MS", "60000")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {} (build it with --release first)", args.binary.display()))?;
+    let service = Service { child, addr, metrics };
+    let ch = mesh_testkit::channel(addr).await;
+    mesh_testkit::wait_for_health(
+        &ch,
+        "readiness",
+        tonic_health::pb::health_check_response::ServingStatus::Serving,
+        Duration::from_secs(30),
+    )
+    .await?;
+    if cache {
+        for _ in 0..300 {
+            if service.metric("mesh_session_cache_enabled", &[]).await == 1.0 {
+                return Ok(service);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("the session cache never turned on");
+    }
+    Ok(service)
+}
+
+/// Creates 10 sessions for each user; returns the tokens.
+async fn create_sessions(service: &Service, users: usize, concurrency: usize) -> anyhow::Result<Vec<String>> {
+    let client = SessionServiceClient::new(mesh_testkit::channel(service.addr).await);
+    let results: Vec<_> = stream::iter(0..users * 10)
+        .map(|n| {
+            let mut c = client.clone();
+            async move {
+                c.create_session(CreateSessionRequest {
+                    user_id: format!("bench-user-{}", n % users),
+                    attributes: [("role".to_owned(), "member".to_owned())].into(),
+                    idle_timeout: None,
+                    absolute_timeout: None,
+                    client: Some(ClientInfo { ip: "10.0.0.1".into(), user_agent: "mesh-bench".into() }),
+                })
+                .await
+                .map(|r| r.into_inner().token)
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<_>, _>>().context("creating sessions")
+}
+
+async fn revoke_all(service: &Service, users: usize) {
+    let client = SessionServiceClient::new(mesh_testkit::channel(service.addr).await);
+    stream::iter(0..users)
+        .for_each_concurrent(32, |n| {
+            let mut c = client.clone();
+            async move {
+                let _ = c
+                    .revoke_user_sessions(RevokeUserSessionsRequest {
+                        user_id: format!("bench-user-{n}"),
+                        ..Default::default()
+                    })
+                    .await;
+            }
+        })
+        .await;
+}
+
+/// ValidateSession over `tokens` in rotation; the report and peak RSS.
+async fn bench_validate(
+    name: &str,
+    load: Load,
+    service: &Service,
+    connections: usize,
+    tokens: Arc<Vec<String>>,
+    touch: bool,
+) -> (Report, u64) {
+    let chans = channels(service.addr, connections).await;
+    let counter = Arc::new(AtomicU64::new(0));
+    let pid = service.child.id();
+    let sampling = Arc::new(AtomicBool::new(true));
+    let peak = tokio::spawn({
+        let sampling = sampling.clone();
+        async move {
+            let mut peak = 0;
+            while sampling.load(Ordering::Relaxed) {
+                peak = peak.max(rss_kib(pid).unwrap_or(0));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            peak
+        }
+    });
+    let report = run(name, load, move |worker| {
+        let mut client = SessionServiceClient::new(chans[worker % chans.len()].clone());
+        let n = counter.fetch_add(1, Ordering::Relaxed) as usize;
+        let token = tokens[n % tokens.len()].clone();
+        async move {
+            client
+                .validate_session(ValidateSessionRequest { token, touch })
+                .await
+                .map(|_| ())
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+        }
+    })
+    .await;
+    sampling.store(false, Ordering::Relaxed);
+    (report, peak.await.unwrap_or(0))
+}
+
+/// This program in `--serve-echo` mode, killed on drop.
+struct EchoProcess {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl EchoProcess {
+    fn start() -> anyhow::Result<Self> {
+        use std::io::BufRead as _;
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("--serve-echo")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the echo process")?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().context("no stdout")?;
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        let addr = line.trim().parse().with_context(|| format!("echo process said {line:?}"))?;
+        Ok(Self { child, addr })
+    }
+}
+
+impl Drop for EchoProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn bench_echo(name: &str, load: Load, addr: SocketAddr, connections: usize) -> Report {
+    let chans = channels(addr, connections).await;
+    run(name, load, move |worker| {
+        let mut client = EchoServiceClient::new(chans[worker % chans.len()].clone());
+        async move {
+            client
+                // About a ValidateSession request's size (a 59-character token).
+                .echo(EchoRequest { payload: vec![b'x'; 64], delay_ms: 0 })
+                .await
+                .map(|_| ())
+        }
+    })
+    .await
+}
+
+/// redis-benchmark GET across the cluster at the same concurrency.
+fn bench_redis(args: &Args, requests: u64) -> anyhow::Result<(f64, String)> {
+    let out = Command::new("redis-benchmark")
+        .args(["--cluster", "-p", &args.redis_bench_port.to_string()])
+        .args(["-c", &args.concurrency.to_string(), "-n", &requests.to_string()])
+        .args(["-r", "10000", "-t", "get", "-q", "--csv"])
+        .output()
+        .context("running redis-benchmark")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // --csv: "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+    let row = text.lines().rfind(|l| l.starts_with("\"GET")).context("no redis-benchmark output")?;
+    let fields: Vec<String> = row.split(',').map(|f| f.trim_matches('"').to_owned()).collect();
+    let rps: f64 =
+        fields.get(1).and_then(|f| f.parse().ok()).with_context(|| format!("cannot parse {row:?}"))?;
+    let detail = format!(
+        "p50 {} ms, p99 {} ms",
+        fields.get(4).map(String::as_str).unwrap_or("?"),
+        fields.get(6).map(String::as_str).unwrap_or("?")
+    );
+    Ok((rps, detail))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.serve_echo {
+        println!("{}", spawn_plain_echo().await);
+        return futures::future::pending().await;
+    }
+    let load = Load {
+        concurrency: args.concurrency,
+        duration: Duration::from_secs(args.duration),
+        warmup: Duration::from_secs(args.warmup),
+    };
+    let prefix = format!("bench{}:", std::process::id());
+
+    let echo_addr = spawn_plain_echo().await;
+    let echo = bench_echo("plain tonic echo (in process)", load, echo_addr, args.connections).await;
+    let echo_process = EchoProcess::start()?;
+    let echo_out =
+        bench_echo("plain tonic echo (own process)", load, echo_process.addr, args.connections).await;
+    drop(echo_process);
+
+    let cached = start_service(&args, &prefix, true).await?;
+    let tokens = Arc::new(create_sessions(&cached, args.users, args.concurrency).await?);
+    let (hit, rss_hit) =
+        bench_validate("ValidateSession (cache)", load, &cached, args.connections, tokens.clone(), false)
+            .await;
+    let (touch, rss_touch) = bench_validate(
+        "ValidateSession touch=true (cache)",
+        load,
+        &cached,
+        args.connections,
+        tokens.clone(),
+        true,
+    )
+    .await;
+    let from_cache = cached.metric("mesh_session_validations_total", &["source=\"cache\""]).await;
+    let from_redis = cached.metric("mesh_session_validations_total", &["source=\"redis\""]).await;
+
+    let uncached = start_service(&args, &prefix, false).await?;
+    let (miss, rss_miss) = bench_validate(
+        "ValidateSession (no cache: one EVALSHA)",
+        load,
+        &uncached,
+        args.connections,
+        tokens.clone(),
+        false,
+    )
+    .await;
+    let idle_rss = rss_kib(cached.child.id()).unwrap_or(0);
+    revoke_all(&cached, args.users).await;
+    drop(uncached);
+    drop(cached);
+
+    let requests = (hit.throughput() * args.duration as f64).max(200_000.0) as u64;
+    let (redis_rps, redis_detail) = bench_redis(&args, requests)?;
+
+    println!("{TABLE_HEADER}");
+    for r in [&echo, &echo_out, &hit, &touch, &miss] {
+        println!("{r}");
+    }
+    println!();
+    println!(
+        "redis-benchmark --cluster GET (-c {}, -r 10000): {redis_rps:.0} calls/s, {redis_detail}",
+        args.concurrency
+    );
+    println!();
+    println!("| ratio | value |\n| --- | ---: |");
+    let tp = |r: &Report| r.throughput();
+    let p99 = |r: &Report| r.quantile_us(0.99) as f64;
+    for (label, r) in [("(cache)", &hit), ("touch=true (cache)", &touch), ("(no cache)", &miss)] {
+        println!("| ValidateSession {label} / echo in process, throughput | {:.2} |", tp(r) / tp(&echo));
+        println!("| ValidateSession {label} / echo own process, throughput | {:.2} |", tp(r) / tp(&echo_out));
+        println!("| ValidateSession {label} / redis-benchmark GET, throughput | {:.2} |", tp(r) / redis_rps);
+        println!(
+            "| ValidateSession {label} p99 / echo in process p99 | {:.2} |",
+            p99(r) / p99(&echo).max(1.0)
+        );
+        println!(
+            "| ValidateSession {label} p99 / echo own process p99 | {:.2} |",
+            p99(r) / p99(&echo_out).max(1.0)
+        );
+    }
+    println!();
+    println!(
+        "sessions: {}; cached instance answered {from_cache:.0} validations from its cache, {from_redis:.0} from Redis",
+        tokens.len()
+    );
+    println!(
+        "service RSS: peak {rss_hit} KiB (cache), {rss_touch} KiB (touch), {rss_miss} KiB (no cache), {idle_rss} KiB after"
+    );
+    for r in [&echo, &echo_out, &hit, &touch, &miss] {
+        if let Some(e) = &r.first_error {
+            println!("{}: {} errors, first: {e}", r.name, r.errors);
+        }
+    }
+    Ok(())
+}
