@@ -18,6 +18,7 @@
 //! | `MESH_SESSION_WAIT_REPLICAS` | 1 | replicas a change must reach (`WAIT`) before the call returns (0: don't wait) |
 //! | `MESH_SESSION_WAIT_TIMEOUT_MS` | 100 | longest a change waits for them; then it returns anyway and counts it |
 //! | `MESH_SESSION_WRITE_POOL_SIZE` | 2 | Redis clients for changes (they block on `WAIT`, so they are apart from validation's) |
+//! | `MESH_REDIS_POOL_SIZE` | 1 (this service's default) | Redis clients for validations ([`DEFAULT_REDIS_POOL_SIZE`]) |
 //! | `MESH_SESSION_RATELIMIT_DOMAIN` | `session` | rate-limit domain of CreateSession (descriptors `user_id`, `client_ip`) |
 //! | `MESH_SESSION_RATELIMIT_FAILURE_MODE` | `fail_closed` | `fail_closed`: CreateSession answers UNAVAILABLE while the rate-limit service cannot decide; `fail_open`: creates go on unlimited |
 //! | `MESH_SESSION_RATELIMIT_TIMEOUT_MS` | 250 | longest CreateSession waits for the rate-limit service |
@@ -42,6 +43,13 @@ use secrecy::{ExposeSecret, SecretString};
 
 /// Default gRPC port.
 pub const DEFAULT_PORT: u16 = 50051;
+
+/// Redis clients for validations when `MESH_REDIS_POOL_SIZE` is unset. One
+/// fred client pipelines every caller over one connection per node; on the
+/// 2-core benchmark one gave 6–11 % more uncached validations per second
+/// than four (libs/bench/results/session.md), as it did for the rate-limit
+/// service. Changes have their own clients (`MESH_SESSION_WRITE_POOL_SIZE`).
+pub const DEFAULT_REDIS_POOL_SIZE: usize = 1;
 
 /// Keys read by [`Config::from_lookup`] beyond the shared ones.
 pub mod keys {
@@ -333,9 +341,13 @@ impl Config {
 
     /// Reads any [`Lookup`].
     pub fn from_lookup(l: &impl Lookup) -> Result<Self, ConfigError> {
+        let mut redis = RedisConfig::from_lookup(l)?;
+        if l.string(mesh_runtime::redis::keys::POOL_SIZE).is_none() {
+            redis.pool_size = DEFAULT_REDIS_POOL_SIZE;
+        }
         Ok(Self {
             server: ServerConfig::from_lookup(l, DEFAULT_PORT)?,
-            redis: RedisConfig::from_lookup(l)?,
+            redis,
             clients: ClientConfig::from_lookup(l)?,
             session: SessionConfig::from_lookup(l)?,
         })
@@ -363,6 +375,9 @@ mod tests {
         assert_eq!(s.max_per_user, 10);
         assert_eq!(s.ratelimit_failure_mode, FailureMode::FailClosed);
         assert!(c.clients.ratelimit.is_none() && c.clients.audit.is_none());
+        assert_eq!(c.redis.pool_size, DEFAULT_REDIS_POOL_SIZE);
+        let c = Config::from_lookup(&map(&[("MESH_REDIS_POOL_SIZE", "3")])).unwrap();
+        assert_eq!(c.redis.pool_size, 3);
     }
 
     #[test]
@@ -375,6 +390,7 @@ mod tests {
             (keys::WAIT_REPLICAS, "0"),
             (keys::AUDIT_HASH_KEY, "0123456789abcdef0123"),
             (keys::OUTBOX_SWEEP_MS, "200"),
+            (keys::INVALIDATION_TIMEOUT_MS, "50"),
             ("MESH_AUDIT_ADDR", "127.0.0.1:50053"),
         ]))
         .unwrap();
@@ -383,6 +399,7 @@ mod tests {
         assert_eq!((s.max_per_user, s.cache_max_bytes, s.wait_replicas), (3, 0, 0));
         assert_eq!(s.ratelimit_failure_mode, FailureMode::FailOpen);
         assert_eq!(s.outbox_sweep, Duration::from_millis(200));
+        assert_eq!(s.invalidation_timeout, Duration::from_millis(50));
         assert!(c.clients.audit.is_some());
         assert!(!format!("{s:?}").contains("0123456789abcdef"), "the key never prints");
     }

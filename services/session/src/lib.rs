@@ -55,6 +55,6 @@ mod throttle;
 pub mod token;
 
 pub use app::{App, StartError};
-pub use config::{Config, DEFAULT_PORT, FailureMode, SessionConfig};
+pub use config::{Config, DEFAULT_PORT, DEFAULT_REDIS_POOL_SIZE, FailureMode, SessionConfig};
 pub use error::UNAUTHENTICATED;
 pub use outbox::SOURCE_SERVICE;
