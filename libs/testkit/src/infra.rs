@@ -146,17 +146,21 @@ fn bindable(port: u16) -> bool {
 
 impl PrivateInfra {
     /// Picks free ports (Redis bus ports, +10000, included) and a state directory.
+    ///
+    /// Every port is below Linux's ephemeral range (32768 and up): a port
+    /// merely free now could otherwise become the local end of some other
+    /// test's outgoing connection before the server binds it.
     pub fn new() -> Self {
         let mut rng = rand::rng();
         let redis_ports = loop {
-            let base: u16 = rng.random_range(20_000..29_000);
+            let base: u16 = rng.random_range(10_000..16_000);
             let ports: Vec<u16> = (base..base + 6).collect();
             if ports.iter().all(|p| bindable(*p) && bindable(p + 10_000)) {
                 break ports;
             }
         };
         let pg = loop {
-            let base: u16 = rng.random_range(40_000..49_000);
+            let base: u16 = rng.random_range(27_000..32_000);
             if bindable(base) && bindable(base + 1) {
                 break base;
             }

@@ -107,7 +107,18 @@ impl Process {
     }
 }
 
-/// A free loopback port (bound then released; fine for tests).
+/// A free loopback port for a child process to bind.
+///
+/// Picked below Linux's ephemeral range (and clear of the ranges
+/// [`crate::PrivateInfra`] uses), so no outgoing connection of another test
+/// can take it between this check and the child's bind.
 pub fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port")
+    use rand::Rng as _;
+    let mut rng = rand::rng();
+    loop {
+        let port: u16 = rng.random_range(16_100..19_900);
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return l.local_addr().expect("bound address");
+        }
+    }
 }

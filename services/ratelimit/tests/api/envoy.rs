@@ -93,6 +93,8 @@ async fn a_descriptor_limit_override_applies_as_in_envoy() {
     let _t = mesh_testkit::init_telemetry();
     let rules = RulesFile::new(RULES);
     let app = spawn_app(config_with(Infra::shared(), &rules)).await;
+    // Ready first: before Redis answers, decisions come from the failure mode.
+    drop(client(&app).await);
     let mut envoy = RateLimitServiceClient::new(mesh_testkit::channel(app.addr).await);
     let req = || {
         let mut r = envoy_req("edge", &[("tenant", "acme")], None);
