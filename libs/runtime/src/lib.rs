@@ -11,12 +11,14 @@
 //! - [`health`]: liveness/readiness semantics and dependency checks.
 //! - [`server`]: listeners, health + reflection, serve and drain.
 //! - [`redis`]: the Redis Cluster pool and its readiness check.
+//! - [`main_loop`]: the body of every service's `main` (exit codes included).
 //! - `metrics`: the Prometheus registry and `/metrics` endpoint.
 
 pub mod config;
 pub mod grpc;
 pub mod health;
 mod killable;
+pub mod main_loop;
 mod metrics;
 pub mod redis;
 pub mod server;
@@ -25,6 +27,7 @@ pub mod trace_context;
 
 pub use config::{ConfigError, Env, Lookup, LookupExt, ServerConfig};
 pub use health::{Check, Health, LIVENESS, READINESS};
+pub use main_loop::{StartFailure, run_service};
 pub use metrics::{latency_buckets, latency_histogram};
 pub use prometheus_client;
 pub use server::{ServeError, Server, shutdown_signal};

@@ -33,6 +33,12 @@ pub enum StartError {
     Db(#[from] DbError),
 }
 
+impl mesh_runtime::StartFailure for StartError {
+    fn is_config(&self) -> bool {
+        matches!(self, Self::Config(_))
+    }
+}
+
 /// The audit service, bound, connected and migrated, ready to serve.
 #[derive(Debug)]
 pub struct App {

@@ -24,6 +24,12 @@ pub enum StartError {
     Db(#[from] DbError),
 }
 
+impl mesh_runtime::StartFailure for StartError {
+    fn is_config(&self) -> bool {
+        matches!(self, Self::Config(_))
+    }
+}
+
 /// The data service, bound, connected and migrated, ready to serve.
 #[derive(Debug)]
 pub struct App {

@@ -35,9 +35,9 @@ pub enum StartError {
     Serve(#[from] ServeError),
 }
 
-impl StartError {
-    /// True when the configuration is at fault (exit 64), not the machine.
-    pub fn is_config(&self) -> bool {
+impl mesh_runtime::StartFailure for StartError {
+    /// A bad rules file is as much a configuration error as a bad variable.
+    fn is_config(&self) -> bool {
         matches!(self, Self::Config(_) | Self::Rules { .. })
     }
 }

@@ -31,6 +31,12 @@ pub enum StartError {
     Serve(#[from] ServeError),
 }
 
+impl mesh_runtime::StartFailure for StartError {
+    fn is_config(&self) -> bool {
+        matches!(self, Self::Config(_))
+    }
+}
+
 /// Notifications of new outbox events waiting for the drainer.
 const NOTIFY_BUFFER: usize = 1024;
 
