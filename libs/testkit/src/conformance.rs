@@ -96,6 +96,35 @@ pub async fn assert_sigterm_drains(
     Ok(())
 }
 
+/// Starts `binary` with `env` (listen and metrics addresses are added) and
+/// checks the whole life of the process: SERVING on every name, then SIGTERM
+/// drains it ([`assert_sigterm_drains`]) and it exits 0.
+pub async fn assert_binary_serves_and_drains(
+    binary: &str,
+    full_names: &[&str],
+    env: Vec<(String, String)>,
+) -> anyhow::Result<()> {
+    let addr = crate::free_addr();
+    let mut env = env;
+    env.extend([
+        ("MESH_LISTEN_ADDR".to_owned(), addr.to_string()),
+        ("MESH_METRICS_ADDR".to_owned(), crate::free_addr().to_string()),
+        ("MESH_HEALTH_INTERVAL_MS".to_owned(), "200".to_owned()),
+    ]);
+    let mut process = Process::start(binary, &env)?;
+    assert_serving(addr, full_names, Duration::from_secs(20)).await?;
+    assert_sigterm_drains(&mut process, addr, Duration::from_secs(10)).await
+}
+
+/// A bad setting (an unparsable listen address) makes `binary` exit 64.
+pub async fn assert_bad_configuration_exits_64(binary: &str) -> anyhow::Result<()> {
+    let env = vec![("MESH_LISTEN_ADDR".to_owned(), "not-an-address".to_owned())];
+    let mut process = Process::start(binary, &env)?;
+    let status = process.wait(Duration::from_secs(10)).await?;
+    ensure!(status.code() == Some(64), "{binary} exited with {status}, not 64");
+    Ok(())
+}
+
 /// Readiness follows a dependency: SERVING, then `stop` → `readiness`, `""`
 /// and the full names NOT_SERVING within `within` while `liveness` stays
 /// SERVING, then `start` → SERVING again. Returns how long the drop took.

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use mesh_testkit::{Infra, PrivateInfra, Process, conformance, free_addr};
+use mesh_testkit::{Infra, PrivateInfra, conformance};
 
 use crate::helpers::{SERVED, config, spawn_app};
 
@@ -38,22 +38,13 @@ async fn readiness_follows_the_postgres_primary() {
 async fn sigterm_drains_and_exits_zero() {
     let infra = Infra::shared();
     let db = mesh_testkit::TestDb::new(infra).await.unwrap();
-    let addr = free_addr();
-    let mut env = vec![
-        ("MESH_LISTEN_ADDR".to_owned(), addr.to_string()),
-        ("MESH_METRICS_ADDR".to_owned(), free_addr().to_string()),
-        ("MESH_HEALTH_INTERVAL_MS".to_owned(), "200".to_owned()),
-    ];
-    env.extend(infra.env(&db.schema, &mesh_testkit::redis_prefix()));
-    let mut process = Process::start(env!("CARGO_BIN_EXE_mesh-audit"), &env).unwrap();
-    conformance::assert_serving(addr, SERVED, Duration::from_secs(20)).await.unwrap();
-    conformance::assert_sigterm_drains(&mut process, addr, Duration::from_secs(10)).await.unwrap();
+    let env = infra.env(&db.schema, &mesh_testkit::redis_prefix());
+    conformance::assert_binary_serves_and_drains(env!("CARGO_BIN_EXE_mesh-audit"), SERVED, env)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn bad_configuration_exits_64() {
-    let env = vec![("MESH_LISTEN_ADDR".to_owned(), "not-an-address".to_owned())];
-    let mut process = Process::start(env!("CARGO_BIN_EXE_mesh-audit"), &env).unwrap();
-    let status = process.wait(Duration::from_secs(10)).await.unwrap();
-    assert_eq!(status.code(), Some(64));
+    conformance::assert_bad_configuration_exits_64(env!("CARGO_BIN_EXE_mesh-audit")).await.unwrap();
 }
