@@ -1,4 +1,4 @@
-//! The typed clients against the real rate-limit and audit services, and a
+//! The typed clients against the real session, rate-limit and audit services, and a
 //! test double of the data service for what the data client adds itself
 //! (the bearer token, which methods are repeated).
 
@@ -10,7 +10,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_client::{AuditClient, ClientConfig, ClientMetrics, DataClient, RateLimitClient, config::keys};
+use mesh_client::{
+    AuditClient, ClientConfig, ClientMetrics, DataClient, RateLimitClient, SessionClient, config::keys,
+};
 use mesh_proto::{
     audit::{Actor, AppendRequest, AuditEvent, EventFilter, Outcome, QueryRequest, Resource, Source},
     data::{
@@ -19,6 +21,10 @@ use mesh_proto::{
         data_service_server::{DataService, DataServiceServer},
     },
     ratelimit::{CheckRequest, Code as LimitCode, Descriptor, Entry, GetRulesRequest},
+    session::{
+        ClientInfo, CreateSessionRequest, ListUserSessionsRequest, RefreshSessionRequest,
+        RevokeSessionRequest, ValidateSessionRequest, revoke_session_request::Target,
+    },
 };
 use mesh_runtime::{Server, ServerConfig, grpc::CallContext, trace_context::current_trace_id};
 use mesh_testkit::{Infra, Running, TestDb, redis_prefix, spawn};
@@ -86,6 +92,74 @@ async fn the_ratelimit_client_checks_limits_on_the_real_service() {
     let bad = [r#"grpc_method="Check""#, r#"grpc_code="INVALID_ARGUMENT""#];
     assert_eq!(sample(&registry, "grpc_client_handled_total", &bad), 1.0);
     // A caller's mistake is no failure of the service.
+    assert!(client.channel().endpoints().iter().all(|e| e.state == mesh_tower::BreakerState::Closed));
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_session_client_runs_a_session_lifecycle_on_the_real_service() {
+    let _t = mesh_testkit::init_telemetry();
+    let config = mesh_session::Config {
+        server: ServerConfig::for_tests(),
+        redis: Infra::shared().redis_config(&redis_prefix()),
+        // No rate-limit or audit service: this test is about the client.
+        clients: ClientConfig {
+            session: None,
+            ratelimit: None,
+            audit: None,
+            data: None,
+            stack: Default::default(),
+        },
+        session: mesh_session::SessionConfig {
+            audit_hash_key: Some("typed-client-test-audit-hash-key".to_owned().into()),
+            ..Default::default()
+        },
+    };
+    let app = mesh_session::App::build(config).await.unwrap();
+    let app = spawn(app.local_addr(), app.metrics_addr(), |sd| app.serve(sd));
+    ready(&app).await;
+
+    let (registry, metrics) = registered_metrics();
+    let client = SessionClient::from_config(&config_for(keys::SESSION_ADDR, app.addr), &metrics).unwrap();
+    let user = format!("typed-{}", redis_prefix());
+    let created = client
+        .create_session(CreateSessionRequest {
+            user_id: user.clone(),
+            client: Some(ClientInfo { ip: "10.0.0.9".into(), user_agent: "typed/1".into() }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let id = created.session.as_ref().unwrap().id.clone();
+    let valid =
+        client.validate_session(ValidateSessionRequest { token: created.token.clone(), touch: true }).await;
+    assert_eq!(valid.unwrap().session.unwrap().user_id, user);
+
+    // Rotation: the old token is dead at once, the new one works.
+    let refreshed = client
+        .refresh_session(RefreshSessionRequest { token: created.token.clone(), client: None })
+        .await
+        .unwrap();
+    let old = client.validate_session(ValidateSessionRequest { token: created.token, touch: false }).await;
+    assert_eq!(old.unwrap_err().code(), Code::Unauthenticated);
+    let listed = client.list_user_sessions(ListUserSessionsRequest { user_id: user.clone() }).await.unwrap();
+    assert_eq!(listed.sessions.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), [id.as_str()]);
+
+    let revoked = client
+        .revoke_session(RevokeSessionRequest {
+            target: Some(Target::Token(refreshed.token.clone())),
+            client: None,
+        })
+        .await
+        .unwrap();
+    assert!(revoked.revoked);
+    let gone = client.validate_session(ValidateSessionRequest { token: refreshed.token, touch: false }).await;
+    assert_eq!(gone.unwrap_err().code(), Code::Unauthenticated);
+
+    // UNAUTHENTICATED is an answer, not a failure: sent once each, breakers closed.
+    let unauth = [r#"grpc_method="ValidateSession""#, r#"grpc_code="UNAUTHENTICATED""#];
+    assert_eq!(sample(&registry, "grpc_client_handled_total", &unauth), 2.0);
+    assert_eq!(sample(&registry, "grpc_client_started_total", &[r#"grpc_method="ValidateSession""#]), 3.0);
     assert!(client.channel().endpoints().iter().all(|e| e.state == mesh_tower::BreakerState::Closed));
     app.stop().await.unwrap();
 }
