@@ -14,12 +14,16 @@
 //!    calls in production (its server layer builds spans too).
 //! 2. **CPU per layer**: each layer alone, then the whole stack, over a fake
 //!    endpoint that answers at once (no network), in nanoseconds per call.
+//! 3. With `--e2e-layer-secs N`: each layer alone over a real connection, one
+//!    caller, against the bare channel in alternation (what only a real
+//!    HTTP/2 exchange costs: headers on the wire, response bodies, trailers).
 //!
 //! Telemetry is set up as a service has it (tracing subscriber with the
 //! OpenTelemetry layer, no exporter), so client spans are really built.
 //!
 //! ```sh
-//! cargo run --release -p mesh-bench --bin client
+//! cargo run --release -p mesh-bench --bin client                          # 1 and 2
+//! cargo run --release -p mesh-bench --bin client -- --setups "" --layer-calls 0 --e2e-layer-secs 5   # 3
 //! ```
 
 use std::{
@@ -62,6 +66,10 @@ struct Args {
     /// Calls per layer in the CPU-per-layer section (0: skip it).
     #[arg(long, default_value_t = 200_000)]
     layer_calls: u32,
+    /// End to end, each layer alone over a real connection (current-thread
+    /// runtime, plain echo server, one caller): seconds per row (0: skip it).
+    #[arg(long, default_value_t = 0)]
+    e2e_layer_secs: u64,
     /// End-to-end setups, `runtime/server`: runtime `multi` or `current`,
     /// server `plain` (tonic alone, the baseline the goal refers to) or
     /// `mesh` (the echo service on the mesh runtime, as services run).
@@ -86,11 +94,14 @@ where
 }
 
 fn stack(addr: SocketAddr, metrics: &ClientMetrics) -> EchoServiceClient<Channel> {
-    let channel = Channel::builder("echo", addr.to_string().parse().expect("ip:port"))
+    EchoServiceClient::new(stack_channel(addr, metrics))
+}
+
+fn stack_channel(addr: SocketAddr, metrics: &ClientMetrics) -> Channel {
+    Channel::builder("echo", addr.to_string().parse().expect("ip:port"))
         .metrics(metrics)
         .idempotent([ECHO])
-        .build();
-    EchoServiceClient::new(channel)
+        .build()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -229,6 +240,87 @@ async fn per_layer(calls: u32, metrics: &ClientMetrics) {
     }
 }
 
+/// Each layer alone over a real connection to the plain echo server, one
+/// caller, alternating with the bare channel: where the end-to-end cost of
+/// the stack comes from (the CPU-per-layer table misses what only a real
+/// HTTP/2 exchange exercises: response bodies, trailers, extra headers).
+async fn e2e_layers(args: &Args, metrics: &ClientMetrics) -> anyhow::Result<()> {
+    let addr = spawn_plain_echo().await;
+    let bare = mesh_testkit::channel(addr).await;
+    let m = metrics.clone();
+    let load = Load {
+        concurrency: 1,
+        duration: Duration::from_secs(args.e2e_layer_secs),
+        warmup: Duration::from_secs(args.warmup_secs),
+    };
+    let breaker = BreakerConfig::default();
+    let make = {
+        let (bare, m, breaker) = (bare.clone(), m.clone(), breaker.clone());
+        move |ep: &EndpointAddr| {
+            CircuitBreakerLayer::new(&breaker, "echo", ep.to_string(), m.clone())
+                .layer(AttemptTimeoutLayer::new(None).layer(bare.clone()))
+        }
+    };
+    let balance = Balance::new("echo", BalanceConfig::default(), m.clone(), make);
+    balance.set_endpoints([EndpointAddr { addr, host: "127.0.0.1".into() }]);
+    let retry = RetryLayer::new(RetryConfig::default(), RetryPolicy::idempotent([ECHO]), m.clone());
+    let deadline = DeadlineLayer::new(DeadlineConfig::default(), m.clone());
+    let trace = TraceLayer::new(m.clone());
+
+    println!("## End to end, one layer at a time (current runtime, 1 caller, plain echo server)\n");
+    println!(
+        "| layer | calls/s | bare calls/s | ratio | added p50 µs |\n| --- | ---: | ---: | ---: | ---: |"
+    );
+    macro_rules! row {
+        ($name:expr, $svc:expr) => {{
+            let b = measure("bare", load, EchoServiceClient::new(bare.clone()), args.payload).await;
+            let s = measure($name, load, EchoServiceClient::new($svc), args.payload).await;
+            println!(
+                "| {} | {:.0} | {:.0} | {:.3} | {} |",
+                $name,
+                s.throughput(),
+                b.throughput(),
+                s.throughput() / b.throughput(),
+                s.quantile_us(0.5) as i64 - b.quantile_us(0.5) as i64
+            );
+        }};
+    }
+    row!("trace", trace.layer(bare.clone()));
+    // Two references: what the trace layer's headers cost without its span,
+    // and what a bare `tracing` span (bridged to OpenTelemetry) costs without
+    // its headers.
+    row!(
+        "(reference) a random traceparent + x-request-id, no span",
+        tower::ServiceBuilder::new()
+            .map_request(|mut r: Request<Body>| {
+                let n: u128 = rand::random();
+                let tp = format!("00-{n:032x}-{:016x}-01", n as u64);
+                r.headers_mut().insert("traceparent", http::HeaderValue::from_str(&tp).unwrap());
+                let mut v = http::HeaderValue::from_str(&format!("{:032x}", rand::random::<u128>())).unwrap();
+                v.set_sensitive(true);
+                r.headers_mut().insert("x-request-id", v);
+                r
+            })
+            .service(bare.clone())
+    );
+    row!(
+        "(reference) an info span with 3 fields, no headers",
+        tower::ServiceBuilder::new()
+            .map_future(|f| {
+                let span = tracing::info_span!("grpc.client", otel.kind = "client", rpc.system = "grpc");
+                tracing::Instrument::instrument(f, span)
+            })
+            .service(bare.clone())
+    );
+    row!("deadline", deadline.layer(bare.clone()));
+    row!("retry", retry.layer(bare.clone()));
+    row!("balance (+ breaker, attempt timeout)", balance.clone());
+    row!("whole stack over the same connection", trace.layer(deadline.layer(retry.layer(balance.clone()))));
+    row!("mesh_client::Channel (own connection)", stack_channel(addr, metrics));
+    println!();
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let telemetry = Telemetry::init(&TelemetryConfig {
@@ -240,7 +332,7 @@ fn main() -> anyhow::Result<()> {
     });
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = ClientMetrics::register(&mut registry);
-    for setup in &args.setups {
+    for setup in args.setups.iter().filter(|s| !s.is_empty()) {
         let (flavor, server) = setup.split_once('/').unwrap_or((setup, "plain"));
         let rt = match flavor {
             "multi" => tokio::runtime::Builder::new_multi_thread().enable_all().build()?,
@@ -250,6 +342,9 @@ fn main() -> anyhow::Result<()> {
         rt.block_on(end_to_end(&args, &metrics, flavor, server))?;
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    if args.e2e_layer_secs > 0 {
+        rt.block_on(e2e_layers(&args, &metrics))?;
+    }
     if args.layer_calls > 0 {
         rt.block_on(per_layer(args.layer_calls, &metrics));
     }
