@@ -149,6 +149,40 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Samples a process's RSS every 200 ms until [`PeakRss::stop`], which
+/// returns the highest value seen (KiB).
+#[derive(Debug)]
+pub struct PeakRss {
+    sampling: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl PeakRss {
+    /// Starts sampling `pid`.
+    pub fn start(pid: u32) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let sampling = std::sync::Arc::new(AtomicBool::new(true));
+        let task = tokio::spawn({
+            let sampling = sampling.clone();
+            async move {
+                let mut peak = 0;
+                while sampling.load(Ordering::Relaxed) {
+                    peak = peak.max(rss_kib(pid).unwrap_or(0));
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                peak
+            }
+        });
+        Self { sampling, task }
+    }
+
+    /// Stops sampling; the peak in KiB (0 if the process could not be read).
+    pub async fn stop(self) -> u64 {
+        self.sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap_or(0)
+    }
+}
+
 /// Starts the plain tonic echo server (no mesh runtime, no layers) on
 /// 127.0.0.1:0 in this process: the baseline of every comparison.
 pub async fn spawn_plain_echo() -> SocketAddr {

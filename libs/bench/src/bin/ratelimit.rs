@@ -21,14 +21,14 @@ use std::{
     process::{Command, Stdio},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use mesh_bench::{Load, Report, TABLE_HEADER, channels, rss_kib, run, spawn_plain_echo};
+use mesh_bench::{Load, PeakRss, Report, TABLE_HEADER, channels, rss_kib, run, spawn_plain_echo};
 use mesh_proto::ratelimit::{
     CheckRequest, Code, Descriptor, Entry, rate_limit_service_client::RateLimitServiceClient,
 };
@@ -147,19 +147,7 @@ async fn bench_check(
 ) -> (Report, u64) {
     let chans = channels(service.addr, connections).await;
     let counter = Arc::new(AtomicU64::new(0));
-    let pid = service.child.id();
-    let sampling = Arc::new(AtomicBool::new(true));
-    let peak = tokio::spawn({
-        let sampling = sampling.clone();
-        async move {
-            let mut peak = 0;
-            while sampling.load(Ordering::Relaxed) {
-                peak = peak.max(rss_kib(pid).unwrap_or(0));
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            peak
-        }
-    });
+    let peak = PeakRss::start(service.child.id());
     let report = run(name, load, move |worker| {
         let mut client = RateLimitServiceClient::new(chans[worker % chans.len()].clone());
         let n = counter.fetch_add(1, Ordering::Relaxed);
@@ -189,8 +177,7 @@ async fn bench_check(
         }
     })
     .await;
-    sampling.store(false, Ordering::Relaxed);
-    (report, peak.await.unwrap_or(0))
+    (report, peak.stop().await)
 }
 
 async fn bench_echo(load: Load, addr: SocketAddr, connections: usize) -> Report {

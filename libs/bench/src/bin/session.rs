@@ -27,7 +27,7 @@ use std::{
     process::{Command, Stdio},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -35,7 +35,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use futures::{StreamExt as _, stream};
-use mesh_bench::{Load, Report, TABLE_HEADER, channels, rss_kib, run, spawn_plain_echo};
+use mesh_bench::{Load, PeakRss, Report, TABLE_HEADER, channels, rss_kib, run, spawn_plain_echo};
 use mesh_proto::session::{
     ClientInfo, CreateSessionRequest, RevokeUserSessionsRequest, ValidateSessionRequest,
     session_service_client::SessionServiceClient,
@@ -195,19 +195,7 @@ async fn bench_validate(
 ) -> (Report, u64) {
     let chans = channels(service.addr, connections).await;
     let counter = Arc::new(AtomicU64::new(0));
-    let pid = service.child.id();
-    let sampling = Arc::new(AtomicBool::new(true));
-    let peak = tokio::spawn({
-        let sampling = sampling.clone();
-        async move {
-            let mut peak = 0;
-            while sampling.load(Ordering::Relaxed) {
-                peak = peak.max(rss_kib(pid).unwrap_or(0));
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            peak
-        }
-    });
+    let peak = PeakRss::start(service.child.id());
     let report = run(name, load, move |worker| {
         let mut client = SessionServiceClient::new(chans[worker % chans.len()].clone());
         let n = counter.fetch_add(1, Ordering::Relaxed) as usize;
@@ -221,8 +209,7 @@ async fn bench_validate(
         }
     })
     .await;
-    sampling.store(false, Ordering::Relaxed);
-    (report, peak.await.unwrap_or(0))
+    (report, peak.stop().await)
 }
 
 /// This program in `--serve-echo` mode, killed on drop.
