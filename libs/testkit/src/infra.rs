@@ -189,7 +189,9 @@ impl PrivateInfra {
         ]
     }
 
-    /// Starts (or restarts) the Redis Cluster and waits for `cluster_state:ok`.
+    /// Starts (or restarts) the Redis Cluster and waits for `cluster_state:ok`
+    /// on every node, full slot coverage, and an in-sync replica for every
+    /// master (so a test may kill a master at once and expect a failover).
     pub async fn start_redis(&self) -> anyhow::Result<()> {
         run_script_async(self.env(), vec!["start", "redis"]).await
     }

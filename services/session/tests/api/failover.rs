@@ -8,7 +8,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use mesh_proto::session::{RevokeSessionRequest, revoke_session_request::Target};
@@ -16,33 +16,6 @@ use mesh_testkit::{PrivateInfra, redis_prefix};
 use tonic::Code;
 
 use crate::helpers::{Fixture, config_with_prefix, create_req, eventually, validate};
-
-/// Waits until every master has an in-sync replica: `infra.sh` returns at
-/// `cluster_state:ok`, before replication is up, and a replica that never
-/// synced would refuse to take over.
-async fn wait_for_replicas(private: &PrivateInfra) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let masters = private.redis_masters().await.unwrap();
-        let mut synced = 0;
-        for port in &masters {
-            let out = tokio::process::Command::new("redis-cli")
-                .args(["-p", &port.to_string(), "info", "replication"])
-                .output()
-                .await
-                .unwrap();
-            let text = String::from_utf8_lossy(&out.stdout);
-            if text.lines().any(|l| l.starts_with("slave0:") && l.contains("state=online")) {
-                synced += 1;
-            }
-        }
-        if masters.len() == 3 && synced == 3 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "replicas never synced");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// What the writer saw acknowledged.
 #[derive(Debug, Default)]
@@ -57,7 +30,6 @@ async fn a_master_failover_loses_no_session_and_no_revocation() {
     let _t = mesh_testkit::init_telemetry();
     let private = PrivateInfra::new();
     private.start_redis().await.unwrap();
-    wait_for_replicas(&private).await;
     let prefix = redis_prefix();
     let f = Fixture::new(config_with_prefix(&private.infra, &prefix)).await;
 
