@@ -32,13 +32,7 @@ impl AuditClient {
     /// A client for `MESH_AUDIT_ADDR` (required), recording into `metrics`.
     /// Call inside a Tokio runtime.
     pub fn from_config(config: &ClientConfig, metrics: &ClientMetrics) -> Result<Self, ConfigError> {
-        let target = ClientConfig::require(&config.audit, keys::AUDIT_ADDR)?;
-        let channel = Channel::builder("audit", target)
-            .config(config.stack.clone())
-            .metrics(metrics)
-            .idempotent(Self::IDEMPOTENT.iter().copied())
-            .build();
-        Ok(Self::new(channel))
+        Ok(Self::new(config.channel("audit", &config.audit, keys::AUDIT_ADDR, metrics, Self::IDEMPOTENT)?))
     }
 
     /// A client over an existing channel.

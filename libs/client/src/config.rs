@@ -32,7 +32,9 @@
 use std::time::Duration;
 
 use mesh_runtime::{ConfigError, Lookup, LookupExt};
-use mesh_tower::{BalanceConfig, BreakerConfig, DeadlineConfig, RetryConfig, Target};
+use mesh_tower::{BalanceConfig, BreakerConfig, ClientMetrics, DeadlineConfig, RetryConfig, Target};
+
+use crate::Channel;
 
 /// The keys read by [`ClientConfig::from_lookup`].
 pub mod keys {
@@ -231,9 +233,24 @@ impl ClientConfig {
         })
     }
 
-    /// The target under `key`, or the error a constructor reports.
-    pub(crate) fn require(target: &Option<Target>, key: &'static str) -> Result<Target, ConfigError> {
-        target.clone().ok_or_else(|| ConfigError::new(key, "is required"))
+    /// The channel a typed client is built on: to `target` (the error names
+    /// `key` when it is unset), with this configuration's stack, recording
+    /// into `metrics`, repeating `idempotent` methods after they reached a
+    /// server. Call inside a Tokio runtime.
+    pub(crate) fn channel(
+        &self,
+        upstream: &'static str,
+        target: &Option<Target>,
+        key: &'static str,
+        metrics: &ClientMetrics,
+        idempotent: &[&str],
+    ) -> Result<Channel, ConfigError> {
+        let target = target.clone().ok_or_else(|| ConfigError::new(key, "is required"))?;
+        Ok(Channel::builder(upstream, target)
+            .config(self.stack.clone())
+            .metrics(metrics)
+            .idempotent(idempotent.iter().copied())
+            .build())
     }
 }
 

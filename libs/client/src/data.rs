@@ -47,13 +47,7 @@ impl DataClient {
     /// A client for `MESH_DATA_ADDR` (required), recording into `metrics`.
     /// Call inside a Tokio runtime.
     pub fn from_config(config: &ClientConfig, metrics: &ClientMetrics) -> Result<Self, ConfigError> {
-        let target = ClientConfig::require(&config.data, keys::DATA_ADDR)?;
-        let channel = Channel::builder("data", target)
-            .config(config.stack.clone())
-            .metrics(metrics)
-            .idempotent(Self::IDEMPOTENT.iter().copied())
-            .build();
-        Ok(Self::new(channel))
+        Ok(Self::new(config.channel("data", &config.data, keys::DATA_ADDR, metrics, Self::IDEMPOTENT)?))
     }
 
     /// A client over an existing channel.

@@ -27,13 +27,13 @@ impl RateLimitClient {
     /// A client for `MESH_RATELIMIT_ADDR` (required), recording into `metrics`.
     /// Call inside a Tokio runtime.
     pub fn from_config(config: &ClientConfig, metrics: &ClientMetrics) -> Result<Self, ConfigError> {
-        let target = ClientConfig::require(&config.ratelimit, keys::RATELIMIT_ADDR)?;
-        let channel = Channel::builder("ratelimit", target)
-            .config(config.stack.clone())
-            .metrics(metrics)
-            .idempotent(Self::IDEMPOTENT.iter().copied())
-            .build();
-        Ok(Self::new(channel))
+        Ok(Self::new(config.channel(
+            "ratelimit",
+            &config.ratelimit,
+            keys::RATELIMIT_ADDR,
+            metrics,
+            Self::IDEMPOTENT,
+        )?))
     }
 
     /// A client over an existing channel.

@@ -32,13 +32,13 @@ impl SessionClient {
     /// A client for `MESH_SESSION_ADDR` (required), recording into `metrics`.
     /// Call inside a Tokio runtime.
     pub fn from_config(config: &ClientConfig, metrics: &ClientMetrics) -> Result<Self, ConfigError> {
-        let target = ClientConfig::require(&config.session, keys::SESSION_ADDR)?;
-        let channel = Channel::builder("session", target)
-            .config(config.stack.clone())
-            .metrics(metrics)
-            .idempotent(Self::IDEMPOTENT.iter().copied())
-            .build();
-        Ok(Self::new(channel))
+        Ok(Self::new(config.channel(
+            "session",
+            &config.session,
+            keys::SESSION_ADDR,
+            metrics,
+            Self::IDEMPOTENT,
+        )?))
     }
 
     /// A client over an existing channel.
