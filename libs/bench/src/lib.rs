@@ -149,6 +149,72 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// A service binary started by a benchmark, killed (and reaped) on drop.
+#[derive(Debug)]
+pub struct ChildService {
+    /// The process.
+    pub child: std::process::Child,
+    /// Its gRPC address.
+    pub addr: SocketAddr,
+    /// Its metrics address.
+    pub metrics: SocketAddr,
+}
+
+impl ChildService {
+    /// Starts `cmd` with `MESH_LISTEN_ADDR` / `MESH_METRICS_ADDR` on fresh
+    /// loopback ports and quiet stdio, and waits (up to 30 s) until its
+    /// `readiness` is SERVING.
+    pub async fn start(mut cmd: std::process::Command) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let (addr, metrics) = (mesh_testkit::free_addr(), mesh_testkit::free_addr());
+        let child = cmd
+            .env("MESH_LISTEN_ADDR", addr.to_string())
+            .env("MESH_METRICS_ADDR", metrics.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| {
+                format!("starting {} (build it with --release first)", cmd.get_program().to_string_lossy())
+            })?;
+        let service = Self { child, addr, metrics };
+        let ch = mesh_testkit::channel(addr).await;
+        mesh_testkit::wait_for_health(
+            &ch,
+            "readiness",
+            tonic_health::pb::health_check_response::ServingStatus::Serving,
+            Duration::from_secs(30),
+        )
+        .await?;
+        Ok(service)
+    }
+
+    /// A sample of its metrics (0 when absent or unreachable).
+    pub async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        let text = mesh_testkit::scrape_metrics(self.metrics).await.unwrap_or_default();
+        mesh_testkit::grpc::metric_value(&text, name, labels).unwrap_or(0.0)
+    }
+}
+
+impl Drop for ChildService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Calls/s and a `p50 … ms, p99 … ms` summary from one row of
+/// `redis-benchmark --csv` output: `"test","rps","avg_latency_ms",
+/// "min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"`.
+pub fn redis_benchmark_row(row: &str) -> anyhow::Result<(f64, String)> {
+    use anyhow::Context as _;
+    let fields: Vec<&str> = row.split(',').map(|f| f.trim_matches('"')).collect();
+    let rps: f64 =
+        fields.get(1).and_then(|f| f.parse().ok()).with_context(|| format!("cannot parse {row:?}"))?;
+    let detail =
+        format!("p50 {} ms, p99 {} ms", fields.get(4).unwrap_or(&"?"), fields.get(6).unwrap_or(&"?"));
+    Ok((rps, detail))
+}
+
 /// Samples a process's RSS every 200 ms until [`PeakRss::stop`], which
 /// returns the highest value seen (KiB).
 #[derive(Debug)]

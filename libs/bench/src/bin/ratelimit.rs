@@ -18,7 +18,7 @@
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    process::{Command, Stdio},
+    process::Command,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -28,7 +28,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use mesh_bench::{Load, PeakRss, Report, TABLE_HEADER, channels, rss_kib, run, spawn_plain_echo};
+use mesh_bench::{
+    ChildService, Load, PeakRss, Report, TABLE_HEADER, channels, redis_benchmark_row, rss_kib, run,
+    spawn_plain_echo,
+};
 use mesh_proto::ratelimit::{
     CheckRequest, Code, Descriptor, Entry, rate_limit_service_client::RateLimitServiceClient,
 };
@@ -83,24 +86,15 @@ struct Args {
     redis_bench_port: u16,
 }
 
-/// The service binary as a child process, killed on drop.
+/// The service binary as a child process, with its rules file.
 struct Service {
-    child: std::process::Child,
-    addr: SocketAddr,
+    child: ChildService,
     _rules: tempfile::TempDir,
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 async fn start_service(args: &Args, prefix: &str) -> anyhow::Result<Service> {
     let rules = tempfile::tempdir()?;
     std::fs::write(rules.path().join("bench.yaml"), RULES)?;
-    let addr = mesh_testkit::free_addr();
     let mut cmd = Command::new(&args.binary);
     cmd.env_clear();
     if let Some(ms) = args.redis_timeout_ms {
@@ -109,27 +103,11 @@ async fn start_service(args: &Args, prefix: &str) -> anyhow::Result<Service> {
     if let Some(n) = args.redis_pool {
         cmd.env("MESH_REDIS_POOL_SIZE", n.to_string());
     }
-    let child = cmd
-        .env("MESH_LISTEN_ADDR", addr.to_string())
-        .env("MESH_METRICS_ADDR", mesh_testkit::free_addr().to_string())
-        .env("MESH_REDIS_URLS", &args.redis)
+    cmd.env("MESH_REDIS_URLS", &args.redis)
         .env("MESH_REDIS_KEY_PREFIX", prefix)
         .env("MESH_RATELIMIT_RULES", rules.path())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {} (build it with --release first)", args.binary.display()))?;
-    let service = Service { child, addr, _rules: rules };
-    let ch = mesh_testkit::channel(addr).await;
-    mesh_testkit::wait_for_health(
-        &ch,
-        "readiness",
-        tonic_health::pb::health_check_response::ServingStatus::Serving,
-        Duration::from_secs(30),
-    )
-    .await?;
-    Ok(service)
+        .env("RUST_LOG", "warn");
+    Ok(Service { child: ChildService::start(cmd).await?, _rules: rules })
 }
 
 fn entry(k: &str, v: String) -> Entry {
@@ -145,9 +123,9 @@ async fn bench_check(
     users: u64,
     two_descriptors: bool,
 ) -> (Report, u64) {
-    let chans = channels(service.addr, connections).await;
+    let chans = channels(service.child.addr, connections).await;
     let counter = Arc::new(AtomicU64::new(0));
-    let peak = PeakRss::start(service.child.id());
+    let peak = PeakRss::start(service.child.child.id());
     let report = run(name, load, move |worker| {
         let mut client = RateLimitServiceClient::new(chans[worker % chans.len()].clone());
         let n = counter.fetch_add(1, Ordering::Relaxed);
@@ -224,17 +202,8 @@ fn bench_redis(args: &Args, prefix: &str, requests: u64) -> anyhow::Result<(f64,
         .output()
         .context("running redis-benchmark")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    // --csv: "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
     let row = text.lines().last().context("no redis-benchmark output")?;
-    let fields: Vec<String> = row.split(',').map(|f| f.trim_matches('"').to_owned()).collect();
-    let rps: f64 =
-        fields.get(1).and_then(|f| f.parse().ok()).with_context(|| format!("cannot parse {row:?}"))?;
-    let detail = format!(
-        "p50 {} ms, p99 {} ms",
-        fields.get(4).map(String::as_str).unwrap_or("?"),
-        fields.get(6).map(String::as_str).unwrap_or("?")
-    );
-    Ok((rps, detail))
+    redis_benchmark_row(row)
 }
 
 #[tokio::main]
@@ -256,7 +225,7 @@ async fn main() -> anyhow::Result<()> {
     let (two, rss_two) =
         bench_check("Check, 2 descriptors (2 slots)", load, &service, args.connections, args.users, true)
             .await;
-    let idle_rss = rss_kib(service.child.id()).unwrap_or(0);
+    let idle_rss = rss_kib(service.child.child.id()).unwrap_or(0);
     drop(service);
 
     let requests = (one.throughput() * args.duration as f64).max(100_000.0) as u64;

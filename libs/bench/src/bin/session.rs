@@ -35,7 +35,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use futures::{StreamExt as _, stream};
-use mesh_bench::{Load, PeakRss, Report, TABLE_HEADER, channels, rss_kib, run, spawn_plain_echo};
+use mesh_bench::{
+    ChildService, Load, PeakRss, Report, TABLE_HEADER, channels, redis_benchmark_row, rss_kib, run,
+    spawn_plain_echo,
+};
 use mesh_proto::session::{
     ClientInfo, CreateSessionRequest, RevokeUserSessionsRequest, ValidateSessionRequest,
     session_service_client::SessionServiceClient,
@@ -79,28 +82,9 @@ struct Args {
 }
 
 /// The service binary as a child process, killed on drop.
-struct Service {
-    child: std::process::Child,
-    addr: SocketAddr,
-    metrics: SocketAddr,
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Service {
-    async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
-        let text = mesh_testkit::scrape_metrics(self.metrics).await.unwrap_or_default();
-        mesh_testkit::grpc::metric_value(&text, name, labels).unwrap_or(0.0)
-    }
-}
+type Service = ChildService;
 
 async fn start_service(args: &Args, prefix: &str, cache: bool) -> anyhow::Result<Service> {
-    let (addr, metrics) = (mesh_testkit::free_addr(), mesh_testkit::free_addr());
     let mut cmd = Command::new(&args.binary);
     cmd.env_clear();
     if let Some(n) = args.redis_pool {
@@ -109,28 +93,13 @@ async fn start_service(args: &Args, prefix: &str, cache: bool) -> anyhow::Result
     if !cache {
         cmd.env("MESH_SESSION_CACHE_MAX_BYTES", "0");
     }
-    let child = cmd
-        .env("MESH_LISTEN_ADDR", addr.to_string())
-        .env("MESH_METRICS_ADDR", metrics.to_string())
-        .env("MESH_REDIS_URLS", &args.redis)
+    cmd.env("MESH_REDIS_URLS", &args.redis)
         .env("MESH_REDIS_KEY_PREFIX", prefix)
         .env("MESH_SESSION_AUDIT_HASH_KEY", "benchmark-only-audit-hash-key")
         // Nobody drains these outboxes: let them go a minute after the run.
         .env("MESH_SESSION_OUTBOX_TTL_MS", "60000")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {} (build it with --release first)", args.binary.display()))?;
-    let service = Service { child, addr, metrics };
-    let ch = mesh_testkit::channel(addr).await;
-    mesh_testkit::wait_for_health(
-        &ch,
-        "readiness",
-        tonic_health::pb::health_check_response::ServingStatus::Serving,
-        Duration::from_secs(30),
-    )
-    .await?;
+        .env("RUST_LOG", "warn");
+    let service = ChildService::start(cmd).await?;
     if cache {
         for _ in 0..300 {
             if service.metric("mesh_session_cache_enabled", &[]).await == 1.0 {
@@ -266,17 +235,8 @@ fn bench_redis(args: &Args, requests: u64) -> anyhow::Result<(f64, String)> {
         .output()
         .context("running redis-benchmark")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    // --csv: "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
     let row = text.lines().rfind(|l| l.starts_with("\"GET")).context("no redis-benchmark output")?;
-    let fields: Vec<String> = row.split(',').map(|f| f.trim_matches('"').to_owned()).collect();
-    let rps: f64 =
-        fields.get(1).and_then(|f| f.parse().ok()).with_context(|| format!("cannot parse {row:?}"))?;
-    let detail = format!(
-        "p50 {} ms, p99 {} ms",
-        fields.get(4).map(String::as_str).unwrap_or("?"),
-        fields.get(6).map(String::as_str).unwrap_or("?")
-    );
-    Ok((rps, detail))
+    redis_benchmark_row(row)
 }
 
 #[tokio::main]
