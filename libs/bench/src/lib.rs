@@ -18,6 +18,8 @@ use std::{
 
 use hdrhistogram::Histogram;
 
+pub mod cpu;
+
 /// How a load run is shaped.
 #[derive(Debug, Clone, Copy)]
 pub struct Load {
@@ -44,6 +46,8 @@ pub struct Report {
     pub elapsed: Duration,
     /// Latency of successful calls, in microseconds.
     pub latency_us: Histogram<u64>,
+    /// CPU time of every process on the machine during the measured window.
+    pub cpu: cpu::Usage,
 }
 
 impl Report {
@@ -55,6 +59,12 @@ impl Report {
     /// A latency quantile in microseconds.
     pub fn quantile_us(&self, q: f64) -> u64 {
         self.latency_us.value_at_quantile(q)
+    }
+
+    /// CPU microseconds per successful call from `seconds` of CPU time
+    /// measured over the window (e.g. `report.cpu.named("redis-server")`).
+    pub fn us_per_call(&self, seconds: f64) -> f64 {
+        seconds * 1e6 / self.ok.max(1) as f64
     }
 }
 
@@ -115,11 +125,13 @@ where
         }));
     }
     tokio::time::sleep(load.warmup).await;
+    let cpu_before = cpu::Snapshot::take();
     measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
     tokio::time::sleep(load.duration).await;
     measuring.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed();
+    let cpu = cpu::Usage::between(&cpu_before, &cpu::Snapshot::take(), elapsed);
     stop.store(true, Ordering::Relaxed);
 
     let mut report = Report {
@@ -129,6 +141,7 @@ where
         first_error: None,
         elapsed,
         latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
+        cpu,
     };
     for t in tasks {
         let (hist, ok, errors, first_error) = t.await.expect("worker panicked");
@@ -274,6 +287,26 @@ fn tokio_stream_listener(
         });
         Some((r, l))
     })
+}
+
+/// Runs the echo baseline: `load` against the echo server at `addr` over
+/// `connections` HTTP/2 connections, each call carrying `payload` bytes
+/// (sized like the request it is compared with).
+pub async fn run_echo(
+    name: &str,
+    load: Load,
+    addr: SocketAddr,
+    connections: usize,
+    payload: Vec<u8>,
+) -> Report {
+    use mesh_testkit::echo::{EchoRequest, EchoServiceClient};
+    let chans = channels(addr, connections).await;
+    run(name, load, move |worker| {
+        let mut client = EchoServiceClient::new(chans[worker % chans.len()].clone());
+        let payload = payload.clone();
+        async move { client.echo(EchoRequest { payload, delay_ms: 0 }).await.map(|_| ()) }
+    })
+    .await
 }
 
 /// Channels to `addr`, one per `n` (HTTP/2 connections are the unit of

@@ -25,7 +25,7 @@ use chrono::{DateTime, Datelike as _, SecondsFormat, TimeZone as _, Utc};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use mesh_audit::{App, AuditConfig, Config, chain::Event, chain::GENESIS, chain::Outcome};
-use mesh_bench::{Load, Report, TABLE_HEADER, channels, run};
+use mesh_bench::{Load, Report, TABLE_HEADER, channels, cpu, run};
 use mesh_proto::audit::{
     Actor, AppendRequest, AuditEvent, EventFilter, QueryRequest, Resource, Source, VerifyRequest,
     audit_service_client::AuditServiceClient,
@@ -93,6 +93,7 @@ async fn bench(args: &Args, infra: &Infra, schema: &str, owner: &mut PgConnectio
     seed(owner, args.rows).await?;
     let seeded = t.elapsed();
     wait_replica(owner, infra).await?;
+    checkpoint(infra).await;
     eprintln!("seeded {} events in {seeded:.1?}", args.rows);
     writeln!(out, "seeding {} events by COPY (7 indexes, valid chain): {seeded:.1?}\n", args.rows)?;
 
@@ -108,11 +109,31 @@ async fn bench(args: &Args, infra: &Infra, schema: &str, owner: &mut PgConnectio
     //    INSERT per transaction into a table of the same shape.
     writeln!(out, "## Durable appends\n\n{TABLE_HEADER}")?;
     let mut notes = String::new();
+    let mut cpu_rows = String::new();
+    let mut others = String::new();
+    let mut ceilings = String::new();
     let mut reports = Vec::new();
     let mut levels = vec![args.concurrency];
     if args.high_concurrency > 0 {
         levels.push(args.high_concurrency);
     }
+    // The gRPC floor: a plain tonic echo of an Append-sized message at the
+    // first level, measured in this run like everything else.
+    let echo = {
+        let addr = mesh_bench::spawn_plain_echo().await;
+        let payload = vec![
+            7;
+            prost::Message::encoded_len(&AppendRequest {
+                event: Some(bench_event(0)),
+                idempotency_key: "bench-0".into(),
+            })
+        ];
+        let name = format!("plain tonic echo ({} bytes), {} callers", payload.len(), args.concurrency);
+        mesh_bench::run_echo(&name, load, addr, 8, payload).await
+    };
+    writeln!(out, "{echo}")?;
+    let echo_cost = echo.us_per_call(echo.cpu.this_process());
+    writeln!(cpu_rows, "{}", cpu_row(&echo))?;
     for (i, &n) in levels.iter().enumerate() {
         let load = Load { concurrency: n, ..load };
         let before = Batches::scrape(running.metrics_addr).await?;
@@ -120,6 +141,13 @@ async fn bench(args: &Args, infra: &Infra, schema: &str, owner: &mut PgConnectio
         let grouped = Batches::scrape(running.metrics_addr).await?.since(&before);
         let pg = pgbench(owner, infra, schema, n, load, i == 0).await?;
         writeln!(out, "{appends}\n{pg}")?;
+        writeln!(cpu_rows, "{}\n{}", cpu_row(&appends), cpu_row(&pg))?;
+        for r in [&appends, &pg] {
+            let other = r.cpu.busiest(|p| {
+                p.pid != std::process::id() && !["postgres", "pgbench"].contains(&p.comm.as_str())
+            });
+            writeln!(others, "- other processes during {}: {other}", r.name)?;
+        }
         writeln!(
             notes,
             "- {n} callers: Append / pgbench **{:.2}× throughput**, p99 {:.2}× ({} µs vs {} µs); {grouped}",
@@ -127,6 +155,24 @@ async fn bench(args: &Args, infra: &Infra, schema: &str, owner: &mut PgConnectio
             appends.quantile_us(0.99) as f64 / pg.quantile_us(0.99) as f64,
             appends.quantile_us(0.99),
             pg.quantile_us(0.99),
+        )?;
+        // The work per appended event outside this process (PostgreSQL: the
+        // rows, their index entries, WAL, the replica replaying it; the
+        // kernel writing it back) bounds the ratio even if the callers, gRPC
+        // and the service cost nothing; with the gRPC floor (an echo call,
+        // client and server) it bounds it tighter. Both sides count every
+        // process on the machine.
+        let (pgbench_cost, pg_share) = (
+            pg.us_per_call(pg.cpu.total()),
+            appends.us_per_call(appends.cpu.total() - appends.cpu.this_process()),
+        );
+        writeln!(
+            ceilings,
+            "- {n} callers: pgbench {pgbench_cost:.0} µs per insert; an Append {pg_share:.0} µs outside \
+             the service's process: Append / pgbench ≤ {:.1}× if gRPC and the service cost nothing, \
+             ≤ {:.1}× if they cost what an echo call does ({echo_cost:.0} µs)",
+            pgbench_cost / pg_share,
+            pgbench_cost / (pg_share + echo_cost),
         )?;
         reports.extend([appends, pg]);
     }
@@ -143,6 +189,8 @@ async fn bench(args: &Args, infra: &Infra, schema: &str, owner: &mut PgConnectio
     .await;
     let alone = Batches::scrape(running.metrics_addr).await?.since(&before);
     writeln!(out, "{single}\n\n{notes}- 1 caller: {alone}\n")?;
+    writeln!(out, "CPU per call in the measured windows (µs of CPU time, all processes on the machine):\n")?;
+    writeln!(out, "{CPU_HEADER}\n{cpu_rows}\n{others}\nCeiling on this machine, CPU-bound:\n\n{ceilings}")?;
     reports.push(single);
     for r in &reports {
         if let Some(e) = &r.first_error {
@@ -439,6 +487,22 @@ fn hex(b: &[u8]) -> String {
     })
 }
 
+/// Writes the seeding's dirty pages out (a CHECKPOINT on the primary and a
+/// restartpoint on the replica, as the local superuser) so the kernel's
+/// writeback of them does not land in the measured windows. Best effort.
+async fn checkpoint(infra: &Infra) {
+    for url in [infra.pg_primary_url(), infra.pg_replica_url()] {
+        let url = url.replacen("postgres://mesh:", "postgres://postgres:", 1);
+        let done = async {
+            let mut conn = PgConnection::connect(&url).await?;
+            sqlx::query("checkpoint").execute(&mut conn).await
+        };
+        if let Err(e) = done.await {
+            eprintln!("no checkpoint after seeding ({e}); writeback may show up as \"other\" CPU");
+        }
+    }
+}
+
 /// Waits until the replica has replayed everything the primary wrote so far.
 async fn wait_replica(owner: &mut PgConnection, infra: &Infra) -> anyhow::Result<()> {
     let target: String =
@@ -458,6 +522,30 @@ async fn wait_replica(owner: &mut PgConnection, infra: &Infra) -> anyhow::Result
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+const CPU_HEADER: &str = "| target | machine busy | this process | PostgreSQL | pgbench | other | total |\n\
+     | --- | ---: | ---: | ---: | ---: | ---: | ---: |";
+
+/// Where the CPU went per successful call: this process (the callers, and
+/// for Append the service it runs), every PostgreSQL process (primary
+/// backends, WAL writer, walsender, the replica's walreceiver and startup),
+/// pgbench, everything else.
+fn cpu_row(r: &Report) -> String {
+    let this = r.cpu.this_process();
+    let pg = r.cpu.named("postgres");
+    let pgbench = r.cpu.named("pgbench");
+    let total = r.cpu.total();
+    format!(
+        "| {} | {:.0} % | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+        r.name,
+        r.cpu.machine_busy * 100.0,
+        r.us_per_call(this),
+        r.us_per_call(pg),
+        r.us_per_call(pgbench),
+        r.us_per_call(total - this - pg - pgbench),
+        r.us_per_call(total),
+    )
 }
 
 /// pgbench: `clients` connections, each one INSERT per transaction into a
@@ -489,25 +577,35 @@ async fn pgbench(
          'user-' || :a, 'action-' || :b, 'type-1', 'doc-' || :r, 1, '10.0.0.1', 'bench/1', 'mesh-bench', '', '', \
          '{\"bytes\": 1234}', '\\x00', '\\x00');\n",
     )?;
-    let seconds = (load.warmup + load.duration).as_secs();
+    // One second past the measured window, so pgbench is still running when
+    // the window's CPU counters are read at its end.
+    let seconds = (load.warmup + load.duration).as_secs() + 1;
     let started = Utc::now().timestamp() as f64;
-    let out = tokio::process::Command::new("/usr/lib/postgresql/15/bin/pgbench")
-        .args(["-n", "-M", "prepared", "-h", "127.0.0.1", "-U", "mesh", "-d", "mesh"])
+    let run = tokio::process::Command::new("/usr/lib/postgresql/15/bin/pgbench")
+        // (pgbench's `-d` is --debug, not the database: that is the last argument)
+        .args(["-n", "-M", "prepared", "-h", "127.0.0.1", "-U", "mesh"])
         .args(["-p", &infra.pg_primary_port.to_string()])
         .args(["-c", &clients.to_string(), "-j", "2", "-T", &seconds.to_string()])
         .arg("-f")
         .arg(&script)
         .arg("-l")
         .arg(format!("--log-prefix={}", dir.join("log").display()))
+        .arg("mesh")
         .env("PGPASSWORD", "mesh")
         .env("PGOPTIONS", format!("-c search_path={schema}"))
-        .output()
-        .await
-        .context("running pgbench")?;
+        .output();
+    let window = async {
+        tokio::time::sleep(load.warmup).await;
+        let before = cpu::Snapshot::take();
+        tokio::time::sleep(load.duration).await;
+        cpu::Usage::between(&before, &cpu::Snapshot::take(), load.duration)
+    };
+    let (out, cpu) = tokio::join!(run, window);
+    let out = out.context("running pgbench")?;
     if !out.status.success() {
         bail!("pgbench failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let report = pgbench_report(&dir, started + load.warmup.as_secs_f64(), load.duration, clients);
+    let report = pgbench_report(&dir, started + load.warmup.as_secs_f64(), load.duration, clients, cpu);
     let _ = std::fs::remove_dir_all(&dir);
     let report = report?;
     eprintln!("{report}");
@@ -515,7 +613,13 @@ async fn pgbench(
 }
 
 /// Reads pgbench's per-transaction logs (`client tx latency_us script epoch_s epoch_us`).
-fn pgbench_report(dir: &Path, from_epoch: f64, duration: Duration, clients: usize) -> anyhow::Result<Report> {
+fn pgbench_report(
+    dir: &Path,
+    from_epoch: f64,
+    duration: Duration,
+    clients: usize,
+    cpu: cpu::Usage,
+) -> anyhow::Result<Report> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let until = from_epoch + duration.as_secs_f64();
     let mut ok = 0;
@@ -544,5 +648,6 @@ fn pgbench_report(dir: &Path, from_epoch: f64, duration: Duration, clients: usiz
         first_error: None,
         elapsed: duration,
         latency_us: hist,
+        cpu,
     })
 }

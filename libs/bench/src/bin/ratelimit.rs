@@ -16,7 +16,6 @@
 //! ```
 
 use std::{
-    net::SocketAddr,
     path::PathBuf,
     process::Command,
     sync::{
@@ -29,13 +28,12 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use mesh_bench::{
-    ChildService, Load, PeakRss, Report, TABLE_HEADER, channels, redis_benchmark_row, rss_kib, run,
+    ChildService, Load, PeakRss, Report, TABLE_HEADER, channels, redis_benchmark_row, rss_kib, run, run_echo,
     spawn_plain_echo,
 };
 use mesh_proto::ratelimit::{
     CheckRequest, Code, Descriptor, Entry, rate_limit_service_client::RateLimitServiceClient,
 };
-use mesh_testkit::echo::{EchoRequest, EchoServiceClient};
 
 const CHECK_LUA: &str = include_str!("../../../../services/ratelimit/src/lua/check.lua");
 
@@ -81,6 +79,9 @@ struct Args {
     /// `MESH_REDIS_POOL_SIZE` for the service (default: the service's).
     #[arg(long)]
     redis_pool: Option<usize>,
+    /// `TOKIO_WORKER_THREADS` for the service only (default: one per core).
+    #[arg(long)]
+    service_workers: Option<usize>,
     /// The node redis-benchmark runs the script on.
     #[arg(long, default_value_t = 7000)]
     redis_bench_port: u16,
@@ -102,6 +103,9 @@ async fn start_service(args: &Args, prefix: &str) -> anyhow::Result<Service> {
     }
     if let Some(n) = args.redis_pool {
         cmd.env("MESH_REDIS_POOL_SIZE", n.to_string());
+    }
+    if let Some(n) = args.service_workers {
+        cmd.env("TOKIO_WORKER_THREADS", n.to_string());
     }
     cmd.env("MESH_REDIS_URLS", &args.redis)
         .env("MESH_REDIS_KEY_PREFIX", prefix)
@@ -158,21 +162,24 @@ async fn bench_check(
     (report, peak.stop().await)
 }
 
-async fn bench_echo(load: Load, addr: SocketAddr, connections: usize) -> Report {
-    let chans = channels(addr, connections).await;
-    run("plain tonic echo", load, move |worker| {
-        let mut client = EchoServiceClient::new(chans[worker % chans.len()].clone());
-        async move {
-            client
-                .echo(EchoRequest {
-                    payload: b"ratelimit-sized payload: domain, two entries".to_vec(),
-                    delay_ms: 0,
-                })
-                .await
-                .map(|_| ())
-        }
-    })
-    .await
+/// Where the CPU went per successful call: the load generator (this process;
+/// for echo also the echo server), the service, every Redis node (masters
+/// running the script, replicas applying its effects), everything else.
+fn cpu_row(r: &Report, service_pid: u32) -> String {
+    let this = r.cpu.this_process();
+    let service = r.cpu.seconds(|p| p.pid == service_pid);
+    let redis = r.cpu.named("redis-server");
+    let total = r.cpu.total();
+    format!(
+        "| {} | {:.0} % | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+        r.name,
+        r.cpu.machine_busy * 100.0,
+        r.us_per_call(this),
+        r.us_per_call(service),
+        r.us_per_call(redis),
+        r.us_per_call(total - this - service - redis),
+        r.us_per_call(total),
+    )
 }
 
 /// redis-benchmark running the service's check script on one node (keys in
@@ -217,7 +224,8 @@ async fn main() -> anyhow::Result<()> {
     let prefix = format!("bench{}:", std::process::id());
 
     let echo_addr = spawn_plain_echo().await;
-    let echo = bench_echo(load, echo_addr, args.connections).await;
+    let payload = b"ratelimit-sized payload: domain, two entries".to_vec();
+    let echo = run_echo("plain tonic echo", load, echo_addr, args.connections, payload).await;
 
     let service = start_service(&args, &prefix).await?;
     let (one, rss_one) =
@@ -225,7 +233,8 @@ async fn main() -> anyhow::Result<()> {
     let (two, rss_two) =
         bench_check("Check, 2 descriptors (2 slots)", load, &service, args.connections, args.users, true)
             .await;
-    let idle_rss = rss_kib(service.child.child.id()).unwrap_or(0);
+    let service_pid = service.child.child.id();
+    let idle_rss = rss_kib(service_pid).unwrap_or(0);
     drop(service);
 
     let requests = (one.throughput() * args.duration as f64).max(100_000.0) as u64;
@@ -248,6 +257,32 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "| Check p99 / echo p99 | {:.2} |",
         one.quantile_us(0.99) as f64 / echo.quantile_us(0.99).max(1) as f64
+    );
+    println!();
+    println!("CPU per call in the measured windows (µs of CPU time, all processes on the machine):");
+    println!();
+    println!("| target | machine busy | load generator | service | Redis (all nodes) | other | total |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in [&echo, &one, &two] {
+        println!("{}", cpu_row(r, service_pid));
+    }
+    println!();
+    let me = std::process::id();
+    for r in [&echo, &one, &two] {
+        let other = r.cpu.busiest(|p| p.pid != me && p.pid != service_pid && p.comm != "redis-server");
+        println!("- other processes during {}: {other}", r.name);
+    }
+    // A Check needs at least what an echo call needs (client and server
+    // gRPC, both in this process for echo) plus Redis's side of the script:
+    // with the machine saturated either way, that bounds the ratio.
+    let echo_cost = echo.us_per_call(echo.cpu.this_process());
+    let redis_cost = one.us_per_call(one.cpu.named("redis-server"));
+    println!();
+    println!(
+        "Ceiling on this machine: a Check costs at least an echo call ({echo_cost:.0} µs) plus Redis's \
+         side ({redis_cost:.0} µs), so Check / echo ≤ {:.2} even if the service added nothing to a plain \
+         gRPC server.",
+        echo_cost / (echo_cost + redis_cost)
     );
     println!();
     println!(

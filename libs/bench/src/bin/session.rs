@@ -36,14 +36,13 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use futures::{StreamExt as _, stream};
 use mesh_bench::{
-    ChildService, Load, PeakRss, Report, TABLE_HEADER, channels, redis_benchmark_row, rss_kib, run,
+    ChildService, Load, PeakRss, Report, TABLE_HEADER, channels, redis_benchmark_row, rss_kib, run, run_echo,
     spawn_plain_echo,
 };
 use mesh_proto::session::{
     ClientInfo, CreateSessionRequest, RevokeUserSessionsRequest, ValidateSessionRequest,
     session_service_client::SessionServiceClient,
 };
-use mesh_testkit::echo::{EchoRequest, EchoServiceClient};
 
 #[derive(Debug, Parser)]
 #[command(about = "ValidateSession throughput and latency vs plain tonic echo and redis-benchmark GET")]
@@ -211,19 +210,9 @@ impl Drop for EchoProcess {
     }
 }
 
-async fn bench_echo(name: &str, load: Load, addr: SocketAddr, connections: usize) -> Report {
-    let chans = channels(addr, connections).await;
-    run(name, load, move |worker| {
-        let mut client = EchoServiceClient::new(chans[worker % chans.len()].clone());
-        async move {
-            client
-                // About a ValidateSession request's size (a 59-character token).
-                .echo(EchoRequest { payload: vec![b'x'; 64], delay_ms: 0 })
-                .await
-                .map(|_| ())
-        }
-    })
-    .await
+/// About a ValidateSession request's size (a 59-character token).
+fn echo_payload() -> Vec<u8> {
+    vec![b'x'; 64]
 }
 
 /// redis-benchmark GET across the cluster at the same concurrency.
@@ -254,10 +243,12 @@ async fn main() -> anyhow::Result<()> {
     let prefix = format!("bench{}:", std::process::id());
 
     let echo_addr = spawn_plain_echo().await;
-    let echo = bench_echo("plain tonic echo (in process)", load, echo_addr, args.connections).await;
+    let echo =
+        run_echo("plain tonic echo (in process)", load, echo_addr, args.connections, echo_payload()).await;
     let echo_process = EchoProcess::start()?;
     let echo_out =
-        bench_echo("plain tonic echo (own process)", load, echo_process.addr, args.connections).await;
+        run_echo("plain tonic echo (own process)", load, echo_process.addr, args.connections, echo_payload())
+            .await;
     drop(echo_process);
 
     let cached = start_service(&args, &prefix, true).await?;
