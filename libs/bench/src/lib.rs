@@ -66,6 +66,19 @@ impl Report {
     pub fn us_per_call(&self, seconds: f64) -> f64 {
         seconds * 1e6 / self.ok.max(1) as f64
     }
+
+    /// A Markdown row of where the CPU went per call: name, how busy the
+    /// machine was, the µs per call of each of `groups` (CPU seconds of
+    /// disjoint sets of processes), everything else, and the total.
+    pub fn cpu_row(&self, groups: &[f64]) -> String {
+        let total = self.cpu.total();
+        let other = total - groups.iter().sum::<f64>();
+        let mut row = format!("| {} | {:.0} % |", self.name, self.cpu.machine_busy * 100.0);
+        for seconds in groups.iter().chain([&other, &total]) {
+            row.push_str(&format!(" {:.0} |", self.us_per_call(*seconds)));
+        }
+        row
+    }
 }
 
 impl fmt::Display for Report {

@@ -532,20 +532,7 @@ const CPU_HEADER: &str = "| target | machine busy | this process | PostgreSQL | 
 /// backends, WAL writer, walsender, the replica's walreceiver and startup),
 /// pgbench, everything else.
 fn cpu_row(r: &Report) -> String {
-    let this = r.cpu.this_process();
-    let pg = r.cpu.named("postgres");
-    let pgbench = r.cpu.named("pgbench");
-    let total = r.cpu.total();
-    format!(
-        "| {} | {:.0} % | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
-        r.name,
-        r.cpu.machine_busy * 100.0,
-        r.us_per_call(this),
-        r.us_per_call(pg),
-        r.us_per_call(pgbench),
-        r.us_per_call(total - this - pg - pgbench),
-        r.us_per_call(total),
-    )
+    r.cpu_row(&[r.cpu.this_process(), r.cpu.named("postgres"), r.cpu.named("pgbench")])
 }
 
 /// pgbench: `clients` connections, each one INSERT per transaction into a

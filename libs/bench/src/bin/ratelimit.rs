@@ -166,20 +166,8 @@ async fn bench_check(
 /// for echo also the echo server), the service, every Redis node (masters
 /// running the script, replicas applying its effects), everything else.
 fn cpu_row(r: &Report, service_pid: u32) -> String {
-    let this = r.cpu.this_process();
     let service = r.cpu.seconds(|p| p.pid == service_pid);
-    let redis = r.cpu.named("redis-server");
-    let total = r.cpu.total();
-    format!(
-        "| {} | {:.0} % | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
-        r.name,
-        r.cpu.machine_busy * 100.0,
-        r.us_per_call(this),
-        r.us_per_call(service),
-        r.us_per_call(redis),
-        r.us_per_call(total - this - service - redis),
-        r.us_per_call(total),
-    )
+    r.cpu_row(&[r.cpu.this_process(), service, r.cpu.named("redis-server")])
 }
 
 /// redis-benchmark running the service's check script on one node (keys in
