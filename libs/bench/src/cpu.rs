@@ -9,6 +9,10 @@ use std::{collections::HashMap, time::Duration};
 #[derive(Debug, Clone)]
 struct Proc {
     comm: String,
+    /// When it started (clock ticks after boot): with the pid, what tells one
+    /// process from a later one that reuses its pid. (Not the name: kernel
+    /// workers rename themselves after the work they are doing.)
+    start: u64,
     /// utime + stime of every thread, in clock ticks.
     ticks: u64,
 }
@@ -21,11 +25,9 @@ pub struct Snapshot {
     machine: (u64, u64),
 }
 
-fn ticks_per_second() -> f64 {
-    // Linux has reported USER_HZ = 100 to user space on every architecture
-    // for decades; /proc times are in those units.
-    100.0
-}
+/// Clock ticks per second of `/proc` times: Linux has reported USER_HZ =
+/// 100 to user space on every architecture for decades.
+const USER_HZ: f64 = 100.0;
 
 fn read_proc(pid: u32) -> Option<Proc> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -33,10 +35,12 @@ fn read_proc(pid: u32) -> Option<Proc> {
     let (open, close) = (stat.find('(')?, stat.rfind(')')?);
     let comm = stat[open + 1..close].to_owned();
     let mut rest = stat[close + 2..].split_ascii_whitespace();
-    // Fields after comm start at field 3 (state); utime and stime are 14 and 15.
+    // Fields after comm start at field 3 (state); utime and stime are 14
+    // and 15, starttime is 22.
     let utime: u64 = rest.nth(11)?.parse().ok()?;
     let stime: u64 = rest.next()?.parse().ok()?;
-    Some(Proc { comm, ticks: utime + stime })
+    let start: u64 = rest.nth(6)?.parse().ok()?;
+    Some(Proc { comm, start, ticks: utime + stime })
 }
 
 fn read_machine() -> (u64, u64) {
@@ -96,13 +100,9 @@ impl Usage {
             .iter()
             .filter_map(|(&pid, p)| {
                 // A process that started in the window counts from zero.
-                let base = before.procs.get(&pid).filter(|b| b.comm == p.comm).map_or(0, |b| b.ticks);
+                let base = before.procs.get(&pid).filter(|b| b.start == p.start).map_or(0, |b| b.ticks);
                 let ticks = p.ticks.saturating_sub(base);
-                (ticks > 0).then(|| ProcUse {
-                    pid,
-                    comm: p.comm.clone(),
-                    seconds: ticks as f64 / ticks_per_second(),
-                })
+                (ticks > 0).then(|| ProcUse { pid, comm: p.comm.clone(), seconds: ticks as f64 / USER_HZ })
             })
             .collect();
         let busy = after.machine.0.saturating_sub(before.machine.0) as f64;
@@ -156,19 +156,30 @@ impl Usage {
 mod tests {
     use super::*;
 
-    fn snap(procs: &[(u32, &str, u64)], machine: (u64, u64)) -> Snapshot {
+    /// Processes as (pid, name, start, ticks).
+    fn snap(procs: &[(u32, &str, u64, u64)], machine: (u64, u64)) -> Snapshot {
         Snapshot {
-            procs: procs.iter().map(|&(pid, comm, ticks)| (pid, Proc { comm: comm.into(), ticks })).collect(),
+            procs: procs
+                .iter()
+                .map(|&(pid, comm, start, ticks)| (pid, Proc { comm: comm.into(), start, ticks }))
+                .collect(),
             machine,
         }
     }
 
     #[test]
     fn usage_is_the_difference_per_process_and_new_processes_count_from_zero() {
-        let before =
-            snap(&[(1, "redis-server", 100), (2, "redis-server", 50), (3, "postgres", 7)], (1000, 2000));
+        let before = snap(
+            &[(1, "redis-server", 5, 100), (2, "redis-server", 5, 50), (3, "postgres", 6, 7)],
+            (1000, 2000),
+        );
         let after = snap(
-            &[(1, "redis-server", 130), (2, "redis-server", 60), (3, "postgres", 7), (4, "pgbench", 25)],
+            &[
+                (1, "redis-server", 5, 130),
+                (2, "redis-server", 5, 60),
+                (3, "postgres", 6, 7),
+                (4, "pgbench", 90, 25),
+            ],
             (1150, 2200),
         );
         let u = Usage::between(&before, &after, Duration::from_secs(1));
@@ -182,11 +193,13 @@ mod tests {
     }
 
     #[test]
-    fn a_reused_pid_with_another_name_is_a_new_process() {
-        let before = snap(&[(9, "old", 500)], (0, 0));
-        let after = snap(&[(9, "new", 20)], (0, 0));
+    fn a_reused_pid_is_a_new_process_and_a_renamed_one_is_not() {
+        let before = snap(&[(9, "old", 10, 500), (7, "kworker/u8:0-events", 3, 4000)], (0, 0));
+        let after = snap(&[(9, "new", 80, 20), (7, "kworker/u8:0-writeback", 3, 4010)], (0, 0));
         let u = Usage::between(&before, &after, Duration::from_secs(1));
         assert!((u.named("new") - 0.20).abs() < 1e-9);
+        // a kernel worker renames itself after its current work: still the same process
+        assert!((u.named("kworker/u8:0-writeback") - 0.10).abs() < 1e-9);
         assert_eq!(u.machine_busy, 0.0);
     }
 

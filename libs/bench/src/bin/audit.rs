@@ -93,7 +93,6 @@ async fn bench(args: &Args, infra: &Infra, schema: &str, owner: &mut PgConnectio
     seed(owner, args.rows).await?;
     let seeded = t.elapsed();
     wait_replica(owner, infra).await?;
-    checkpoint(infra).await;
     eprintln!("seeded {} events in {seeded:.1?}", args.rows);
     writeln!(out, "seeding {} events by COPY (7 indexes, valid chain): {seeded:.1?}\n", args.rows)?;
 
@@ -487,22 +486,6 @@ fn hex(b: &[u8]) -> String {
     })
 }
 
-/// Writes the seeding's dirty pages out (a CHECKPOINT on the primary and a
-/// restartpoint on the replica, as the local superuser) so the kernel's
-/// writeback of them does not land in the measured windows. Best effort.
-async fn checkpoint(infra: &Infra) {
-    for url in [infra.pg_primary_url(), infra.pg_replica_url()] {
-        let url = url.replacen("postgres://mesh:", "postgres://postgres:", 1);
-        let done = async {
-            let mut conn = PgConnection::connect(&url).await?;
-            sqlx::query("checkpoint").execute(&mut conn).await
-        };
-        if let Err(e) = done.await {
-            eprintln!("no checkpoint after seeding ({e}); writeback may show up as \"other\" CPU");
-        }
-    }
-}
-
 /// Waits until the replica has replayed everything the primary wrote so far.
 async fn wait_replica(owner: &mut PgConnection, infra: &Infra) -> anyhow::Result<()> {
     let target: String =
@@ -583,9 +566,9 @@ async fn pgbench(
         .output();
     let window = async {
         tokio::time::sleep(load.warmup).await;
-        let before = cpu::Snapshot::take();
+        let (before, started) = (cpu::Snapshot::take(), Instant::now());
         tokio::time::sleep(load.duration).await;
-        cpu::Usage::between(&before, &cpu::Snapshot::take(), load.duration)
+        cpu::Usage::between(&before, &cpu::Snapshot::take(), started.elapsed())
     };
     let (out, cpu) = tokio::join!(run, window);
     let out = out.context("running pgbench")?;
