@@ -69,12 +69,14 @@ impl DataClient {
         &self.channel
     }
 
-    /// The generated client, for response metadata (`x-mesh-served-by`) or options.
+    /// The generated client, for response metadata (`x-mesh-served-by`) or
+    /// options; send it requests made with [`DataClient::authorize`].
     pub fn raw(&self) -> DataServiceClient<Channel> {
         DataServiceClient::new(self.channel.clone())
     }
 
-    fn authorize<T>(&self, request: impl IntoRequest<T>) -> Request<T> {
+    /// `request` with this client's `authorization` (unless it has one).
+    pub fn authorize<T>(&self, request: impl IntoRequest<T>) -> Request<T> {
         let mut request = request.into_request();
         if let Some(v) = &self.authorization
             && !request.metadata().contains_key("authorization")

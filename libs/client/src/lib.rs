@@ -35,7 +35,8 @@
 //! # Layout
 //! - [`config`]: `ClientConfig` (addresses) and `StackConfig` (`MESH_CLIENT_*` tuning).
 //! - `channel`: [`Channel`], the assembled stack for one upstream service.
-//! - `session`, `ratelimit`, `audit`, `data`: one typed client each.
+//! - `session`, `ratelimit`, `audit`, `data`: one typed client each; `ratelimit`
+//!   also holds [`RateLimitClient::admit`], the one way a service rate limits its calls.
 
 pub mod config;
 
@@ -50,5 +51,5 @@ pub use channel::{Channel, ChannelBuilder};
 pub use config::{ClientConfig, StackConfig};
 pub use data::{DataClient, InvalidToken};
 pub use mesh_tower::{ClientMetrics, EndpointStatus, Idempotency, Target};
-pub use ratelimit::RateLimitClient;
+pub use ratelimit::{Admission, DEFAULT_RETRY_AFTER, FailureMode, RateLimitClient, retry_after};
 pub use session::SessionClient;

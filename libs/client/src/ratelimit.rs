@@ -1,10 +1,14 @@
-//! [`RateLimitClient`]: `mesh.ratelimit.v1.RateLimitService`.
+//! [`RateLimitClient`]: `mesh.ratelimit.v1.RateLimitService`, and
+//! [`RateLimitClient::admit`], how a mesh service turns one Check into a
+//! decision about its own call.
+
+use std::time::Duration;
 
 use mesh_proto::ratelimit::{
-    CheckRequest, CheckResponse, GetRulesRequest, GetRulesResponse, ResetRequest, ResetResponse,
+    CheckRequest, CheckResponse, Code, GetRulesRequest, GetRulesResponse, ResetRequest, ResetResponse,
     rate_limit_service_client::RateLimitServiceClient,
 };
-use mesh_runtime::ConfigError;
+use mesh_runtime::{ConfigError, Lookup, LookupExt};
 use mesh_tower::ClientMetrics;
 use tonic::{IntoRequest, Status};
 
@@ -67,5 +71,136 @@ impl RateLimitClient {
         request: impl IntoRequest<GetRulesRequest>,
     ) -> Result<GetRulesResponse, Status> {
         Ok(self.raw().get_rules(request).await?.into_inner())
+    }
+}
+
+/// Used when the rate-limit service says "over" without saying until when.
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// What a caller does with its own call when the rate-limit service cannot
+/// decide (unreachable, too slow, failing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureMode {
+    /// Refuse the call with UNAVAILABLE (retryable): for limits that protect
+    /// against abuse, which must not vanish when the limiter is overloaded.
+    FailClosed,
+    /// Let the call through unlimited: for limits that protect capacity,
+    /// where availability matters more.
+    FailOpen,
+}
+
+impl FailureMode {
+    /// `fail_closed` or `fail_open` (also the metric label).
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::FailClosed => "fail_closed",
+            Self::FailOpen => "fail_open",
+        }
+    }
+
+    /// Reads `key` (`fail_closed` or `fail_open`), `default` when unset.
+    pub fn from_lookup(l: &impl Lookup, key: &'static str, default: Self) -> Result<Self, ConfigError> {
+        match l.string(key).as_deref() {
+            None => Ok(default),
+            Some("fail_closed") => Ok(Self::FailClosed),
+            Some("fail_open") => Ok(Self::FailOpen),
+            Some(other) => {
+                Err(ConfigError::new(key, format!("expected fail_closed or fail_open, got {other:?}")))
+            }
+        }
+    }
+}
+
+/// What [`RateLimitClient::admit`] decided for the caller's call.
+#[derive(Debug)]
+pub enum Admission {
+    /// Within every limit (shadow-mode limits never refuse).
+    Allowed,
+    /// Over a limit: refuse with RESOURCE_EXHAUSTED and a `RetryInfo` of
+    /// `retry_after` (the longest wait any refusing limit asks for).
+    OverLimit {
+        /// When the same call can go through.
+        retry_after: Duration,
+    },
+    /// The rate-limit service could not decide; apply the caller's [`FailureMode`].
+    Undecided(Status),
+}
+
+/// The longest wait of the limits that refused (not in shadow mode):
+/// `retry_after`, else `duration_until_reset`, else [`DEFAULT_RETRY_AFTER`].
+pub fn retry_after(resp: &CheckResponse) -> Duration {
+    resp.statuses
+        .iter()
+        .filter(|s| s.code() == Code::OverLimit && !s.shadow_mode)
+        .filter_map(|s| s.retry_after.or(s.duration_until_reset))
+        .filter_map(|d| Duration::try_from(d).ok())
+        .max()
+        .unwrap_or(DEFAULT_RETRY_AFTER)
+}
+
+impl RateLimitClient {
+    /// One Check for the caller's call, with at most `timeout` (or the
+    /// handler's own deadline, whichever is sooner): allowed, over a limit
+    /// with when to retry, or undecided with the status that says why.
+    pub async fn admit(&self, request: CheckRequest, timeout: Duration) -> Admission {
+        let mut req = tonic::Request::new(request);
+        req.set_timeout(timeout);
+        match self.check(req).await {
+            Ok(resp) if resp.overall_code() == Code::OverLimit => {
+                Admission::OverLimit { retry_after: retry_after(&resp) }
+            }
+            Ok(_) => Admission::Allowed,
+            Err(status) => Admission::Undecided(status),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use mesh_proto::ratelimit::DescriptorStatus;
+
+    use super::*;
+
+    fn status(code: Code, shadow: bool, retry: Option<u64>, reset: Option<u64>) -> DescriptorStatus {
+        let d = |s| prost_types::Duration { seconds: s, nanos: 0 };
+        DescriptorStatus {
+            code: code as i32,
+            shadow_mode: shadow,
+            retry_after: retry.map(|s| d(s as i64)),
+            duration_until_reset: reset.map(|s| d(s as i64)),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn retry_after_is_the_longest_wait_of_the_enforced_refusals() {
+        let resp = CheckResponse {
+            overall_code: Code::OverLimit as i32,
+            statuses: vec![
+                status(Code::OverLimit, false, Some(3), Some(60)),
+                status(Code::OverLimit, true, Some(90), None),
+                status(Code::OverLimit, false, None, Some(7)),
+                status(Code::Ok, false, Some(100), None),
+            ],
+        };
+        assert_eq!(retry_after(&resp), Duration::from_secs(7));
+        assert_eq!(retry_after(&CheckResponse::default()), DEFAULT_RETRY_AFTER);
+    }
+
+    #[test]
+    fn failure_modes_parse_and_name_their_key() {
+        let l: HashMap<&'static str, String> = [("K", "fail_open".to_owned())].into();
+        assert_eq!(
+            FailureMode::from_lookup(&l, "K", FailureMode::FailClosed).unwrap(),
+            FailureMode::FailOpen
+        );
+        assert_eq!(
+            FailureMode::from_lookup(&l, "J", FailureMode::FailClosed).unwrap(),
+            FailureMode::FailClosed
+        );
+        let l: HashMap<&'static str, String> = [("K", "sometimes".to_owned())].into();
+        assert_eq!(FailureMode::from_lookup(&l, "K", FailureMode::FailOpen).unwrap_err().key, "K");
     }
 }

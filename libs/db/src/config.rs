@@ -4,6 +4,24 @@ use mesh_runtime::{ConfigError, Lookup, LookupExt};
 use secrecy::SecretString;
 
 /// Keys read by [`DbConfig::from_lookup`].
+///
+/// | variable | default | meaning |
+/// | --- | --- | --- |
+/// | `MESH_DATABASE_WRITE_URL` | required | the primary (writes, migrations) |
+/// | `MESH_DATABASE_READ_URLS` | none | comma-separated replicas (reads); none: reads go to the primary |
+/// | `MESH_DATABASE_SCHEMA` | the service's | schema of the service's tables (`search_path`) |
+/// | `MESH_DATABASE_APPLICATION_NAME` | the binary's name | `application_name` of every connection (`pg_stat_activity`) |
+/// | `MESH_DATABASE_MIN_CONNECTIONS` | 20 | connections each pool keeps open (warm) |
+/// | `MESH_DATABASE_MAX_CONNECTIONS` | 50 | most connections of each pool |
+/// | `MESH_DATABASE_ACQUIRE_TIMEOUT_MS` | 30000 | longest a caller waits for a pooled connection (the call's own deadline may be shorter) |
+/// | `MESH_DATABASE_IDLE_TIMEOUT_MS` | 600000 | a connection idle this long is closed (down to the minimum) |
+/// | `MESH_DATABASE_MAX_LIFETIME_MS` | 1800000 | a connection is recycled after this long |
+/// | `MESH_DATABASE_STATEMENT_TIMEOUT_MS` | 10000 | server-side `statement_timeout` |
+/// | `MESH_DATABASE_MAX_REPLICA_LAG_BYTES` | 16777216 | a replica further behind the primary than this many WAL bytes gets no reads |
+/// | `MESH_DATABASE_MAX_REPLICA_DELAY_MS` | 5000 | a replica whose replay is this far behind in time gets no reads |
+/// | `MESH_DATABASE_READ_WAIT_MS` | 50 | longest a read with a consistency token waits for a replica to replay it before it goes to the primary |
+/// | `MESH_DATABASE_REPLICA_POLL_MS` | 250 | how often the primary and the replicas are polled (position, lag, health) |
+/// | `MESH_DATABASE_MIGRATE_TIMEOUT_MS` | 60000 | how long start-up waits for the primary to run migrations |
 pub mod keys {
     /// URL of the primary (writes, migrations).
     pub const WRITE_URL: &str = "MESH_DATABASE_WRITE_URL";
@@ -11,15 +29,27 @@ pub mod keys {
     pub const READ_URLS: &str = "MESH_DATABASE_READ_URLS";
     /// Schema holding the service's tables (`search_path`); each service has its own default.
     pub const SCHEMA: &str = "MESH_DATABASE_SCHEMA";
-    /// Connections per pool.
+    /// `application_name` of every connection.
+    pub const APPLICATION_NAME: &str = "MESH_DATABASE_APPLICATION_NAME";
+    /// Connections each pool keeps open.
+    pub const MIN_CONNECTIONS: &str = "MESH_DATABASE_MIN_CONNECTIONS";
+    /// Most connections per pool.
     pub const MAX_CONNECTIONS: &str = "MESH_DATABASE_MAX_CONNECTIONS";
     /// How long a caller may wait for a pooled connection (ms).
     pub const ACQUIRE_TIMEOUT_MS: &str = "MESH_DATABASE_ACQUIRE_TIMEOUT_MS";
+    /// Idle connections above the minimum are closed after this long (ms).
+    pub const IDLE_TIMEOUT_MS: &str = "MESH_DATABASE_IDLE_TIMEOUT_MS";
+    /// Connections are recycled after this long (ms).
+    pub const MAX_LIFETIME_MS: &str = "MESH_DATABASE_MAX_LIFETIME_MS";
     /// Server-side statement timeout (ms).
     pub const STATEMENT_TIMEOUT_MS: &str = "MESH_DATABASE_STATEMENT_TIMEOUT_MS";
     /// A replica further behind the primary than this many WAL bytes gets no reads.
     pub const MAX_REPLICA_LAG_BYTES: &str = "MESH_DATABASE_MAX_REPLICA_LAG_BYTES";
-    /// How often replicas are polled (ms).
+    /// A replica whose replay is further behind than this in time gets no reads (ms).
+    pub const MAX_REPLICA_DELAY_MS: &str = "MESH_DATABASE_MAX_REPLICA_DELAY_MS";
+    /// Longest wait for a replica to replay a consistency token (ms).
+    pub const READ_WAIT_MS: &str = "MESH_DATABASE_READ_WAIT_MS";
+    /// How often the primary and replicas are polled (ms).
     pub const REPLICA_POLL_MS: &str = "MESH_DATABASE_REPLICA_POLL_MS";
     /// How long start-up waits for the primary to run migrations (ms).
     pub const MIGRATE_TIMEOUT_MS: &str = "MESH_DATABASE_MIGRATE_TIMEOUT_MS";
@@ -34,56 +64,99 @@ pub struct DbConfig {
     pub read_urls: Vec<SecretString>,
     /// `search_path` for every connection; created by migrations if missing.
     pub schema: Option<String>,
-    /// Connections per pool.
+    /// `application_name` of every connection; `None`: the name the service passes.
+    pub application_name: Option<String>,
+    /// Connections each pool keeps open.
+    pub min_connections: u32,
+    /// Most connections per pool.
     pub max_connections: u32,
     /// Pool acquire timeout.
     pub acquire_timeout: Duration,
+    /// Idle connections above the minimum are closed after this long.
+    pub idle_timeout: Duration,
+    /// Connections are recycled after this long.
+    pub max_lifetime: Duration,
     /// `statement_timeout` for every connection.
     pub statement_timeout: Duration,
     /// Replication lag bound in WAL bytes.
     pub max_replica_lag_bytes: u64,
-    /// Replica poll period.
+    /// Replication lag bound in time.
+    pub max_replica_delay: Duration,
+    /// Longest wait of a read for a replica to replay its consistency token.
+    pub read_wait: Duration,
+    /// Poll period of the primary and the replicas.
     pub replica_poll: Duration,
     /// Start-up wait for the primary.
     pub migrate_timeout: Duration,
 }
 
 impl DbConfig {
-    /// Reads the database settings; `MESH_DATABASE_WRITE_URL` is required.
-    /// Tables live in `default_schema` unless `MESH_DATABASE_SCHEMA` says
-    /// otherwise, so services sharing a database never share tables (nor
-    /// sqlx's migration history).
+    /// Reads the database settings (see [`keys`]); `MESH_DATABASE_WRITE_URL`
+    /// is required. Tables live in `default_schema` unless
+    /// `MESH_DATABASE_SCHEMA` says otherwise, so services sharing a database
+    /// never share tables (nor sqlx's migration history).
     pub fn from_lookup(l: &impl Lookup, default_schema: &str) -> Result<Self, ConfigError> {
-        let write_url =
-            l.secret(keys::WRITE_URL).ok_or_else(|| ConfigError::new(keys::WRITE_URL, "is required"))?;
-        let schema = l.string(keys::SCHEMA).unwrap_or_else(|| default_schema.to_owned());
+        use keys::*;
+        let write_url = l.secret(WRITE_URL).ok_or_else(|| ConfigError::new(WRITE_URL, "is required"))?;
+        let schema = l.string(SCHEMA).unwrap_or_else(|| default_schema.to_owned());
         if !is_identifier(&schema) {
-            return Err(ConfigError::new(keys::SCHEMA, "must be a plain identifier ([a-z_][a-z0-9_]*)"));
+            return Err(ConfigError::new(SCHEMA, "must be a plain identifier ([a-z_][a-z0-9_]*)"));
         }
-        let schema = Some(schema);
-        Ok(Self {
+        let application_name = l.string(APPLICATION_NAME);
+        if application_name.as_ref().is_some_and(|n| n.len() > 63 || !n.is_ascii()) {
+            return Err(ConfigError::new(APPLICATION_NAME, "must be at most 63 ASCII characters"));
+        }
+        let c = Self {
             write_url,
-            read_urls: l.secret_list(keys::READ_URLS),
-            schema,
-            max_connections: l.parse_or(keys::MAX_CONNECTIONS, 32)?,
-            acquire_timeout: l.millis_or(keys::ACQUIRE_TIMEOUT_MS, Duration::from_secs(2))?,
-            statement_timeout: l.millis_or(keys::STATEMENT_TIMEOUT_MS, Duration::from_secs(10))?,
-            max_replica_lag_bytes: l.parse_or(keys::MAX_REPLICA_LAG_BYTES, 16 * 1024 * 1024)?,
-            replica_poll: l.millis_or(keys::REPLICA_POLL_MS, Duration::from_millis(250))?,
-            migrate_timeout: l.millis_or(keys::MIGRATE_TIMEOUT_MS, Duration::from_secs(60))?,
-        })
+            read_urls: l.secret_list(READ_URLS),
+            schema: Some(schema),
+            application_name,
+            min_connections: l.parse_or(MIN_CONNECTIONS, 20)?,
+            max_connections: l.parse_or(MAX_CONNECTIONS, 50)?,
+            acquire_timeout: l.millis_or(ACQUIRE_TIMEOUT_MS, Duration::from_secs(30))?,
+            idle_timeout: l.millis_or(IDLE_TIMEOUT_MS, Duration::from_secs(10 * 60))?,
+            max_lifetime: l.millis_or(MAX_LIFETIME_MS, Duration::from_secs(30 * 60))?,
+            statement_timeout: l.millis_or(STATEMENT_TIMEOUT_MS, Duration::from_secs(10))?,
+            max_replica_lag_bytes: l.parse_or(MAX_REPLICA_LAG_BYTES, 16 * 1024 * 1024)?,
+            max_replica_delay: l.millis_or(MAX_REPLICA_DELAY_MS, Duration::from_secs(5))?,
+            read_wait: l.millis_or(READ_WAIT_MS, Duration::from_millis(50))?,
+            replica_poll: l.millis_or(REPLICA_POLL_MS, Duration::from_millis(250))?,
+            migrate_timeout: l.millis_or(MIGRATE_TIMEOUT_MS, Duration::from_secs(60))?,
+        };
+        if c.max_connections == 0 {
+            return Err(ConfigError::new(MAX_CONNECTIONS, "must be at least 1"));
+        }
+        if c.min_connections > c.max_connections {
+            return Err(ConfigError::new(
+                MIN_CONNECTIONS,
+                format!("must be at most {MAX_CONNECTIONS} ({})", c.max_connections),
+            ));
+        }
+        for (key, v) in [(ACQUIRE_TIMEOUT_MS, c.acquire_timeout), (REPLICA_POLL_MS, c.replica_poll)] {
+            if v < Duration::from_millis(10) {
+                return Err(ConfigError::new(key, "must be at least 10"));
+            }
+        }
+        Ok(c)
     }
 
-    /// Settings for the given URLs with defaults for the rest.
+    /// Settings for the given URLs with defaults for the rest, sized for
+    /// tests and tools: no warm connections, at most 16 per pool.
     pub fn new(write_url: impl Into<String>, read_urls: impl IntoIterator<Item = impl Into<String>>) -> Self {
         Self {
             write_url: SecretString::from(write_url.into()),
             read_urls: read_urls.into_iter().map(|u| SecretString::from(u.into())).collect(),
             schema: None,
+            application_name: None,
+            min_connections: 0,
             max_connections: 16,
-            acquire_timeout: Duration::from_secs(2),
+            acquire_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_lifetime: Duration::from_secs(30 * 60),
             statement_timeout: Duration::from_secs(10),
             max_replica_lag_bytes: 16 * 1024 * 1024,
+            max_replica_delay: Duration::from_secs(5),
+            read_wait: Duration::from_millis(50),
             replica_poll: Duration::from_millis(100),
             migrate_timeout: Duration::from_secs(30),
         }
@@ -104,15 +177,17 @@ mod tests {
 
     use super::*;
 
+    fn map(pairs: &[(&'static str, &str)]) -> HashMap<&'static str, String> {
+        pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
+    }
+
     #[test]
     fn write_url_is_required_and_never_echoed() {
-        let empty: HashMap<&'static str, String> = HashMap::new();
-        assert_eq!(DbConfig::from_lookup(&empty, "svc").unwrap_err().key, keys::WRITE_URL);
-        let l: HashMap<&'static str, String> = [
-            (keys::WRITE_URL, "postgres://u:hunter2@h/db".to_owned()),
-            (keys::READ_URLS, "postgres://u:hunter2@r1/db, postgres://u:hunter2@r2/db".to_owned()),
-        ]
-        .into();
+        assert_eq!(DbConfig::from_lookup(&map(&[]), "svc").unwrap_err().key, keys::WRITE_URL);
+        let l = map(&[
+            (keys::WRITE_URL, "postgres://u:hunter2@h/db"),
+            (keys::READ_URLS, "postgres://u:hunter2@r1/db, postgres://u:hunter2@r2/db"),
+        ]);
         let c = DbConfig::from_lookup(&l, "svc").unwrap();
         assert_eq!(c.schema.as_deref(), Some("svc"));
         assert_eq!(c.read_urls.len(), 2);
@@ -120,11 +195,45 @@ mod tests {
     }
 
     #[test]
-    fn schema_must_be_an_identifier() {
-        let l: HashMap<&'static str, String> =
-            [(keys::WRITE_URL, "postgres://h/db".to_owned()), (keys::SCHEMA, "x; drop table y".to_owned())]
-                .into();
-        assert_eq!(DbConfig::from_lookup(&l, "svc").unwrap_err().key, keys::SCHEMA);
+    fn pools_default_to_twenty_warm_fifty_at_most() {
+        let c = DbConfig::from_lookup(&map(&[(keys::WRITE_URL, "postgres://h/db")]), "svc").unwrap();
+        assert_eq!((c.min_connections, c.max_connections), (20, 50));
+        assert_eq!(c.acquire_timeout, Duration::from_secs(30));
+        assert_eq!(c.max_lifetime, Duration::from_secs(30 * 60));
+        assert_eq!(c.idle_timeout, Duration::from_secs(10 * 60));
+        let c = DbConfig::from_lookup(
+            &map(&[
+                (keys::WRITE_URL, "postgres://h/db"),
+                (keys::MIN_CONNECTIONS, "2"),
+                (keys::MAX_CONNECTIONS, "4"),
+                (keys::READ_WAIT_MS, "7"),
+                (keys::MAX_REPLICA_DELAY_MS, "900"),
+                (keys::APPLICATION_NAME, "data-7f9c"),
+            ]),
+            "svc",
+        )
+        .unwrap();
+        assert_eq!((c.min_connections, c.max_connections), (2, 4));
+        assert_eq!(
+            (c.read_wait, c.max_replica_delay),
+            (Duration::from_millis(7), Duration::from_millis(900))
+        );
+        assert_eq!(c.application_name.as_deref(), Some("data-7f9c"));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (key, value) in [
+            (keys::SCHEMA, "x; drop table y"),
+            (keys::MIN_CONNECTIONS, "60"),
+            (keys::MAX_CONNECTIONS, "0"),
+            (keys::ACQUIRE_TIMEOUT_MS, "1"),
+            (keys::READ_WAIT_MS, "soon"),
+            (keys::APPLICATION_NAME, "ünïcode"),
+        ] {
+            let l = map(&[(keys::WRITE_URL, "postgres://h/db"), (key, value)]);
+            assert_eq!(DbConfig::from_lookup(&l, "svc").unwrap_err().key, key, "{value}");
+        }
         assert!(is_identifier("t_abc123"));
         assert!(!is_identifier("1abc"));
     }

@@ -1,35 +1,41 @@
 //! PostgreSQL for mesh services: a write pool on the primary, read pools on
-//! streaming replicas, and read routing that respects replication lag.
+//! streaming replicas, and read routing that respects replication lag and
+//! the caller's own writes.
 //!
-//! - Writes go to [`Db::primary`].
-//! - [`Db::reader`] picks a healthy replica (round-robin) or falls back to the
-//!   primary; [`Db::reader_at`] additionally requires the replica to have
-//!   replayed a given WAL position (a consistency token), so a caller reads
-//!   its own writes.
-//! - A monitor task polls each replica's replay LSN and the primary's current
-//!   LSN; a replica that fails or lags past `max_replica_lag_bytes` is left
-//!   out until it is healthy again.
-//! - Every routing decision is counted in `mesh_db_reads_total{served_by, reason}`.
+//! - Writes go to [`Db::write`] (fails fast while the primary is down).
+//! - [`Db::read`] runs a read on a healthy replica or the primary; with a
+//!   consistency token (an [`Lsn`], from [`Db::current_lsn`] after a commit)
+//!   only where that position has been replayed, checked on the very
+//!   connection that runs the read, so a caller always reads its own writes.
+//! - A monitor polls the primary and each replica on connections of its own:
+//!   a replica that fails, or lags past `max_replica_lag_bytes` or
+//!   `max_replica_delay`, is left out until it is healthy again.
+//! - Every routing decision is counted in `mesh_db_reads_total{served_by,
+//!   reason}`; every pool exports the OpenTelemetry connection-pool metrics
+//!   (`db_client_connection_*`, see `metrics`).
 //!
 //! # Layout
-//! - `config`: [`DbConfig`] from the environment.
+//! - `config`: [`DbConfig`] from the environment (every key in [`keys`]).
 //! - `lsn`: [`Lsn`], a WAL position (`16/B374D848`).
-//! - `pools`: [`Db`], connection, routing, monitor, readiness checks, migrations.
+//! - `pools`: [`Db`], [`Conn`], routing, the monitor, readiness checks, migrations.
+//! - `metrics`: the Prometheus families and the pool collector.
 
 mod config;
 mod lsn;
+mod metrics;
 mod pools;
 
 pub use config::{DbConfig, keys};
 pub use lsn::Lsn;
-pub use pools::{Db, DbError, Reader, ServedBy};
+pub use pools::{Conn, Db, DbError, Read, Reader, ServedBy, is_connection_error};
 pub use sqlx;
 
 /// A client span for one PostgreSQL statement, with the OpenTelemetry
 /// database semantic-convention attributes: `db.system.name = "postgresql"`,
-/// `db.operation.name` (e.g. `INSERT`), `db.collection.name` (the table) and
+/// `db.operation.name` (e.g. `INSERT`), `db.collection.name` (the table),
 /// `db.query.text`, the parameterised statement (`$1` placeholders, never
-/// values). Instrument the future of the statement with it.
+/// values), and `server.address` / `server.port` when recorded (as
+/// [`Conn::span`] does). Instrument the future of the statement with it.
 pub fn span(operation: &'static str, table: &'static str, statement: &'static str) -> tracing::Span {
     tracing::info_span!(
         "postgres",
@@ -41,5 +47,7 @@ pub fn span(operation: &'static str, table: &'static str, statement: &'static st
         db.operation.name = operation,
         db.collection.name = table,
         db.query.text = statement,
+        server.address = tracing::field::Empty,
+        server.port = tracing::field::Empty,
     )
 }

@@ -1,28 +1,35 @@
+//! [`Db`]: the pools, read routing, and the monitor that keeps routing honest.
+
 use std::{
+    fmt,
+    ops::{Deref, DerefMut},
     str::FromStr,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
+use futures::future::BoxFuture;
 use mesh_runtime::Check;
-use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
-    registry::Registry,
-};
+use prometheus_client::registry::Registry;
 use secrecy::ExposeSecret;
 use sqlx::{
-    Executor, PgPool,
+    Executor, PgConnection, PgPool, Postgres,
     migrate::Migrator,
+    pool::PoolConnection,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
+use tokio::{sync::watch, time::Instant};
 
-use crate::{DbConfig, Lsn, config::is_identifier};
+use crate::{
+    DbConfig, Lsn,
+    config::is_identifier,
+    metrics::{Metrics, PoolCollector, PoolMetrics, ReadLabels, ReplicaLabels},
+};
 
-/// Database errors outside of queries.
+/// Database errors outside of a statement's own failure.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     /// A URL could not be parsed (the URL itself is never shown).
@@ -34,12 +41,47 @@ pub enum DbError {
     /// Migrations failed.
     #[error("migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    /// A query failed.
+    /// A statement failed.
     #[error(transparent)]
     Sqlx(#[from] sqlx::Error),
-    /// The primary did not answer before the deadline.
+    /// The primary did not answer before the deadline (start-up).
     #[error("primary unreachable for {0:?}: {1}")]
     Unreachable(Duration, String),
+    /// The server behind a pool is known to be down: the call fails at once
+    /// instead of waiting for a connection that cannot come.
+    #[error("{pool} is unavailable")]
+    ServerDown {
+        /// The pool (`primary@host:port`, …).
+        pool: Arc<str>,
+    },
+    /// No connection came within the acquire timeout.
+    #[error("no connection to {pool} within the acquire timeout")]
+    PoolTimedOut {
+        /// The pool.
+        pool: Arc<str>,
+    },
+}
+
+impl DbError {
+    /// Whether the error means "the database cannot be reached now" (gRPC
+    /// UNAVAILABLE, worth retrying) rather than a fault of the statement.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Sqlx(e) => is_connection_error(e),
+            Self::Unreachable(..) | Self::ServerDown { .. } | Self::PoolTimedOut { .. } => true,
+            Self::Url { .. } | Self::Migrate(_) => false,
+        }
+    }
+}
+
+/// Whether a statement failed because the connection or the server went away
+/// (I/O, TLS, pool closed or timed out, SQLSTATE class 08 or 57P: shutdown,
+/// crash, cannot connect now) rather than because of the statement.
+pub fn is_connection_error(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_)
+    ) || matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
 }
 
 /// Where a read was served.
@@ -61,7 +103,7 @@ impl ServedBy {
     }
 }
 
-/// A pool to read from, and where it is.
+/// A pool to read from, and where it is (see [`Db::reader`]).
 #[derive(Debug, Clone)]
 pub struct Reader {
     /// The pool.
@@ -70,44 +112,174 @@ pub struct Reader {
     pub served_by: ServedBy,
 }
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReadLabels {
-    served_by: &'static str,
-    reason: &'static str,
+/// The result of [`Db::read`] and where it was read.
+#[derive(Debug)]
+pub struct Read<T> {
+    /// What the statement returned.
+    pub value: T,
+    /// Primary or replica.
+    pub served_by: ServedBy,
 }
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReplicaLabels {
-    replica: String,
+/// A server, as spans name it (`server.address`, `server.port`).
+#[derive(Debug)]
+struct ServerInfo {
+    address: String,
+    port: u16,
+    served_by: ServedBy,
 }
 
-#[derive(Debug, Clone, Default)]
-struct Metrics {
-    reads: Family<ReadLabels, Counter>,
-    replica_up: Family<ReplicaLabels, Gauge>,
-    replica_lag: Family<ReplicaLabels, Gauge>,
+/// A pooled connection with the server it is connected to; derefs to
+/// [`PgConnection`]. Back in the pool when dropped.
+pub struct Conn {
+    conn: PoolConnection<Postgres>,
+    server: Arc<ServerInfo>,
+}
+
+impl fmt::Debug for Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Conn").field("server", &self.server).finish()
+    }
+}
+
+impl Deref for Conn {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        &self.conn
+    }
+}
+
+impl DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+}
+
+impl Conn {
+    /// Primary or replica.
+    pub fn served_by(&self) -> ServedBy {
+        self.server.served_by
+    }
+
+    /// A client span for one statement on this connection: [`crate::span`]
+    /// plus `server.address` and `server.port`.
+    pub fn span(
+        &self,
+        operation: &'static str,
+        table: &'static str,
+        statement: &'static str,
+    ) -> tracing::Span {
+        let span = crate::span(operation, table, statement);
+        span.record("server.address", self.server.address.as_str());
+        span.record("server.port", i64::from(self.server.port));
+        span
+    }
+}
+
+/// One server: its pool, a separate connection for the monitor and health
+/// checks (so a busy pool never makes a healthy server look dead), and
+/// whether it is up.
+#[derive(Debug)]
+pub(crate) struct Target {
+    pub(crate) pool: PgPool,
+    monitor: PgPool,
+    pub(crate) pool_name: Arc<str>,
+    server: Arc<ServerInfo>,
+    metrics: PoolMetrics,
+    /// Primary: it answers. Replica: it answers and is within the lag bounds.
+    up: watch::Sender<bool>,
+}
+
+/// Decrements the pending-requests gauge when an acquire ends, however it ends.
+struct Pending<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl Target {
+    fn is_up(&self) -> bool {
+        *self.up.borrow()
+    }
+
+    fn set_up(&self, up: bool) -> bool {
+        self.up.send_if_modified(|v| std::mem::replace(v, up) != up)
+    }
+
+    /// A connection, counted in the pool metrics; fails at once while the
+    /// server is known to be down, and as soon as the monitor finds it down.
+    async fn acquire(&self) -> Result<Conn, DbError> {
+        if !self.is_up() {
+            return Err(DbError::ServerDown { pool: self.pool_name.clone() });
+        }
+        self.metrics.pending.inc();
+        let _pending = Pending(&self.metrics.pending);
+        let mut watch = self.up.subscribe();
+        let start = Instant::now();
+        let result = tokio::select! {
+            biased;
+            r = self.pool.acquire() => r.map_err(|e| match e {
+                sqlx::Error::PoolTimedOut => {
+                    self.metrics.timeouts.inc();
+                    DbError::PoolTimedOut { pool: self.pool_name.clone() }
+                }
+                e => DbError::Sqlx(e),
+            }),
+            down = async { watch.wait_for(|up| !*up).await.is_ok() } => {
+                if !down {
+                    // The monitor is gone with the Db; the pool's own timeout decides.
+                    std::future::pending::<()>().await;
+                }
+                Err(DbError::ServerDown { pool: self.pool_name.clone() })
+            }
+        };
+        self.metrics.wait.observe(start.elapsed().as_secs_f64());
+        Ok(Conn { conn: result?, server: self.server.clone() })
+    }
 }
 
 #[derive(Debug)]
 struct Replica {
-    /// host:port, never the URL (it may carry a password).
-    name: String,
-    pool: PgPool,
-    healthy: AtomicBool,
+    target: Target,
+    /// The highest replay position seen (by the monitor or a read).
     replay_lsn: AtomicU64,
 }
 
 #[derive(Debug)]
-struct Inner {
-    primary: PgPool,
+pub(crate) struct Inner {
+    primary: Target,
     replicas: Vec<Replica>,
     next: AtomicUsize,
     schema: Option<String>,
     max_lag: u64,
+    max_delay: Duration,
+    read_wait: Duration,
+    /// The primary's insert position at the last poll.
+    primary_lsn: AtomicU64,
     metrics: Metrics,
 }
 
+impl Inner {
+    pub(crate) fn targets(&self) -> impl Iterator<Item = &Target> {
+        std::iter::once(&self.primary).chain(self.replicas.iter().map(|r| &r.target))
+    }
+}
+
 /// The primary pool, the replica pools and the routing between them.
+///
+/// - Writes go to [`Db::write`].
+/// - [`Db::read`] runs a read on a healthy replica, or on the primary; with a
+///   consistency token ([`Lsn`]) only on a replica whose connection has
+///   replayed it, waiting at most `read_wait` for one, so a caller always
+///   reads its own writes.
+/// - A monitor polls the primary's position and each replica's replay
+///   position, byte lag and replay delay; a replica that fails or lags past
+///   either bound is left out until it is back within them. A read whose
+///   replica fails is repeated on the primary.
+/// - Every routing decision is counted in `mesh_db_reads_total{served_by, reason}`.
 #[derive(Debug, Clone)]
 pub struct Db {
     inner: Arc<Inner>,
@@ -120,6 +292,7 @@ fn options(
     app: &str,
     role: Option<&str>,
 ) -> Result<PgConnectOptions, DbError> {
+    let app = config.application_name.as_deref().unwrap_or(app);
     let mut opts = PgConnectOptions::from_str(url).map_err(|_| DbError::Url { key })?.application_name(app);
     let timeout = config.statement_timeout.as_millis().to_string();
     let mut settings = vec![("statement_timeout", timeout)];
@@ -135,22 +308,38 @@ fn options(
     Ok(opts)
 }
 
-fn pool(opts: PgConnectOptions, config: &DbConfig) -> PgPool {
-    PgPoolOptions::new()
+fn target(
+    opts: PgConnectOptions,
+    config: &DbConfig,
+    served_by: ServedBy,
+    metrics: &Metrics,
+    up: bool,
+) -> Target {
+    let server =
+        Arc::new(ServerInfo { address: opts.get_host().to_owned(), port: opts.get_port(), served_by });
+    let pool_name: Arc<str> = format!("{}@{}:{}", served_by.as_str(), server.address, server.port).into();
+    let pool = PgPoolOptions::new()
         .max_connections(config.max_connections)
-        .min_connections(0)
+        .min_connections(config.min_connections)
         .acquire_timeout(config.acquire_timeout)
-        // A dead connection fails its query and is dropped; pinging before
+        // A dead connection fails its statement and is dropped; pinging before
         // every acquire would add a round trip to every call.
         .test_before_acquire(false)
-        .idle_timeout(Some(Duration::from_secs(60)))
-        .max_lifetime(Some(Duration::from_secs(30 * 60)))
-        .connect_lazy_with(opts)
+        .idle_timeout(Some(config.idle_timeout))
+        .max_lifetime(Some(config.max_lifetime))
+        .connect_lazy_with(opts.clone());
+    let monitor = PgPoolOptions::new()
+        .max_connections(2)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(2))
+        .test_before_acquire(false)
+        .connect_lazy_with(opts);
+    Target { pool, monitor, metrics: metrics.pool(&pool_name), pool_name, server, up: watch::Sender::new(up) }
 }
 
 impl Db {
-    /// Creates the pools (connections are made on first use, so this works
-    /// while the database is down), registers metrics and starts the replica monitor.
+    /// Creates the pools (connections are made in the background, so this
+    /// works while the database is down), registers metrics and starts the monitor.
     pub fn connect(config: &DbConfig, app: &str, registry: &mut Registry) -> Result<Self, DbError> {
         Self::connect_with_role(config, app, registry, None)
     }
@@ -175,36 +364,21 @@ impl Db {
         registry: &mut Registry,
         role: Option<&str>,
     ) -> Result<Self, DbError> {
+        let metrics = Metrics::register(registry);
         let primary_opts =
             options(config.write_url.expose_secret(), crate::keys::WRITE_URL, config, app, role)?;
-        let primary = pool(primary_opts, config);
+        // Up until the monitor finds otherwise: a first call may as well try.
+        let primary = target(primary_opts, config, ServedBy::Primary, &metrics, true);
         let mut replicas = Vec::new();
         for url in &config.read_urls {
             let opts = options(url.expose_secret(), crate::keys::READ_URLS, config, app, role)?;
-            let name = format!("{}:{}", opts.get_host(), opts.get_port());
+            // Down until the monitor has seen it replaying.
             replicas.push(Replica {
-                name,
-                pool: pool(opts, config),
-                healthy: AtomicBool::new(false),
+                target: target(opts, config, ServedBy::Replica, &metrics, false),
                 replay_lsn: AtomicU64::new(0),
             });
         }
-        let metrics = Metrics::default();
-        registry.register(
-            "mesh_db_reads",
-            "Read routing decisions by target and reason",
-            metrics.reads.clone(),
-        );
-        registry.register(
-            "mesh_db_replica_up",
-            "1 when a replica answers and is within the lag bound",
-            metrics.replica_up.clone(),
-        );
-        registry.register(
-            "mesh_db_replica_lag_bytes",
-            "WAL bytes a replica is behind the primary",
-            metrics.replica_lag.clone(),
-        );
+        metrics.primary_up.set(1);
         let db = Self {
             inner: Arc::new(Inner {
                 primary,
@@ -212,68 +386,180 @@ impl Db {
                 next: AtomicUsize::new(0),
                 schema: config.schema.clone(),
                 max_lag: config.max_replica_lag_bytes,
+                max_delay: config.max_replica_delay,
+                read_wait: config.read_wait,
+                primary_lsn: AtomicU64::new(0),
                 metrics,
             }),
         };
-        if !db.inner.replicas.is_empty() {
-            tokio::spawn(monitor(Arc::downgrade(&db.inner), config.replica_poll));
-        }
+        registry.register_collector(Box::new(PoolCollector(Arc::downgrade(&db.inner))));
+        tokio::spawn(monitor(Arc::downgrade(&db.inner), config.replica_poll));
         Ok(db)
     }
 
-    /// The primary: every write, and reads that must see the latest state.
+    /// The primary's pool: writes, and reads that must see the latest state.
+    /// Prefer [`Db::write`], which is counted in the pool metrics and fails
+    /// fast while the primary is down.
     pub fn primary(&self) -> &PgPool {
-        &self.inner.primary
+        &self.inner.primary.pool
     }
 
-    /// A healthy replica, else the primary.
+    /// A connection to the primary. Fails at once with
+    /// [`DbError::ServerDown`] while the monitor finds the primary down, and
+    /// with [`DbError::PoolTimedOut`] after the acquire timeout.
+    pub async fn write(&self) -> Result<Conn, DbError> {
+        self.inner.primary.acquire().await
+    }
+
+    /// A healthy replica's pool (round-robin), else the primary's. Counted
+    /// like [`Db::read`] without a token; no fallback if the replica then fails.
     pub fn reader(&self) -> Reader {
-        self.route(None)
-    }
-
-    /// A healthy replica that has replayed `lsn`, else the primary.
-    pub fn reader_at(&self, lsn: Lsn) -> Reader {
-        self.route(Some(lsn))
-    }
-
-    fn route(&self, at: Option<Lsn>) -> Reader {
         let inner = &self.inner;
-        let n = inner.replicas.len();
-        let reason = if n == 0 {
-            "no_replicas"
-        } else {
-            let start = inner.next.fetch_add(1, Ordering::Relaxed);
-            let mut any_healthy = false;
-            for i in 0..n {
-                let r = &inner.replicas[(start + i) % n];
-                if !r.healthy.load(Ordering::Acquire) {
-                    continue;
+        if let Some(r) = self.pick(None) {
+            self.count(ServedBy::Replica, "replica");
+            return Reader { pool: r.target.pool.clone(), served_by: ServedBy::Replica };
+        }
+        self.count(ServedBy::Primary, self.no_replica_reason());
+        Reader { pool: inner.primary.pool.clone(), served_by: ServedBy::Primary }
+    }
+
+    /// Runs the read `f` where it may run:
+    ///
+    /// - `at` `None`: on any healthy replica, else on the primary.
+    /// - `at` a consistency token: on a replica whose connection has replayed
+    ///   it (checked on that very connection, so a replica address that hides
+    ///   several servers is still right), waiting up to `read_wait` for it;
+    ///   else on the primary. A token beyond anything written (a forged one)
+    ///   costs at most that wait.
+    ///
+    /// When the replica fails (a connection error), `f` runs again on the
+    /// primary and the replica is left out until the monitor finds it
+    /// healthy. Errors of `f` itself are returned as they are.
+    pub async fn read<T, F>(&self, at: Option<Lsn>, f: F) -> Result<Read<T>, DbError>
+    where
+        F: for<'c> Fn(&'c mut Conn) -> BoxFuture<'c, Result<T, sqlx::Error>>,
+    {
+        let (replica, mut reason) = self.route(at).await;
+        if let Some((r, mut conn, why)) = replica {
+            match f(&mut conn).await {
+                Ok(value) => {
+                    self.count(ServedBy::Replica, why);
+                    return Ok(Read { value, served_by: ServedBy::Replica });
                 }
-                any_healthy = true;
-                if at.is_none_or(|lsn| r.replay_lsn.load(Ordering::Acquire) >= lsn.0) {
-                    self.count(ServedBy::Replica, "replica");
-                    return Reader { pool: r.pool.clone(), served_by: ServedBy::Replica };
+                Err(e) if is_connection_error(&e) => {
+                    self.replica_failed(r, &e);
+                    reason = "replica_failed";
+                }
+                Err(e) => {
+                    self.count(ServedBy::Replica, why);
+                    return Err(e.into());
                 }
             }
-            if any_healthy { "replica_behind_token" } else { "replicas_unhealthy" }
-        };
+        }
         self.count(ServedBy::Primary, reason);
-        Reader { pool: inner.primary.clone(), served_by: ServedBy::Primary }
+        let mut conn = self.inner.primary.acquire().await?;
+        let value = f(&mut conn).await?;
+        Ok(Read { value, served_by: ServedBy::Primary })
+    }
+
+    /// A healthy replica, preferring one whose last known replay position
+    /// covers `at`, else the most advanced; round-robin among equals.
+    fn pick(&self, at: Option<Lsn>) -> Option<&Replica> {
+        let replicas = &self.inner.replicas;
+        let n = replicas.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        let mut best: Option<&Replica> = None;
+        for i in 0..n {
+            let r = &replicas[(start + i) % n];
+            if !r.target.is_up() {
+                continue;
+            }
+            let replayed = r.replay_lsn.load(Ordering::Acquire);
+            if at.is_none_or(|lsn| replayed >= lsn.0) {
+                return Some(r);
+            }
+            if best.is_none_or(|b| replayed > b.replay_lsn.load(Ordering::Acquire)) {
+                best = Some(r);
+            }
+        }
+        best
+    }
+
+    fn no_replica_reason(&self) -> &'static str {
+        if self.inner.replicas.is_empty() { "no_replicas" } else { "replicas_unhealthy" }
+    }
+
+    /// A replica connection fit for `at`, with the reason it counts under;
+    /// else why the read goes to the primary.
+    async fn route(&self, at: Option<Lsn>) -> (Option<(&Replica, Conn, &'static str)>, &'static str) {
+        let Some(r) = self.pick(at) else { return (None, self.no_replica_reason()) };
+        let mut conn = match r.target.acquire().await {
+            Ok(c) => c,
+            Err(DbError::Sqlx(e)) if is_connection_error(&e) => {
+                self.replica_failed(r, &e);
+                return (None, "replica_failed");
+            }
+            // Down meanwhile, or its pool is exhausted: the primary can serve.
+            Err(_) => return (None, "replica_failed"),
+        };
+        let Some(lsn) = at else { return (Some((r, conn, "replica")), "") };
+        let deadline = Instant::now() + self.inner.read_wait;
+        let mut pause = Duration::from_micros(500);
+        let mut waited = false;
+        loop {
+            match replay_position(&mut conn).await {
+                Ok(Some(replayed)) => {
+                    r.replay_lsn.fetch_max(replayed.0, Ordering::AcqRel);
+                    if replayed >= lsn {
+                        let why = if waited { "replica_after_wait" } else { "replica" };
+                        return (Some((r, conn, why)), "");
+                    }
+                }
+                // Promoted meanwhile: not a replica any more.
+                Ok(None) => return (None, "replica_failed"),
+                Err(e) => {
+                    if is_connection_error(&e) {
+                        self.replica_failed(r, &e);
+                    }
+                    return (None, "replica_failed");
+                }
+            }
+            if Instant::now() + pause > deadline {
+                return (None, "replica_behind_token");
+            }
+            waited = true;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(8));
+        }
+    }
+
+    fn replica_failed(&self, r: &Replica, e: &sqlx::Error) {
+        if r.target.set_up(false) {
+            tracing::warn!(replica = %r.target.pool_name, error = %e, "replica failed, reads go elsewhere until it is healthy");
+            let labels = ReplicaLabels { replica: replica_label(&r.target) };
+            self.inner.metrics.replica_up.get_or_create(&labels).set(0);
+        }
     }
 
     fn count(&self, served_by: ServedBy, reason: &'static str) {
         self.inner.metrics.reads.get_or_create(&ReadLabels { served_by: served_by.as_str(), reason }).inc();
     }
 
-    /// The primary's current WAL write position: after a commit, a token that
-    /// covers it.
+    /// The primary's current WAL insert position, read on `executor`. Read
+    /// after a commit on the primary, it covers that commit (also with
+    /// asynchronous commit, where the *write* position may still be behind):
+    /// a replica that has replayed it has the commit.
     pub async fn current_lsn<'e, E>(executor: E) -> Result<Lsn, sqlx::Error>
     where
-        E: Executor<'e, Database = sqlx::Postgres>,
+        E: Executor<'e, Database = Postgres>,
     {
-        let text: String =
-            sqlx::query_scalar("select pg_current_wal_lsn()::text").fetch_one(executor).await?;
-        text.parse().map_err(|e| sqlx::Error::Decode(Box::new(e)))
+        let lsn: i64 = sqlx::query_scalar("select (pg_current_wal_insert_lsn() - '0/0')::int8")
+            .fetch_one(executor)
+            .await?;
+        Ok(Lsn(lsn as u64))
     }
 
     /// Creates the schema (if one is configured) and runs `migrator` on the
@@ -296,21 +582,21 @@ impl Db {
     }
 
     async fn try_migrate(&self, migrator: &Migrator) -> Result<(), DbError> {
+        let pool = &self.inner.primary.monitor;
         if let Some(schema) = &self.inner.schema {
             debug_assert!(is_identifier(schema));
-            sqlx::query(&format!("create schema if not exists {schema}"))
-                .execute(&self.inner.primary)
-                .await?;
+            sqlx::query(&format!("create schema if not exists {schema}")).execute(pool).await?;
         }
-        migrator.run(&self.inner.primary).await.map_err(|e| match e {
+        migrator.run(pool).await.map_err(|e| match e {
             sqlx::migrate::MigrateError::Execute(e) => DbError::Sqlx(e),
             other => DbError::Migrate(other),
         })
     }
 
-    /// Readiness check of the primary.
+    /// Readiness check of the primary (on the monitor's connection, so an
+    /// exhausted pool under load does not read as a dead primary).
     pub fn primary_check(&self) -> Check {
-        let pool = self.inner.primary.clone();
+        let pool = self.inner.primary.monitor.clone();
         Check::new("postgres-primary", move || {
             let pool = pool.clone();
             async move {
@@ -329,11 +615,17 @@ impl Db {
 
     /// Whether any replica is currently serving reads.
     pub fn any_replica_healthy(&self) -> bool {
-        self.inner.replicas.iter().any(|r| r.healthy.load(Ordering::Acquire))
+        self.inner.replicas.iter().any(|r| r.target.is_up())
     }
 
-    /// Waits until every replica has replayed `lsn`, or `timeout`; true if they did.
-    /// For tests and tools that need a replica to be current.
+    /// Whether the monitor currently finds the primary answering.
+    pub fn primary_up(&self) -> bool {
+        self.inner.primary.is_up()
+    }
+
+    /// Waits until every replica is healthy and has replayed `lsn`, or
+    /// `timeout`; true if they did. For tests and tools that need a replica
+    /// to be current.
     pub async fn wait_replicas(&self, lsn: Lsn, timeout: Duration) -> bool {
         let start = Instant::now();
         loop {
@@ -341,7 +633,7 @@ impl Db {
                 .inner
                 .replicas
                 .iter()
-                .all(|r| r.healthy.load(Ordering::Acquire) && r.replay_lsn.load(Ordering::Acquire) >= lsn.0)
+                .all(|r| r.target.is_up() && r.replay_lsn.load(Ordering::Acquire) >= lsn.0)
             {
                 return true;
             }
@@ -351,56 +643,101 @@ impl Db {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+
+    /// Closes every pool (in-flight statements finish first).
+    pub async fn close(&self) {
+        for t in self.inner.targets() {
+            t.pool.close().await;
+            t.monitor.close().await;
+        }
+    }
 }
 
-fn is_connection_error(e: &sqlx::Error) -> bool {
-    matches!(
-        e,
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_)
-    ) || matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+/// A replica's replay position on `conn`; `None` when the server is not in recovery.
+async fn replay_position(conn: &mut PgConnection) -> Result<Option<Lsn>, sqlx::Error> {
+    let lsn: Option<i64> = sqlx::query_scalar(
+        "select case when pg_is_in_recovery() then (pg_last_wal_replay_lsn() - '0/0')::int8 end",
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(lsn.map(|l| Lsn(l as u64)))
 }
 
-/// Polls replicas until the [`Db`] is dropped.
+fn replica_label(t: &Target) -> String {
+    format!("{}:{}", t.server.address, t.server.port)
+}
+
+/// Consecutive timed-out polls of the primary before it counts as down (a
+/// refused or broken connection counts at once).
+const PRIMARY_TIMEOUTS_DOWN: u32 = 3;
+
+/// Polls the primary and the replicas until the [`Db`] is dropped.
 async fn monitor(inner: std::sync::Weak<Inner>, period: Duration) {
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let timeout = period.max(Duration::from_millis(500));
+    let mut primary_timeouts = 0u32;
     loop {
         ticker.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        let primary_lsn =
-            tokio::time::timeout(period.max(Duration::from_millis(500)), Db::current_lsn(&inner.primary))
-                .await
-                .ok()
-                .and_then(Result::ok);
+        let poll = sqlx::query_scalar::<_, Option<i64>>(
+            "select case when not pg_is_in_recovery() then (pg_current_wal_insert_lsn() - '0/0')::int8 end",
+        )
+        .fetch_one(&inner.primary.monitor);
+        let primary = &inner.primary;
+        let up = match tokio::time::timeout(timeout, poll).await {
+            Ok(Ok(Some(lsn))) => {
+                primary_timeouts = 0;
+                inner.primary_lsn.store(lsn as u64, Ordering::Release);
+                true
+            }
+            // In recovery: the write URL points at a replica.
+            Ok(Ok(None)) => false,
+            Ok(Err(e)) if is_connection_error(&e) => false,
+            Ok(Err(_)) | Err(_) => {
+                primary_timeouts += 1;
+                primary.is_up() && primary_timeouts < PRIMARY_TIMEOUTS_DOWN
+            }
+        };
+        if primary.set_up(up) {
+            if up {
+                tracing::info!(primary = %primary.pool_name, "primary answers again");
+            } else {
+                tracing::warn!(primary = %primary.pool_name, "primary unreachable, writes fail fast until it answers");
+            }
+        }
+        inner.metrics.primary_up.set(i64::from(up));
+        // The lag is unknown while the primary is: replicas keep serving reads then.
+        let primary_lsn = up.then(|| inner.primary_lsn.load(Ordering::Acquire));
+
         let polls = inner.replicas.iter().map(|r| async move {
-            let q = sqlx::query_as::<_, (bool, Option<String>)>(
-                "select pg_is_in_recovery(), pg_last_wal_replay_lsn()::text",
+            let q = sqlx::query_as::<_, (bool, Option<i64>, f64)>(
+                "select pg_is_in_recovery(), (pg_last_wal_replay_lsn() - '0/0')::int8, \
+                 case when pg_last_wal_receive_lsn() is not distinct from pg_last_wal_replay_lsn() then 0 \
+                 else coalesce(extract(epoch from now() - pg_last_xact_replay_timestamp()), 0) end::float8",
             )
-            .fetch_one(&r.pool);
-            (r, tokio::time::timeout(period.max(Duration::from_millis(500)), q).await)
+            .fetch_one(&r.target.monitor);
+            (r, tokio::time::timeout(timeout, q).await)
         });
         for (r, result) in futures::future::join_all(polls).await {
-            let labels = ReplicaLabels { replica: r.name.clone() };
-            let state = match result {
-                Ok(Ok((true, Some(lsn)))) => lsn.parse::<Lsn>().ok(),
-                Ok(Ok(_)) => None, // promoted or never replayed: not a usable replica
-                Ok(Err(_)) | Err(_) => None,
-            };
-            let healthy = match state {
-                Some(lsn) => {
-                    r.replay_lsn.store(lsn.0, Ordering::Release);
-                    let lag = primary_lsn.map_or(0, |p| p.0.saturating_sub(lsn.0));
+            let labels = ReplicaLabels { replica: replica_label(&r.target) };
+            let healthy = match result {
+                Ok(Ok((true, Some(lsn), delay))) => {
+                    r.replay_lsn.store(lsn as u64, Ordering::Release);
+                    let lag = primary_lsn.map_or(0, |p| p.saturating_sub(lsn as u64));
                     inner.metrics.replica_lag.get_or_create(&labels).set(lag as i64);
-                    lag <= inner.max_lag
+                    inner.metrics.replica_delay.get_or_create(&labels).set(delay);
+                    lag <= inner.max_lag && delay <= inner.max_delay.as_secs_f64()
                 }
-                None => false,
+                // Promoted, or never replayed anything: not a usable replica.
+                Ok(Ok(_)) => false,
+                Ok(Err(_)) | Err(_) => false,
             };
-            let was = r.healthy.swap(healthy, Ordering::AcqRel);
-            if was != healthy {
+            if r.target.set_up(healthy) {
                 if healthy {
-                    tracing::info!(replica = %r.name, "replica serving reads");
+                    tracing::info!(replica = %r.target.pool_name, "replica serving reads");
                 } else {
-                    tracing::warn!(replica = %r.name, "replica left out of reads (down or lagging)");
+                    tracing::warn!(replica = %r.target.pool_name, "replica left out of reads (down or lagging)");
                 }
             }
             inner.metrics.replica_up.get_or_create(&labels).set(i64::from(healthy));

@@ -13,6 +13,7 @@
 //! - [`redis`]: the Redis Cluster pool and its readiness check.
 //! - [`main_loop`]: the body of every service's `main` (exit codes included).
 //! - `metrics`: the Prometheus registry and `/metrics` endpoint.
+//! - [`throttle`]: warnings that could repeat on every call, logged once in a while.
 
 pub mod config;
 pub mod grpc;
@@ -23,6 +24,7 @@ mod metrics;
 pub mod redis;
 pub mod server;
 pub mod telemetry;
+pub mod throttle;
 pub mod trace_context;
 
 pub use config::{ConfigError, Env, Lookup, LookupExt, ServerConfig};
@@ -32,6 +34,7 @@ pub use metrics::{latency_buckets, latency_histogram};
 pub use prometheus_client;
 pub use server::{ServeError, Server, shutdown_signal};
 pub use telemetry::{Telemetry, TelemetryConfig};
+pub use throttle::Throttle;
 
 /// Exit code for a bad configuration (`EX_CONFIG` is 78; sysexits' `EX_USAGE`, 64, is what operators expect here).
 pub const EXIT_CONFIG: u8 = 64;

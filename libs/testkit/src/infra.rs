@@ -72,6 +72,12 @@ impl Infra {
         format!("postgres://mesh:{PG_PASSWORD}@127.0.0.1:{}/mesh", self.pg_replica_port)
     }
 
+    /// URL of the superuser `postgres` on the server at `port` (the primary's
+    /// or the replica's), for tests that change server settings.
+    pub fn pg_admin_url(&self, port: u16) -> String {
+        format!("postgres://postgres:{PG_PASSWORD}@127.0.0.1:{port}/postgres")
+    }
+
     /// `host:port` of every Redis node.
     pub fn redis_urls(&self) -> Vec<String> {
         self.redis_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect()

@@ -6,11 +6,13 @@
 //! - [`isolate`]: a fresh database schema or Redis key prefix per test.
 //! - [`spawn`]: run a service (or any server) on `127.0.0.1:0` and stop it
 //!   gracefully or abruptly; run a service binary as a child process.
+//! - [`bin`]: the service binaries, for tests that run services as processes.
 //! - [`grpc`]: channels, health checks, metrics scraping, grpcurl.
 //! - [`otlp`]: an in-process OTLP trace receiver collecting exported spans.
 //! - [`conformance`]: what every mesh service must do (health, reflection, SIGTERM).
 //! - [`echo`]: a plain tonic echo service (benchmark baseline, runtime tests).
 
+pub mod bin;
 pub mod conformance;
 pub mod echo;
 pub mod grpc;

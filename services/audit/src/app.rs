@@ -66,9 +66,15 @@ impl App {
         let mut server = Server::bind(config.server).await?;
         {
             // A pool of its own, with throwaway metrics: only the owner may migrate.
-            let owner = Db::connect(&config.db, "mesh-audit-migrate", &mut Registry::default())?;
+            let small = mesh_db::DbConfig {
+                read_urls: Vec::new(),
+                min_connections: 0,
+                max_connections: 2,
+                ..config.db.clone()
+            };
+            let owner = Db::connect(&small, "mesh-audit-migrate", &mut Registry::default())?;
             owner.migrate(&MIGRATOR, config.db.migrate_timeout).await?;
-            owner.primary().close().await;
+            owner.close().await;
         }
         let db = Db::connect_as(&config.db, "mesh-audit", server.registry(), WRITER_ROLE)?;
         let head = store::read_head(db.primary()).await.map_err(DbError::from)?;

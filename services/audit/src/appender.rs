@@ -340,13 +340,16 @@ impl Batcher {
     /// Commits `batch` and hands it to the flusher (or answers its callers
     /// with the error).
     async fn write(&mut self, batch: &mut Vec<Pending>) {
+        // A child of the first call it serves (so that call's trace goes on
+        // into PostgreSQL), linked from every other one.
         let span = tracing::info_span!(
+            parent: batch.first().and_then(|p| p.span.id()),
             "audit.batch",
             batch.size = batch.len(),
             batch.path = tracing::field::Empty,
             otel.status_code = tracing::field::Empty
         );
-        for p in batch.iter() {
+        for p in batch.iter().skip(1) {
             span.follows_from(&p.span);
         }
         let started = Instant::now();
@@ -532,8 +535,13 @@ async fn flusher(
             done.push(more);
         }
         let last = done.iter().filter_map(|c| c.last_sequence).max();
-        let span = tracing::info_span!("audit.flush", batches = done.len());
-        for c in &done {
+        // As a batch: a child of the first, linked from the others.
+        let span = tracing::info_span!(
+            parent: done.first().and_then(|c: &Committed| c.span.id()),
+            "audit.flush",
+            batches = done.len()
+        );
+        for c in done.iter().skip(1) {
             span.follows_from(&c.span);
         }
         let started = Instant::now();

@@ -1,11 +1,19 @@
 use std::net::SocketAddr;
 
+use mesh_client::{AuditClient, ClientMetrics, RateLimitClient, SessionClient, config::keys as client_keys};
 use mesh_db::{Db, DbError};
 use mesh_proto::data::data_service_server::DataServiceServer;
 use mesh_runtime::{ConfigError, ServeError, Server};
 use sqlx::migrate::Migrator;
+use tokio::task::JoinHandle;
 
-use crate::{Config, api::Api};
+use crate::{
+    Config,
+    api::Api,
+    guard::Guard,
+    metrics::Metrics,
+    outbox::{Deliverer, Outbox},
+};
 
 /// The service's schema, embedded at build time (no database needed to build).
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
@@ -34,18 +42,53 @@ impl mesh_runtime::StartFailure for StartError {
 #[derive(Debug)]
 pub struct App {
     server: Server,
+    db: Db,
+    background: Vec<JoinHandle<()>>,
 }
 
 impl App {
-    /// Binds the listeners, creates the pools and runs migrations on the
-    /// primary (waiting up to the configured timeout for it to answer).
+    /// Binds the listeners, creates the pools, runs migrations on the primary
+    /// (waiting up to the configured timeout for it to answer) and connects
+    /// to the session, rate-limit and audit services (lazily: they may come
+    /// up later). Readiness follows the PostgreSQL primary only.
     pub async fn build(config: Config) -> Result<Self, StartError> {
+        let c = &config.data;
         let mut server = Server::bind(config.server).await?;
+        let metrics = Metrics::register(server.registry(), c.ratelimit_failure_mode.label());
+        let client_metrics = ClientMetrics::register(server.registry());
         let db = Db::connect(&config.db, "mesh-data", server.registry())?;
         db.migrate(&MIGRATOR, config.db.migrate_timeout).await?;
         server.add_check(db.primary_check());
-        server.add_service(DataServiceServer::new(Api::new(db)));
-        Ok(Self { server })
+
+        let session = SessionClient::from_config(&config.clients, &client_metrics)?;
+        let ratelimit = match &config.clients.ratelimit {
+            Some(_) => Some(RateLimitClient::from_config(&config.clients, &client_metrics)?),
+            None => {
+                tracing::warn!("{} is not set: data calls are not rate limited", client_keys::RATELIMIT_ADDR);
+                None
+            }
+        };
+        let mut background = Vec::new();
+        let outbox = match &config.clients.audit {
+            Some(_) => {
+                let audit = AuditClient::from_config(&config.clients, &client_metrics)?;
+                let (outbox, tasks) = Deliverer::start(db.clone(), audit, c, metrics.clone());
+                background.extend(tasks);
+                outbox
+            }
+            None => {
+                tracing::warn!(
+                    "{} is not set: audit events wait in the outbox for an instance that delivers them",
+                    client_keys::AUDIT_ADDR
+                );
+                Outbox::undelivered()
+            }
+        };
+        let guard = Guard::new(session, ratelimit, c, metrics.clone());
+        server.add_service(DataServiceServer::new(Api::new(db.clone(), guard, outbox, c, metrics)));
+        // So grpcurl can show the google.rpc details (BadRequest, RetryInfo, ErrorInfo).
+        server.add_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET);
+        Ok(Self { server, db, background })
     }
 
     /// The gRPC address.
@@ -60,6 +103,12 @@ impl App {
 
     /// Serves until `shutdown` resolves, then drains.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
-        self.server.serve(shutdown).await
+        let result = self.server.serve(shutdown).await;
+        // The outbox is durable: a delivery cut short is delivered again, once.
+        for task in &self.background {
+            task.abort();
+        }
+        self.db.close().await;
+        result
     }
 }

@@ -37,7 +37,7 @@
 
 use std::time::Duration;
 
-use mesh_client::ClientConfig;
+use mesh_client::{ClientConfig, FailureMode};
 use mesh_runtime::{ConfigError, Lookup, LookupExt, ServerConfig, redis::RedisConfig};
 use secrecy::{ExposeSecret, SecretString};
 
@@ -103,27 +103,6 @@ pub mod keys {
 
 /// Shortest idle timeout or lifetime a call may ask for.
 pub const MIN_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// What CreateSession does when the rate-limit service cannot decide.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureMode {
-    /// Refuse with UNAVAILABLE (retryable): the limits are login-attempt
-    /// protection, and an attacker who can overload the rate limiter must not
-    /// get unlimited attempts. Validation and existing sessions are unaffected.
-    FailClosed,
-    /// Create without a limit, for deployments that value logins over the limit.
-    FailOpen,
-}
-
-impl FailureMode {
-    /// The metric label.
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::FailClosed => "fail_closed",
-            Self::FailOpen => "fail_open",
-        }
-    }
-}
 
 /// The session service's own settings (see the module docs).
 #[derive(Clone)]
@@ -228,16 +207,7 @@ impl SessionConfig {
     pub fn from_lookup(l: &impl Lookup) -> Result<Self, ConfigError> {
         use keys::*;
         let d = Self::default();
-        let failure_mode = match l.string(RATELIMIT_FAILURE_MODE).as_deref() {
-            None | Some("fail_closed") => FailureMode::FailClosed,
-            Some("fail_open") => FailureMode::FailOpen,
-            Some(other) => {
-                return Err(ConfigError::new(
-                    RATELIMIT_FAILURE_MODE,
-                    format!("expected fail_closed or fail_open, got {other:?}"),
-                ));
-            }
-        };
+        let failure_mode = FailureMode::from_lookup(l, RATELIMIT_FAILURE_MODE, d.ratelimit_failure_mode)?;
         let c = Self {
             idle_timeout: l.millis_or(IDLE_TIMEOUT_MS, d.idle_timeout)?,
             absolute_timeout: l.millis_or(ABSOLUTE_TIMEOUT_MS, d.absolute_timeout)?,

@@ -38,7 +38,6 @@
 //! - `limiter`: CreateSession's rate limits.
 //! - `outbox`: audit delivery.
 //! - `metrics`: Prometheus metrics.
-//! - `throttle`: warnings that could repeat on every call, logged once in a while.
 
 mod api;
 mod app;
@@ -51,10 +50,10 @@ mod outbox;
 mod pubsub;
 mod request;
 mod store;
-mod throttle;
 pub mod token;
 
 pub use app::{App, StartError};
-pub use config::{Config, DEFAULT_PORT, DEFAULT_REDIS_POOL_SIZE, FailureMode, SessionConfig};
+pub use config::{Config, DEFAULT_PORT, DEFAULT_REDIS_POOL_SIZE, SessionConfig};
 pub use error::UNAUTHENTICATED;
+pub use mesh_client::FailureMode;
 pub use outbox::SOURCE_SERVICE;

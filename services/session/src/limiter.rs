@@ -6,19 +6,16 @@
 
 use std::{sync::Arc, time::Duration};
 
-use mesh_client::RateLimitClient;
-use mesh_proto::ratelimit::{CheckRequest, Code, Descriptor, Entry};
+use mesh_client::{Admission, FailureMode, RateLimitClient};
+use mesh_proto::ratelimit::{CheckRequest, Descriptor, Entry};
+use mesh_runtime::Throttle;
 
 use crate::{
-    config::{FailureMode, SessionConfig},
+    config::SessionConfig,
     error::Error,
     metrics::{Metrics, ModeLabels},
     request::UserId,
-    throttle::Throttle,
 };
-
-/// Used when the rate-limit service says "over" without saying until when.
-const DEFAULT_RETRY: Duration = Duration::from_secs(1);
 
 /// See the module docs.
 #[derive(Debug, Clone)]
@@ -55,25 +52,14 @@ impl Limiter {
         if !ip.is_empty() {
             descriptors.push(descriptor("client_ip", ip));
         }
-        let mut req =
-            tonic::Request::new(CheckRequest { domain: self.domain.clone(), descriptors, hits_addend: 0 });
-        // Together with the handler's own deadline: whichever is sooner.
-        req.set_timeout(self.timeout);
-        match client.check(req).await {
-            Ok(resp) if resp.overall_code() == Code::OverLimit => {
+        let req = CheckRequest { domain: self.domain.clone(), descriptors, hits_addend: 0 };
+        match client.admit(req, self.timeout).await {
+            Admission::OverLimit { retry_after } => {
                 self.metrics.ratelimited.inc();
-                let retry_after = resp
-                    .statuses
-                    .iter()
-                    .filter(|s| s.code() == Code::OverLimit && !s.shadow_mode)
-                    .filter_map(|s| s.retry_after.or(s.duration_until_reset))
-                    .filter_map(|d| Duration::try_from(d).ok())
-                    .max()
-                    .unwrap_or(DEFAULT_RETRY);
                 Err(Error::RateLimited { retry_after })
             }
-            Ok(_) => Ok(()),
-            Err(status) => {
+            Admission::Allowed => Ok(()),
+            Admission::Undecided(status) => {
                 self.metrics
                     .ratelimit_unavailable
                     .get_or_create(&ModeLabels { mode: self.mode.label() })

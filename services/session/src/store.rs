@@ -44,6 +44,7 @@ use fred::{
     prelude::Error as FredError,
     types::{ClusterHash, CustomCommand, Value, scripts::Script},
 };
+use mesh_runtime::Throttle;
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
@@ -51,7 +52,6 @@ use crate::{
     metrics::{Metrics, OpLabels, ResultLabels},
     pubsub::{Acks, Expected},
     request::{Client as CallClient, NewSession, UserId},
-    throttle::Throttle,
     token::{Bucket, SessionId, TokenHash},
 };
 

@@ -2,9 +2,30 @@
 
 use std::time::Duration;
 
-use mesh_testkit::{Infra, PrivateInfra, conformance};
+use mesh_client::ClientConfig;
+use mesh_data::Config;
+use mesh_runtime::ServerConfig;
+use mesh_testkit::{Infra, PrivateInfra, TestDb, conformance};
 
-use crate::helpers::{SERVED, config, spawn_app};
+use crate::helpers::{SERVED, data_config, spawn_app, stack};
+
+/// The service on `infra` with a session address nothing answers on:
+/// health and reflection do not depend on it.
+async fn config(infra: &Infra) -> Config {
+    let db = TestDb::new(infra).await.expect("test schema");
+    Config {
+        server: ServerConfig::for_tests(),
+        db: db.config,
+        clients: ClientConfig {
+            session: Some(mesh_testkit::free_addr().to_string().parse().unwrap()),
+            ratelimit: None,
+            audit: None,
+            data: None,
+            stack: stack(),
+        },
+        data: data_config(),
+    }
+}
 
 #[tokio::test]
 async fn serves_health_and_reflection() {
@@ -37,8 +58,9 @@ async fn readiness_follows_the_postgres_primary() {
 #[tokio::test]
 async fn sigterm_drains_and_exits_zero() {
     let infra = Infra::shared();
-    let db = mesh_testkit::TestDb::new(infra).await.unwrap();
-    let env = infra.env(&db.schema, &mesh_testkit::redis_prefix());
+    let db = TestDb::new(infra).await.unwrap();
+    let mut env = infra.env(&db.schema, &mesh_testkit::redis_prefix());
+    env.push(("MESH_SESSION_ADDR".into(), mesh_testkit::free_addr().to_string()));
     conformance::assert_binary_serves_and_drains(env!("CARGO_BIN_EXE_mesh-data"), SERVED, env).await.unwrap();
 }
 

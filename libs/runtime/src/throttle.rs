@@ -1,6 +1,6 @@
 //! Warnings that can repeat on every call (a replica away, the rate-limit
 //! service down) are logged at most once per period, with how many were
-//! suppressed; the metrics count every one.
+//! suppressed; metrics should count every one.
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
@@ -9,19 +9,20 @@ use std::{
 
 /// See the module docs.
 #[derive(Debug)]
-pub(crate) struct Throttle {
+pub struct Throttle {
     every_ms: u64,
     last_ms: AtomicU64,
     suppressed: AtomicU64,
 }
 
 impl Throttle {
-    pub(crate) fn new(every: Duration) -> Self {
+    /// At most one warning per `every`.
+    pub fn new(every: Duration) -> Self {
         Self { every_ms: every.as_millis() as u64, last_ms: AtomicU64::new(0), suppressed: AtomicU64::new(0) }
     }
 
     /// `Some(suppressed since the last one)` when this one should be logged.
-    pub(crate) fn ready(&self) -> Option<u64> {
+    pub fn ready(&self) -> Option<u64> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
         let last = self.last_ms.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= self.every_ms
