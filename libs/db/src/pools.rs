@@ -5,8 +5,8 @@ use std::{
     ops::{Deref, DerefMut},
     str::FromStr,
     sync::{
-        Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, LazyLock,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -189,6 +189,19 @@ pub(crate) struct Target {
     metrics: PoolMetrics,
     /// Primary: it answers. Replica: it answers and is within the lag bounds.
     up: watch::Sender<bool>,
+    /// When the server was last found unreachable (ms since `EPOCH`): pooled
+    /// connections made before then are dropped instead of handed out.
+    unreachable_at: Arc<AtomicU64>,
+    /// Connections the pool keeps open.
+    min_connections: u32,
+    warming: AtomicBool,
+}
+
+/// Process start, the origin of `unreachable_at`.
+static EPOCH: LazyLock<std::time::Instant> = LazyLock::new(std::time::Instant::now);
+
+fn since_epoch() -> u64 {
+    EPOCH.elapsed().as_millis() as u64 + 1
 }
 
 /// Decrements the pending-requests gauge when an acquire ends, however it ends.
@@ -207,6 +220,27 @@ impl Target {
 
     fn set_up(&self, up: bool) -> bool {
         self.up.send_if_modified(|v| std::mem::replace(v, up) != up)
+    }
+
+    /// Records that the server could not be reached: every connection made
+    /// before now is presumed dead (a restarted server closed them all).
+    fn unreachable(&self) {
+        self.unreachable_at.store(since_epoch(), Ordering::Release);
+    }
+
+    /// Opens connections up to the pool's minimum, in the background (sqlx
+    /// keeps the minimum only once a connection has been closed, not at start).
+    fn warm(self: &Arc<Self>) {
+        let missing = self.min_connections.saturating_sub(self.pool.size());
+        if missing == 0 || self.warming.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let conns = futures::future::join_all((0..missing).map(|_| this.pool.acquire())).await;
+            drop(conns);
+            this.warming.store(false, Ordering::Release);
+        });
     }
 
     /// A connection, counted in the pool metrics; fails at once while the
@@ -243,14 +277,14 @@ impl Target {
 
 #[derive(Debug)]
 struct Replica {
-    target: Target,
+    target: Arc<Target>,
     /// The highest replay position seen (by the monitor or a read).
     replay_lsn: AtomicU64,
 }
 
 #[derive(Debug)]
 pub(crate) struct Inner {
-    primary: Target,
+    primary: Arc<Target>,
     replicas: Vec<Replica>,
     next: AtomicUsize,
     schema: Option<String>,
@@ -264,7 +298,7 @@ pub(crate) struct Inner {
 
 impl Inner {
     pub(crate) fn targets(&self) -> impl Iterator<Item = &Target> {
-        std::iter::once(&self.primary).chain(self.replicas.iter().map(|r| &r.target))
+        std::iter::once(&*self.primary).chain(self.replicas.iter().map(|r| &*r.target))
     }
 }
 
@@ -314,17 +348,26 @@ fn target(
     served_by: ServedBy,
     metrics: &Metrics,
     up: bool,
-) -> Target {
+) -> Arc<Target> {
     let server =
         Arc::new(ServerInfo { address: opts.get_host().to_owned(), port: opts.get_port(), served_by });
     let pool_name: Arc<str> = format!("{}@{}:{}", served_by.as_str(), server.address, server.port).into();
+    let unreachable_at = Arc::new(AtomicU64::new(0));
+    let seen_down = unreachable_at.clone();
     let pool = PgPoolOptions::new()
         .max_connections(config.max_connections)
         .min_connections(config.min_connections)
         .acquire_timeout(config.acquire_timeout)
         // A dead connection fails its statement and is dropped; pinging before
-        // every acquire would add a round trip to every call.
+        // every acquire would add a round trip to every call. What is known
+        // dead is dropped here for free: a connection older than the last
+        // time the server was found unreachable.
         .test_before_acquire(false)
+        .before_acquire(move |_conn, meta| {
+            let made_at = since_epoch().saturating_sub(meta.age.as_millis() as u64);
+            let fresh = made_at > seen_down.load(Ordering::Acquire);
+            Box::pin(async move { Ok(fresh) })
+        })
         .idle_timeout(Some(config.idle_timeout))
         .max_lifetime(Some(config.max_lifetime))
         .connect_lazy_with(opts.clone());
@@ -334,7 +377,17 @@ fn target(
         .acquire_timeout(Duration::from_secs(2))
         .test_before_acquire(false)
         .connect_lazy_with(opts);
-    Target { pool, monitor, metrics: metrics.pool(&pool_name), pool_name, server, up: watch::Sender::new(up) }
+    Arc::new(Target {
+        pool,
+        monitor,
+        metrics: metrics.pool(&pool_name),
+        pool_name,
+        server,
+        up: watch::Sender::new(up),
+        unreachable_at,
+        min_connections: config.min_connections,
+        warming: AtomicBool::new(false),
+    })
 }
 
 impl Db {
@@ -537,6 +590,7 @@ impl Db {
     }
 
     fn replica_failed(&self, r: &Replica, e: &sqlx::Error) {
+        r.target.unreachable();
         if r.target.set_up(false) {
             tracing::warn!(replica = %r.target.pool_name, error = %e, "replica failed, reads go elsewhere until it is healthy");
             let labels = ReplicaLabels { replica: replica_label(&r.target) };
@@ -699,6 +753,11 @@ async fn monitor(inner: std::sync::Weak<Inner>, period: Duration) {
                 primary.is_up() && primary_timeouts < PRIMARY_TIMEOUTS_DOWN
             }
         };
+        if !up {
+            primary.unreachable();
+        } else {
+            primary.warm();
+        }
         if primary.set_up(up) {
             if up {
                 tracing::info!(primary = %primary.pool_name, "primary answers again");
@@ -731,8 +790,14 @@ async fn monitor(inner: std::sync::Weak<Inner>, period: Duration) {
                 }
                 // Promoted, or never replayed anything: not a usable replica.
                 Ok(Ok(_)) => false,
-                Ok(Err(_)) | Err(_) => false,
+                Ok(Err(_)) | Err(_) => {
+                    r.target.unreachable();
+                    false
+                }
             };
+            if healthy {
+                r.target.warm();
+            }
             if r.target.set_up(healthy) {
                 if healthy {
                     tracing::info!(replica = %r.target.pool_name, "replica serving reads");

@@ -222,6 +222,34 @@ impl PrivateInfra {
         run_script_async(self.env(), vec!["stop", "pg-replica"]).await
     }
 
+    /// Delays the replica's replay of every commit by `delay`
+    /// (`recovery_min_apply_delay`; zero: none), as a slow or distant
+    /// replica would be, and waits until the replica runs with it.
+    pub async fn delay_replica(&self, delay: Duration) -> anyhow::Result<()> {
+        use sqlx::Connection as _;
+        let url = self.infra.pg_admin_url(self.infra.pg_replica_port);
+        let ms = delay.as_millis();
+        let mut conn = sqlx::PgConnection::connect(&url).await?;
+        sqlx::query(&format!("alter system set recovery_min_apply_delay = {ms}")).execute(&mut conn).await?;
+        sqlx::query("select pg_reload_conf()").execute(&mut conn).await?;
+        let start = std::time::Instant::now();
+        loop {
+            // A fresh session reads the reloaded configuration.
+            let mut check = sqlx::PgConnection::connect(&url).await?;
+            let now: String =
+                sqlx::query_scalar("select setting from pg_settings where name = 'recovery_min_apply_delay'")
+                    .fetch_one(&mut check)
+                    .await?;
+            if now == ms.to_string() {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("the replica still runs with recovery_min_apply_delay = {now} ms");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Kills one Redis node with SIGKILL, as a crash would.
     pub fn kill_redis_node(&self, port: u16) -> anyhow::Result<()> {
         let pidfile = self.dir.path().join(format!("redis/{port}/redis.pid"));

@@ -1,35 +1,23 @@
-//! The typed clients against the real session, rate-limit and audit services, and a
-//! test double of the data service for what the data client adds itself
-//! (the bearer token, which methods are repeated).
+//! The typed clients against the real session, rate-limit, audit and data services.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use mesh_client::{
     AuditClient, ClientConfig, ClientMetrics, DataClient, RateLimitClient, SessionClient, config::keys,
 };
 use mesh_proto::{
     audit::{Actor, AppendRequest, AuditEvent, EventFilter, Outcome, QueryRequest, Resource, Source},
-    data::{
-        BatchRequest, BatchResponse, DeleteRequest, DeleteResponse, GetRequest, GetResponse, PutRequest,
-        PutResponse, QueryRequest as DataQuery, QueryResponse as DataQueryResponse,
-        data_service_server::{DataService, DataServiceServer},
-    },
+    data::{BatchRequest, DeleteRequest, GetRequest, PutRequest, QueryRequest as DataQuery},
     ratelimit::{CheckRequest, Code as LimitCode, Descriptor, Entry, GetRulesRequest},
     session::{
         ClientInfo, CreateSessionRequest, ListUserSessionsRequest, RefreshSessionRequest,
         RevokeSessionRequest, ValidateSessionRequest, revoke_session_request::Target,
     },
 };
-use mesh_runtime::{Server, ServerConfig, grpc::CallContext, trace_context::current_trace_id};
+use mesh_runtime::{ServerConfig, grpc::CallContext, trace_context::current_trace_id};
 use mesh_testkit::{Infra, Running, TestDb, redis_prefix, spawn};
 use secrecy::SecretString;
-use tonic::{Code, Request, Response, Status};
+use tonic::Code;
 use tracing::Instrument;
 
 use crate::helpers::{registered_metrics, sample};
@@ -230,79 +218,88 @@ async fn the_audit_client_appends_once_per_key_with_the_callers_request_id_and_t
     app.stop().await.unwrap();
 }
 
-/// The data service's shape: Get fails once with UNAVAILABLE then answers,
-/// Put always fails with UNAVAILABLE; both need the bearer token.
-#[derive(Default, Clone)]
-struct DataDouble {
-    gets: Arc<AtomicUsize>,
-    puts: Arc<AtomicUsize>,
-}
-
-fn authorized<T>(req: &Request<T>) -> Result<(), Status> {
-    match req.metadata().get("authorization").map(|v| v.to_str()) {
-        Some(Ok("Bearer s3cret-token")) => Ok(()),
-        _ => Err(Status::unauthenticated("missing or invalid session token")),
-    }
-}
-
-#[tonic::async_trait]
-impl DataService for DataDouble {
-    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        authorized(&req)?;
-        self.puts.fetch_add(1, Ordering::SeqCst);
-        Err(Status::unavailable("primary unreachable"))
-    }
-
-    async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        authorized(&req)?;
-        if self.gets.fetch_add(1, Ordering::SeqCst) == 0 {
-            return Err(Status::unavailable("replica unreachable"));
-        }
-        Ok(Response::new(GetResponse { version: 7, ..Default::default() }))
-    }
-
-    async fn delete(&self, _: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
-        Err(Status::unimplemented("not in this double"))
-    }
-
-    async fn query(&self, _: Request<DataQuery>) -> Result<Response<DataQueryResponse>, Status> {
-        Err(Status::unimplemented("not in this double"))
-    }
-
-    async fn batch(&self, _: Request<BatchRequest>) -> Result<Response<BatchResponse>, Status> {
-        Err(Status::unimplemented("not in this double"))
-    }
-}
-
-async fn spawn_double(double: DataDouble) -> Running {
-    let mut server = Server::bind(ServerConfig::for_tests()).await.unwrap();
-    server.add_service(DataServiceServer::new(double));
-    spawn(server.local_addr(), server.metrics_addr(), |sd| server.serve(sd))
-}
-
 #[tokio::test]
-async fn the_data_client_sends_its_token_and_repeats_reads_only() {
+async fn the_data_client_sends_its_token_and_repeats_reads_only_on_the_real_service() {
     let _t = mesh_testkit::init_telemetry();
-    let double = DataDouble::default();
-    let app = spawn_double(double.clone()).await;
-    let plain =
-        DataClient::from_config(&config_for(keys::DATA_ADDR, app.addr), &ClientMetrics::default()).unwrap();
-    let get = GetRequest { collection: "c".into(), key: "k".into(), ..Default::default() };
+    let session = mesh_session::App::build(mesh_session::Config {
+        server: ServerConfig::for_tests(),
+        redis: Infra::shared().redis_config(&redis_prefix()),
+        clients: ClientConfig {
+            session: None,
+            ratelimit: None,
+            audit: None,
+            data: None,
+            stack: Default::default(),
+        },
+        session: mesh_session::SessionConfig {
+            audit_hash_key: Some("typed-client-test-audit-hash-key".to_owned().into()),
+            ..Default::default()
+        },
+    })
+    .await
+    .unwrap();
+    let session = spawn(session.local_addr(), session.metrics_addr(), |sd| session.serve(sd));
+    ready(&session).await;
+    let db = TestDb::new(Infra::shared()).await.unwrap();
+    // No rate-limit or audit service: this test is about the client.
+    let data = mesh_data::App::build(mesh_data::Config {
+        server: ServerConfig::for_tests(),
+        db: db.config.clone(),
+        clients: config_for(keys::SESSION_ADDR, session.addr),
+        data: mesh_data::DataConfig::default(),
+    })
+    .await
+    .unwrap();
+    let data = spawn(data.local_addr(), data.metrics_addr(), |sd| data.serve(sd));
+    ready(&data).await;
 
-    let err = plain.get(get.clone()).await.unwrap_err();
+    let token =
+        SessionClient::from_config(&config_for(keys::SESSION_ADDR, session.addr), &ClientMetrics::default())
+            .unwrap()
+            .create_session(CreateSessionRequest { user_id: "typed-data".into(), ..Default::default() })
+            .await
+            .unwrap()
+            .token;
+    let (registry, metrics) = registered_metrics();
+    let plain = DataClient::from_config(&config_for(keys::DATA_ADDR, data.addr), &metrics).unwrap();
+    let put = PutRequest {
+        collection: "c".into(),
+        key: "k".into(),
+        document: Some(prost_types::Struct::default()),
+        expected_version: Some(0),
+    };
+    let err = plain.put(put.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
-    let client = plain.with_token(&SecretString::from("s3cret-token")).unwrap();
-    assert!(!format!("{client:?}").contains("s3cret"), "the token stays out of Debug");
+    let client = plain.with_token(&SecretString::from(token.clone())).unwrap();
+    assert!(!format!("{client:?}").contains(&token), "the token stays out of Debug");
 
-    // Get is a read: the UNAVAILABLE answer is repeated away.
-    let got = client.get(get).await.unwrap();
-    assert_eq!(got.version, 7);
-    assert_eq!(double.gets.load(Ordering::SeqCst), 2);
-    // Put would write twice: its UNAVAILABLE is the caller's to handle.
-    let err = client.put(PutRequest { collection: "c".into(), key: "k".into(), ..Default::default() }).await;
-    assert_eq!(err.unwrap_err().code(), Code::Unavailable);
-    assert_eq!(double.puts.load(Ordering::SeqCst), 1);
-    app.stop().await.unwrap();
+    let written = client.put(put.clone()).await.unwrap();
+    assert_eq!(written.version, 1);
+    let get =
+        GetRequest { collection: "c".into(), key: "k".into(), consistency_token: written.consistency_token };
+    assert_eq!(client.get(get.clone()).await.unwrap().version, 1);
+    // Response metadata through the generated client, with the token added.
+    let raw = client.raw().get(client.authorize(get.clone())).await.unwrap();
+    assert!(raw.metadata().get("x-mesh-served-by").is_some());
+    let page = client.query(DataQuery { collection: "c".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(page.documents.len(), 1);
+    let gone =
+        client.delete(DeleteRequest { collection: "c".into(), key: "k".into(), expected_version: Some(1) });
+    assert!(gone.await.unwrap().existed);
+    let batch = client.batch(BatchRequest::default()).await.unwrap_err();
+    assert_eq!(batch.code(), Code::InvalidArgument, "an empty batch");
+
+    // The session service away: every call is UNAVAILABLE. Get is a read and
+    // is repeated; Put would write twice and is sent once.
+    session.stop().await.unwrap();
+    let retries = |method: &str| {
+        sample(&registry, "mesh_client_retries_total", &[&format!("grpc_method=\"{method}\"")])
+    };
+    assert_eq!(client.get(get).await.unwrap_err().code(), Code::Unavailable);
+    assert!(retries("Get") >= 1.0, "Get was not repeated");
+    assert_eq!(client.put(put).await.unwrap_err().code(), Code::Unavailable);
+    assert_eq!(retries("Put"), 0.0, "Put was repeated");
+    data.stop().await.unwrap();
 }
 
 #[tokio::test]

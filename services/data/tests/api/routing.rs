@@ -8,7 +8,6 @@ use mesh_data::Config;
 use mesh_proto::data::{GetRequest, PutRequest, QueryRequest};
 use mesh_testkit::{PrivateInfra, Running, TestDb};
 use serde_json::json;
-use sqlx::Connection as _;
 use tonic::Code;
 
 use crate::helpers::{Mesh, OPEN_RULES, client, doc, eventually, metric, served_by, spawn_app};
@@ -35,27 +34,8 @@ async fn setup(tweak: impl FnOnce(&mut Config)) -> Setup {
 }
 
 impl Setup {
-    /// Delays the replica's replay of every commit by `delay` (0: none).
-    async fn delay_replica(&self, delay: &str) {
-        let url = self.private.infra.pg_admin_url(self.private.infra.pg_replica_port);
-        let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-        sqlx::query(&format!("alter system set recovery_min_apply_delay = '{delay}'"))
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        sqlx::query("select pg_reload_conf()").execute(&mut conn).await.unwrap();
-        let want = delay.to_owned();
-        eventually(Duration::from_secs(10), "the replica applies the delay", || {
-            let url = url.clone();
-            let want = want.clone();
-            async move {
-                let mut conn = sqlx::PgConnection::connect(&url).await.ok()?;
-                let v: String =
-                    sqlx::query_scalar("show recovery_min_apply_delay").fetch_one(&mut conn).await.ok()?;
-                (v == want || (want == "0" && v == "0")).then_some(())
-            }
-        })
-        .await;
+    async fn delay_replica(&self, delay: Duration) {
+        self.private.delay_replica(delay).await.unwrap();
     }
 
     async fn put(&self, key: &str, v: i64) -> String {
@@ -111,7 +91,7 @@ async fn reads_with_a_consistency_token_see_the_write_while_the_replica_lags() {
     })
     .await;
 
-    s.delay_replica("3s").await;
+    s.delay_replica(Duration::from_secs(3)).await;
     for i in 2..=6 {
         let t = s.put("k", i).await;
         // With its token, a caller always reads its own write — from the
@@ -138,7 +118,7 @@ async fn reads_with_a_consistency_token_see_the_write_while_the_replica_lags() {
     // A write the replica has not replayed yet, read later with its token:
     // the replica serves it as soon as it has replayed it.
     let t = s.put("k", 7).await;
-    s.delay_replica("0").await;
+    s.delay_replica(Duration::ZERO).await;
     eventually(Duration::from_secs(20), "the replica catches up and serves the token", || async {
         (s.get("k", &t).await == (Some(7), "replica".to_owned())).then_some(())
     })
@@ -167,7 +147,7 @@ async fn a_replica_lagging_past_the_bound_is_left_out_until_it_catches_up() {
         (s.get("k", &t).await.1 == "replica").then_some(())
     })
     .await;
-    s.delay_replica("4s").await;
+    s.delay_replica(Duration::from_secs(4)).await;
     s.put("k", 2).await;
     // Left out once its replay delay passes 500 ms: token-less reads go to
     // the primary (fresh), counted with the reason.
@@ -182,7 +162,7 @@ async fn a_replica_lagging_past_the_bound_is_left_out_until_it_catches_up() {
         (s.get("k", "").await == (Some(2), "replica".to_owned())).then_some(())
     })
     .await;
-    s.delay_replica("0").await;
+    s.delay_replica(Duration::ZERO).await;
 }
 
 #[tokio::test]
