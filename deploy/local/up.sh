@@ -29,6 +29,9 @@ export MESH_REDIS_URLS=${redis_urls%,}
 export MESH_DATABASE_WRITE_URL="postgres://mesh:$MESH_PG_PASSWORD@127.0.0.1:$MESH_PG_PRIMARY_PORT/mesh"
 export MESH_DATABASE_READ_URLS="postgres://mesh:$MESH_PG_PASSWORD@127.0.0.1:$MESH_PG_REPLICA_PORT/mesh"
 export MESH_RATELIMIT_RULES="$MESH_REPO/deploy/local/ratelimit.yaml"
+# Downstream endpoints, the same for every service: session calls ratelimit
+# and audit; data calls all three (mesh-data refuses to start without
+# MESH_SESSION_ADDR: every data call is authenticated).
 export MESH_SESSION_ADDR=http://127.0.0.1:50051
 export MESH_RATELIMIT_ADDR=http://127.0.0.1:50052
 export MESH_AUDIT_ADDR=http://127.0.0.1:50053

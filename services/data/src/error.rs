@@ -59,7 +59,7 @@ pub(crate) enum Error {
     #[error("{0}")]
     Unauthenticated(&'static str),
     /// Over a rate limit.
-    #[error("rate limit exceeded for this user and collection")]
+    #[error("rate limit exceeded, retry after the delay in RetryInfo")]
     RateLimited {
         /// When the same call can go through.
         retry_after: Duration,

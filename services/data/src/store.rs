@@ -26,11 +26,23 @@ const WRITE: &str = "select failed_op, actual_version, versions, outbox_ids, wri
 
 const GET: &str = "select body, version, updated_at from documents where collection = $1 and key = $2";
 
-const QUERY_ALL: &str = "select key, body, version, updated_at from documents \
-     where collection = $1 and key > $2 order by key limit $3";
+/// Documents of a page, in key order, with the bytes up to and including
+/// each; only rows that start under the page's byte budget come back.
+/// `octet_length` of a TOASTed body reads its header, not the value.
+const QUERY_ALL: &str = "select key, body, version, updated_at, upto from ( \
+       select key, body, version, updated_at, sum(octet_length(body)) over (order by key) as upto \
+       from documents where collection = $1 and key > $2 order by key limit $3) p \
+     where upto - octet_length(body) < $4 order by key";
 
-const QUERY_FILTER: &str = "select key, body, version, updated_at from documents \
-     where collection = $1 and key > $2 and document @> $3::jsonb order by key limit $4";
+const QUERY_FILTER: &str = "select key, body, version, updated_at, upto from ( \
+       select key, body, version, updated_at, sum(octet_length(body)) over (order by key) as upto \
+       from documents where collection = $1 and key > $2 and document @> $5::jsonb order by key limit $3) p \
+     where upto - octet_length(body) < $4 order by key";
+
+/// Most document bytes in one Query page: with keys and framing the
+/// response stays under gRPC's usual 4 MiB message limit. A page holds at
+/// least one document (at most 1 MiB), so a page always makes progress.
+pub(crate) const MAX_PAGE_BYTES: i64 = 3 << 20;
 
 /// Deadlocks between concurrent writes are retried this many times.
 const DEADLOCK_RETRIES: usize = 3;
@@ -116,7 +128,7 @@ pub(crate) async fn write(
             .bind(&origin.traceparent)
             .bind(&origin.source_ip)
             .bind(&origin.user_agent)
-            .bind(&grace)
+            .bind(grace)
             .fetch_one(&mut *conn)
             .instrument(span)
             .await;
@@ -200,32 +212,21 @@ pub(crate) async fn query(db: &Db, q: &Query) -> Result<Read<(Vec<PbDocument>, O
                 let after = after.unwrap_or_default();
                 // One more than asked: whether another page follows.
                 let limit = page_size as i64 + 1;
-                let rows: Vec<(String, Vec<u8>, i64, DateTime<Utc>)> = match filter {
-                    None => {
-                        let span = conn.span("SELECT", "documents", QUERY_ALL);
-                        sqlx::query_as(QUERY_ALL)
-                            .bind(collection.as_str())
-                            .bind(after)
-                            .bind(limit)
-                            .fetch_all(&mut **conn)
-                            .instrument(span)
-                            .await?
-                    }
+                let span =
+                    conn.span("SELECT", "documents", if filter.is_some() { QUERY_FILTER } else { QUERY_ALL });
+                let query = sqlx::query_as(if filter.is_some() { QUERY_FILTER } else { QUERY_ALL })
+                    .bind(collection.as_str())
+                    .bind(after)
+                    .bind(limit)
+                    .bind(MAX_PAGE_BYTES);
+                let rows: Vec<Row> = match filter {
+                    None => query.fetch_all(&mut **conn).instrument(span).await?,
+                    // Planned for its own values each time (not as a prepared
+                    // statement's generic plan), so a filter that matches much
+                    // of the collection walks the key order and a selective one
+                    // uses the GIN index.
                     Some(filter) => {
-                        let span = conn.span("SELECT", "documents", QUERY_FILTER);
-                        // Planned for its own values each time (not as a
-                        // prepared statement's generic plan), so a filter that
-                        // matches much of the collection walks the key order
-                        // and a selective one uses the GIN index.
-                        sqlx::query_as(QUERY_FILTER)
-                            .persistent(false)
-                            .bind(collection.as_str())
-                            .bind(after)
-                            .bind(filter)
-                            .bind(limit)
-                            .fetch_all(&mut **conn)
-                            .instrument(span)
-                            .await?
+                        query.bind(filter).persistent(false).fetch_all(&mut **conn).instrument(span).await?
                     }
                 };
                 page(&collection, rows, page_size)
@@ -235,26 +236,32 @@ pub(crate) async fn query(db: &Db, q: &Query) -> Result<Read<(Vec<PbDocument>, O
     Ok(read)
 }
 
+/// A Query row: key, body, version, updated_at, bytes up to and including it.
+type Row = (String, Vec<u8>, i64, DateTime<Utc>, i64);
+
+/// The page out of `rows` (at most `page_size` + 1 of them): up to
+/// `page_size` documents within [`MAX_PAGE_BYTES`] (the first always), and
+/// the last key when more follow.
 fn page(
     collection: &Collection,
-    mut rows: Vec<(String, Vec<u8>, i64, DateTime<Utc>)>,
+    rows: Vec<Row>,
     page_size: usize,
 ) -> Result<(Vec<PbDocument>, Option<String>), sqlx::Error> {
-    let more = rows.len() > page_size;
-    rows.truncate(page_size);
-    let last = more.then(|| rows.last().map(|r| r.0.clone())).flatten();
-    let docs = rows
-        .into_iter()
-        .map(|(key, body, version, updated_at)| {
-            Ok(PbDocument {
-                collection: collection.as_str().to_owned(),
-                key,
-                document: Some(decode(&body)?),
-                version: version as u64,
-                updated_at: Some(timestamp(updated_at)),
-            })
-        })
-        .collect::<Result<_, sqlx::Error>>()?;
+    let total = rows.len();
+    let mut docs = Vec::with_capacity(total.min(page_size));
+    for (i, (key, body, version, updated_at, upto)) in rows.into_iter().enumerate() {
+        if i == page_size || (i > 0 && upto > MAX_PAGE_BYTES) {
+            break;
+        }
+        docs.push(PbDocument {
+            collection: collection.as_str().to_owned(),
+            key,
+            document: Some(decode(&body)?),
+            version: version as u64,
+            updated_at: Some(timestamp(updated_at)),
+        });
+    }
+    let last = (docs.len() < total).then(|| docs.last().map(|d| d.key.clone())).flatten();
     Ok((docs, last))
 }
 

@@ -113,3 +113,41 @@ async fn pages_walk_the_matches_in_key_order_with_tokens_bound_to_the_query() {
         .unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument, "a token of another collection");
 }
+
+#[tokio::test]
+async fn pages_of_large_documents_stay_under_the_message_limit() {
+    let _t = mesh_testkit::init_telemetry();
+    let f = Fixture::new("frank").await;
+    let mut token = String::new();
+    for i in 0..7 {
+        let big = json!({"i": i, "blob": "x".repeat(900_000)});
+        let put = mesh_proto::data::PutRequest {
+            collection: "blobs".into(),
+            key: format!("b{i}"),
+            document: Some(doc(big)),
+            expected_version: None,
+        };
+        token = f.c.put(put).await.unwrap().consistency_token;
+    }
+    // A client with gRPC's default 4 MiB decoding limit reads every page.
+    let mut next = String::new();
+    let mut pages = Vec::new();
+    loop {
+        let p =
+            f.c.query(QueryRequest {
+                collection: "blobs".into(),
+                page_size: 100,
+                page_token: next,
+                consistency_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        pages.push(p.documents.iter().map(|d| d.key.clone()).collect::<Vec<_>>());
+        if p.next_page_token.is_empty() {
+            break;
+        }
+        next = p.next_page_token;
+    }
+    assert_eq!(pages, [vec!["b0", "b1", "b2"], vec!["b3", "b4", "b5"], vec!["b6"]]);
+}

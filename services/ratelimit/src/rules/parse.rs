@@ -250,6 +250,14 @@ mod tests {
         assert_eq!(limit(&[("job", "model_finetune"), ("user_id", "1")]), (2, Unit::Hour));
         assert_eq!(limit(&[("endpoint", "/v1/chat")]), (1000, Unit::Minute));
         assert!(domains.iter().any(|d| d.name == "session" && d.failure_mode == FailureMode::FailClosed));
+        // The data service's domain: per user and per user and collection,
+        // each taking a whole Batch (500 operations) at once.
+        let data = domains.iter().find(|d| d.name == "data").unwrap();
+        assert_eq!(data.failure_mode, FailureMode::FailOpen);
+        for entries in [&[("user_id", "1")][..], &[("user_id", "1"), ("collection", "any")][..]] {
+            let l = data.find(entries.iter().copied()).unwrap().limit.clone().unwrap();
+            assert!(l.requests_per_unit.max(l.burst) >= 500, "{entries:?}: {l:?}");
+        }
     }
 
     #[test]
