@@ -27,6 +27,7 @@
 //! | `MESH_CLIENT_BREAKER_OPEN_MS` | 1000 | first open time (doubles per re-opening, ±20 % jitter) |
 //! | `MESH_CLIENT_BREAKER_OPEN_MAX_MS` | 30000 | longest open time |
 //! | `MESH_CLIENT_BREAKER_HALF_OPEN_PROBES` | 1 | calls let through at a time while half-open |
+//! | `MESH_CLIENT_BREAKER_MIN_TIMEOUT_BUDGET_MS` | 100 | an attempt that starts with less of its call's deadline left and times out does not count against the endpoint (the caller's budget was too short) |
 //! | `MESH_CLIENT_DNS_REFRESH_MS` | 5000 | how often names are resolved again |
 
 use std::time::Duration;
@@ -80,6 +81,8 @@ pub mod keys {
     pub const BREAKER_OPEN_MAX_MS: &str = "MESH_CLIENT_BREAKER_OPEN_MAX_MS";
     /// Probes at a time while half-open.
     pub const BREAKER_HALF_OPEN_PROBES: &str = "MESH_CLIENT_BREAKER_HALF_OPEN_PROBES";
+    /// Least deadline left for a timeout to count against an endpoint (ms).
+    pub const BREAKER_MIN_TIMEOUT_BUDGET_MS: &str = "MESH_CLIENT_BREAKER_MIN_TIMEOUT_BUDGET_MS";
     /// DNS re-resolution period (ms).
     pub const DNS_REFRESH_MS: &str = "MESH_CLIENT_DNS_REFRESH_MS";
 }
@@ -187,6 +190,8 @@ impl StackConfig {
                 open_base,
                 open_max,
                 half_open_probes: l.parse_or(BREAKER_HALF_OPEN_PROBES, d.breaker.half_open_probes)?.max(1),
+                min_timeout_budget: l
+                    .millis_or(BREAKER_MIN_TIMEOUT_BUDGET_MS, d.breaker.min_timeout_budget)?,
                 ..d.breaker
             },
             balance: d.balance,

@@ -43,11 +43,13 @@ use failsafe::{
 use futures::future::BoxFuture;
 use http::{Request, Response};
 use rand::Rng;
+use tokio::time::Instant;
 use tonic::Code;
 use tower::{Layer, Service};
 
 use crate::{
-    error::{BoxError, Error},
+    deadline::Deadline,
+    error::{BoxError, Error, Failure, failure_of},
     metrics::{ClientMetrics, EndpointLabels, TransitionLabels},
     status::{Outcome, StatusBody, Watch, status_of_head},
 };
@@ -72,6 +74,12 @@ pub struct BreakerConfig {
     pub half_open_probes: u32,
     /// gRPC codes that count as failures of the endpoint.
     pub failure_codes: Vec<Code>,
+    /// An attempt that starts with less of its call's deadline left than
+    /// this, and then times out (or is answered DEADLINE_EXCEEDED), counts as
+    /// nothing: its caller's budget was too short, not the endpoint too slow.
+    /// Without it, a caller sending tiny deadlines opens the breaker of a
+    /// healthy endpoint for everyone. Other failures still count.
+    pub min_timeout_budget: Duration,
 }
 
 impl Default for BreakerConfig {
@@ -90,6 +98,7 @@ impl Default for BreakerConfig {
                 Code::ResourceExhausted,
                 Code::Internal,
             ],
+            min_timeout_budget: Duration::from_millis(100),
         }
     }
 }
@@ -255,6 +264,7 @@ struct Inner {
     max_probes: u32,
     /// Bit `n` set: code `n` is a failure.
     failure_codes: u32,
+    min_timeout_budget: Duration,
 }
 
 /// One endpoint's breaker (cheap to clone: clones share the state).
@@ -311,6 +321,7 @@ impl Breaker {
                 probes: AtomicU32::new(0),
                 max_probes: config.half_open_probes.max(1),
                 failure_codes,
+                min_timeout_budget: config.min_timeout_budget,
             }),
         }
     }
@@ -347,7 +358,7 @@ impl Breaker {
             inner.probes.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        Some(Permit { breaker: self.clone(), probe })
+        Some(Permit { breaker: self.clone(), probe, short_budget: false })
     }
 }
 
@@ -357,14 +368,26 @@ impl Breaker {
 pub struct Permit {
     breaker: Breaker,
     probe: bool,
+    /// The call had less than `min_timeout_budget` left: a timeout is not the endpoint's.
+    short_budget: bool,
 }
 
 impl Permit {
+    /// Notes how much of its call's deadline this attempt starts with (see
+    /// [`BreakerConfig::min_timeout_budget`]).
+    pub fn with_deadline(mut self, deadline: Option<Instant>) -> Self {
+        self.short_budget = deadline.is_some_and(|d| {
+            d.saturating_duration_since(Instant::now()) < self.breaker.inner.min_timeout_budget
+        });
+        self
+    }
+
     /// Reports the call's outcome to the breaker.
     pub fn record(self, outcome: Outcome) {
         let machine = &self.breaker.inner.machine;
         match outcome {
             Outcome::Dropped => {}
+            Outcome::Status(Code::DeadlineExceeded) if self.short_budget => {}
             o if self.breaker.is_failure(o) => machine.on_error(),
             _ => machine.on_success(),
         }
@@ -459,6 +482,7 @@ impl<S> CircuitBreaker<S> {
         S::Future: Send + 'static,
         B: Send + 'static,
     {
+        let permit = permit.with_deadline(req.extensions().get::<Deadline>().map(|d| d.0));
         let fut = self.inner.call(req);
         Box::pin(async move {
             match fut.await {
@@ -474,8 +498,14 @@ impl<S> CircuitBreaker<S> {
                     Ok(Response::from_parts(parts, StatusBody::new(body, watch)))
                 }
                 Err(e) => {
-                    permit.record(Outcome::Transport);
-                    Err(e.into())
+                    let e: BoxError = e.into();
+                    // The attempt timeout: as if the server had said DEADLINE_EXCEEDED.
+                    let outcome = match failure_of(&*e) {
+                        Failure::Timeout => Outcome::Status(Code::DeadlineExceeded),
+                        _ => Outcome::Transport,
+                    };
+                    permit.record(outcome);
+                    Err(e)
                 }
             }
         })
@@ -600,6 +630,36 @@ mod tests {
             assert_eq!(b.state(), BreakerState::Closed);
             for _ in 0..3 {
                 b.try_acquire().unwrap().record(Outcome::Transport);
+            }
+            assert_eq!(b.state(), BreakerState::Open);
+        });
+    }
+
+    #[test]
+    fn timeouts_of_calls_with_too_little_time_left_never_open_it() {
+        clock::freeze(|_| {
+            let b = breaker(&config(), &ClientMetrics::default());
+            let now = Instant::now();
+            // A caller that left 10 ms: its timeouts say nothing about the endpoint…
+            for _ in 0..10 {
+                let p = b.try_acquire().unwrap().with_deadline(Some(now + Duration::from_millis(10)));
+                p.record(Outcome::Status(Code::DeadlineExceeded));
+            }
+            assert_eq!(b.state(), BreakerState::Closed);
+            // …its other failures do.
+            for _ in 0..3 {
+                let p = b.try_acquire().unwrap().with_deadline(Some(now + Duration::from_millis(10)));
+                p.record(Outcome::Status(Code::Unavailable));
+            }
+            assert_eq!(b.state(), BreakerState::Open);
+            // An endpoint that times out with a fair budget (or none) is failing.
+            let b = breaker(&config(), &ClientMetrics::default());
+            for deadline in [Some(now + Duration::from_secs(2)), None, Some(now + Duration::from_millis(150))]
+            {
+                b.try_acquire()
+                    .unwrap()
+                    .with_deadline(deadline)
+                    .record(Outcome::Status(Code::DeadlineExceeded));
             }
             assert_eq!(b.state(), BreakerState::Open);
         });

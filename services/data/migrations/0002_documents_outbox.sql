@@ -82,6 +82,7 @@ create function data_write(
 language plpgsql as $$
 declare
     n      int := coalesce(array_length(p_key, 1), 0);
+    h      bigint;
     cur    bigint;
     v      bigint;
     oid    bigint;
@@ -90,13 +91,18 @@ declare
     failed int;
 begin
     if n > 1 then
-        -- Lock the existing rows in one order, so batches over the same
-        -- documents queue instead of deadlocking.
-        perform 1 from documents d
-          join unnest(p_collection, p_key) as o(collection, key)
-            on d.collection = o.collection and d.key = o.key
-         order by d.collection, d.key
-           for update of d;
+        -- Batches over the same documents queue instead of deadlocking: each
+        -- first takes a lock per document, in one global order, whether or
+        -- not the document exists yet (a row lock cannot cover a key about to
+        -- be inserted). One lock per distinct document: PostgreSQL's lock
+        -- table must hold them (max_locks_per_transaction).
+        for h in
+            select distinct hashtextextended(o.collection || '/' || o.key, 0)
+              from unnest(p_collection, p_key) as o(collection, key)
+             order by 1
+        loop
+            perform pg_advisory_xact_lock(h);
+        end loop;
     end if;
     begin
         for i in 1..n loop

@@ -73,6 +73,9 @@ pub(crate) enum Error {
     /// A dependency (the database, the session service) cannot answer now.
     #[error("{0}")]
     Unavailable(String),
+    /// The call's deadline passed before it was done.
+    #[error("{0}")]
+    DeadlineExceeded(&'static str),
     /// A fault of ours; the details are logged, not sent.
     #[error("{0}")]
     Internal(&'static str),
@@ -144,6 +147,7 @@ impl From<Error> for Status {
                 )
             }
             Error::Unavailable(m) => Status::unavailable(m),
+            Error::DeadlineExceeded(m) => Status::deadline_exceeded(m),
             Error::Internal(m) => Status::internal(m),
         }
     }

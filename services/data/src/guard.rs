@@ -108,6 +108,10 @@ impl Guard {
             Err(s) if matches!(s.code(), Code::Unauthenticated | Code::InvalidArgument) => {
                 Err(Error::Unauthenticated(UNAUTHENTICATED))
             }
+            // The call's own deadline ran out: the caller's budget, not the session service.
+            Err(s) if s.code() == Code::DeadlineExceeded => {
+                Err(Error::DeadlineExceeded("the deadline passed while the session was being validated"))
+            }
             Err(s) => {
                 self.metrics.session_unavailable.inc();
                 if let Some(suppressed) = self.warnings.ready() {
