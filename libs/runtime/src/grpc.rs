@@ -146,6 +146,21 @@ fn caller_timeout(headers: &HeaderMap) -> Option<Duration> {
     parse_grpc_timeout(headers.get(GRPC_TIMEOUT)?.to_str().ok()?)
 }
 
+/// The one INVALID_ARGUMENT of every mesh service: a message naming every
+/// field and what is wrong with it (`invalid request: key: must not be
+/// empty; document: is required`), and the same violations as
+/// `google.rpc.BadRequest` details for clients that read them.
+pub fn invalid_argument(violations: Vec<tonic_types::FieldViolation>) -> tonic::Status {
+    use tonic_types::{ErrorDetails, StatusExt as _};
+    let summary =
+        violations.iter().map(|v| format!("{}: {}", v.field, v.description)).collect::<Vec<_>>().join("; ");
+    tonic::Status::with_error_details(
+        tonic::Code::InvalidArgument,
+        format!("invalid request: {summary}"),
+        ErrorDetails::with_bad_request(violations),
+    )
+}
+
 /// Canonical upper-case name of a gRPC status code, e.g. `INVALID_ARGUMENT`.
 pub fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::*;

@@ -26,6 +26,24 @@ pub use infra::{Infra, PrivateInfra, repo_root};
 pub use isolate::{TestDb, redis_prefix};
 pub use spawn::{Process, Running, free_addr, spawn};
 
+/// Polls `check` until it returns `Some`, for at most `timeout`, and
+/// returns that value; panics naming `what` when time runs out. The way a
+/// test waits for a condition (never a fixed sleep).
+pub async fn eventually<T, F, Fut>(timeout: std::time::Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "{what}: not within {timeout:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// Quiet test telemetry (logs only with `TEST_LOG` set); call once per test.
 pub fn init_telemetry() -> mesh_runtime::Telemetry {
     mesh_runtime::telemetry::init_for_tests("mesh-test", None)

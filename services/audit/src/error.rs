@@ -79,17 +79,7 @@ fn sqlstate(e: &sqlx::Error) -> Option<String> {
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         match e {
-            Error::InvalidArgument(violations) => {
-                let message = match violations.as_slice() {
-                    [one] => format!("{}: {}", one.field, one.description),
-                    many => format!("{} invalid fields", many.len()),
-                };
-                Status::with_error_details(
-                    Code::InvalidArgument,
-                    message,
-                    ErrorDetails::with_bad_request(violations),
-                )
-            }
+            Error::InvalidArgument(violations) => mesh_runtime::grpc::invalid_argument(violations),
             Error::OutOfRange(m) => Status::out_of_range(m),
             e @ (Error::Overloaded
             | Error::ShuttingDown

@@ -108,18 +108,7 @@ impl From<sqlx::Error> for Error {
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         match e {
-            Error::InvalidArgument(violations) => {
-                let summary = violations
-                    .iter()
-                    .map(|v| format!("{}: {}", v.field, v.description))
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                Status::with_error_details(
-                    Code::InvalidArgument,
-                    format!("invalid request: {summary}"),
-                    ErrorDetails::with_bad_request(violations),
-                )
-            }
+            Error::InvalidArgument(violations) => mesh_runtime::grpc::invalid_argument(violations),
             Error::Unauthenticated(m) => Status::unauthenticated(m),
             e @ Error::RateLimited { retry_after } => Status::with_error_details(
                 Code::ResourceExhausted,

@@ -1,7 +1,6 @@
 //! The service's errors and their one mapping to gRPC statuses.
 
-use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
+use tonic::Status;
 
 /// What went wrong in a call.
 #[derive(Debug, thiserror::Error)]
@@ -20,19 +19,9 @@ pub(crate) enum Error {
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         match e {
-            Error::InvalidArgument(violations) => {
-                let mut details = ErrorDetails::new();
-                for (field, description) in &violations {
-                    details.add_bad_request_violation(field.clone(), description.clone());
-                }
-                let summary =
-                    violations.iter().map(|(f, d)| format!("{f}: {d}")).collect::<Vec<_>>().join("; ");
-                Status::with_error_details(
-                    Code::InvalidArgument,
-                    format!("invalid request: {summary}"),
-                    details,
-                )
-            }
+            Error::InvalidArgument(violations) => mesh_runtime::grpc::invalid_argument(
+                violations.into_iter().map(|(f, d)| tonic_types::FieldViolation::new(f, d)).collect(),
+            ),
             Error::NotFound(m) => Status::not_found(m),
             Error::Unavailable(m) => Status::unavailable(m),
         }

@@ -32,18 +32,7 @@ pub(crate) enum Error {
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         match e {
-            Error::InvalidArgument(violations) => {
-                let summary = violations
-                    .iter()
-                    .map(|v| format!("{}: {}", v.field, v.description))
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                Status::with_error_details(
-                    Code::InvalidArgument,
-                    format!("invalid request: {summary}"),
-                    ErrorDetails::with_bad_request(violations),
-                )
-            }
+            Error::InvalidArgument(violations) => mesh_runtime::grpc::invalid_argument(violations),
             Error::Unauthenticated => Status::unauthenticated(UNAUTHENTICATED),
             e @ Error::RateLimited { retry_after } => Status::with_error_details(
                 Code::ResourceExhausted,

@@ -4,8 +4,6 @@
 mod metrics;
 mod routing;
 
-use std::{future::Future, time::Duration};
-
 use mesh_db::{Db, DbConfig, Lsn, Read, ServedBy};
 use prometheus_client::registry::Registry;
 
@@ -49,21 +47,7 @@ pub(crate) async fn create_table(db: &Db) {
         .unwrap();
 }
 
-/// Polls `check` until it returns `Some`, for at most `timeout`.
-pub(crate) async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "{what}: not within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+pub(crate) use mesh_testkit::eventually;
 
 /// `mesh_db_reads_total{served_by, reason}` from `registry`.
 pub(crate) fn reads(registry: &Registry, served_by: ServedBy, reason: &str) -> f64 {

@@ -1,8 +1,3 @@
-use std::{
-    future::Future,
-    time::{Duration, Instant},
-};
-
 use mesh_audit::{App, AuditConfig, Config};
 use mesh_proto::audit::{
     Actor, AppendRequest, AppendResponse, AuditEvent, Outcome, QueryRequest, Resource, SERVICE_NAME, Source,
@@ -121,21 +116,7 @@ pub(crate) async fn query_all(
     }
 }
 
-/// Polls `check` until it returns `Some`, for at most `timeout`.
-pub(crate) async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "{what}: not within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+pub(crate) use mesh_testkit::eventually;
 
 /// Runs psql against `url` with one command; returns (success, stderr).
 pub(crate) async fn psql(url: &str, command: &str) -> (bool, String) {

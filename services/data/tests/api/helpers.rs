@@ -2,12 +2,7 @@
 //! audit services run in this process on their own ports, against the local
 //! Redis Cluster and PostgreSQL; the data service talks to them over gRPC.
 
-use std::{
-    future::Future,
-    net::SocketAddr,
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use mesh_client::{ClientConfig, ClientMetrics, DataClient, StackConfig};
 use mesh_data::{App, Config, DataConfig};
@@ -237,21 +232,7 @@ pub(crate) async fn metric(app: &Running, name: &str, labels: &[&str]) -> f64 {
     mesh_testkit::grpc::metric_value(&text, name, labels).unwrap_or(0.0)
 }
 
-/// Polls `check` until it returns `Some`, for at most `timeout`.
-pub(crate) async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "{what}: not within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+pub(crate) use mesh_testkit::eventually;
 
 /// `x-mesh-served-by` of a response.
 pub(crate) fn served_by<T>(r: &tonic::Response<T>) -> String {

@@ -1,7 +1,6 @@
 use std::{
-    future::Future,
     process::Command,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use mesh_client::{ClientConfig, StackConfig};
@@ -154,21 +153,7 @@ pub(crate) fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
-/// Polls `check` until it returns `Some`, for at most `timeout`.
-pub(crate) async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "{what}: not within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+pub(crate) use mesh_testkit::eventually;
 
 /// Ports of the masters of a cluster, from CLUSTER NODES on any of `ports`.
 pub(crate) fn masters(ports: &[u16]) -> Vec<u16> {
