@@ -47,6 +47,9 @@ alter system set max_slot_wal_keep_size = '2GB';
 alter system set hot_standby = on;
 alter system set hot_standby_feedback = on;
 alter system set max_connections = 300;
+-- mesh-data's Batch takes up to 256 advisory locks (one per key bucket it
+-- touches); the default 64 would leave room for few concurrent batches.
+alter system set max_locks_per_transaction = 256;
 alter system set log_min_duration_statement = 1000;
 SQL
 

@@ -122,8 +122,13 @@ pub enum Admission {
         /// When the same call can go through.
         retry_after: Duration,
     },
-    /// The rate-limit service could not decide; apply the caller's [`FailureMode`].
+    /// The rate-limit service could not decide (unreachable, overloaded,
+    /// too slow, failing); apply the caller's [`FailureMode`].
     Undecided(Status),
+    /// The rate-limit service refused the Check itself (INVALID_ARGUMENT and
+    /// the like): a fault of the caller's request that no failure mode may
+    /// paper over — failing open here would let such calls bypass every limit.
+    Refused(Status),
 }
 
 /// The longest wait of the limits that refused (not in shadow mode):
@@ -150,7 +155,16 @@ impl RateLimitClient {
                 Admission::OverLimit { retry_after: retry_after(&resp) }
             }
             Ok(_) => Admission::Allowed,
-            Err(status) => Admission::Undecided(status),
+            Err(status) => match status.code() {
+                tonic::Code::InvalidArgument
+                | tonic::Code::FailedPrecondition
+                | tonic::Code::OutOfRange
+                | tonic::Code::NotFound
+                | tonic::Code::PermissionDenied
+                | tonic::Code::Unauthenticated
+                | tonic::Code::Unimplemented => Admission::Refused(status),
+                _ => Admission::Undecided(status),
+            },
         }
     }
 }

@@ -4,6 +4,13 @@ use std::{fmt, str::FromStr};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Lsn(pub u64);
 
+impl Lsn {
+    /// A position no replica reaches: a read at it goes to the primary at
+    /// once (no wait). For a write whose position could not be read after
+    /// its commit.
+    pub const PRIMARY: Lsn = Lsn(u64::MAX);
+}
+
 impl fmt::Display for Lsn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)

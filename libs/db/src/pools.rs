@@ -84,6 +84,12 @@ pub fn is_connection_error(e: &sqlx::Error) -> bool {
     ) || matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
 }
 
+/// Whether a statement on a replica was cancelled for a conflict with
+/// recovery (SQLSTATE 40001 or 40P01 on a hot standby).
+fn is_recovery_conflict(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40001" | "40P01")))
+}
+
 /// Where a read was served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ServedBy {
@@ -280,6 +286,8 @@ struct Replica {
     target: Arc<Target>,
     /// The highest replay position seen (by the monitor or a read).
     replay_lsn: AtomicU64,
+    /// Consecutive polls that found it past a lag bound (monitor only).
+    strikes: std::sync::atomic::AtomicU32,
 }
 
 #[derive(Debug)]
@@ -429,6 +437,7 @@ impl Db {
             replicas.push(Replica {
                 target: target(opts, config, ServedBy::Replica, &metrics, false),
                 replay_lsn: AtomicU64::new(0),
+                strikes: std::sync::atomic::AtomicU32::new(0),
             });
         }
         metrics.primary_up.set(1);
@@ -503,6 +512,11 @@ impl Db {
                     self.replica_failed(r, &e);
                     reason = "replica_failed";
                 }
+                // Cancelled by the replica to let replay go on (a conflict
+                // with recovery): the primary has no such conflict.
+                Err(e) if is_recovery_conflict(&e) => {
+                    reason = "replica_conflict";
+                }
                 Err(e) => {
                     self.count(ServedBy::Replica, why);
                     return Err(e.into());
@@ -548,6 +562,9 @@ impl Db {
     /// A replica connection fit for `at`, with the reason it counts under;
     /// else why the read goes to the primary.
     async fn route(&self, at: Option<Lsn>) -> (Option<(&Replica, Conn, &'static str)>, &'static str) {
+        if at == Some(Lsn::PRIMARY) {
+            return (None, "token_needs_primary");
+        }
         let Some(r) = self.pick(at) else { return (None, self.no_replica_reason()) };
         let mut conn = match r.target.acquire().await {
             Ok(c) => c,
@@ -725,6 +742,11 @@ fn replica_label(t: &Target) -> String {
 /// refused or broken connection counts at once).
 const PRIMARY_TIMEOUTS_DOWN: u32 = 3;
 
+/// Consecutive polls past a lag bound before a serving replica is left out:
+/// right after the first write that follows a quiet spell, the replay delay
+/// reads as the whole quiet spell until the replica replays it (a few ms).
+const LAG_STRIKES: u32 = 2;
+
 /// Polls the primary and the replicas until the [`Db`] is dropped.
 async fn monitor(inner: std::sync::Weak<Inner>, period: Duration) {
     let mut ticker = tokio::time::interval(period);
@@ -772,21 +794,36 @@ async fn monitor(inner: std::sync::Weak<Inner>, period: Duration) {
         let polls = inner.replicas.iter().map(|r| async move {
             let q = sqlx::query_as::<_, (bool, Option<i64>, f64)>(
                 "select pg_is_in_recovery(), (pg_last_wal_replay_lsn() - '0/0')::int8, \
-                 case when pg_last_wal_receive_lsn() is not distinct from pg_last_wal_replay_lsn() then 0 \
-                 else coalesce(extract(epoch from now() - pg_last_xact_replay_timestamp()), 0) end::float8",
+                 coalesce(extract(epoch from now() - pg_last_xact_replay_timestamp()), 0)::float8",
             )
             .fetch_one(&r.target.monitor);
             (r, tokio::time::timeout(timeout, q).await)
         });
         for (r, result) in futures::future::join_all(polls).await {
             let labels = ReplicaLabels { replica: replica_label(&r.target) };
+            let was = r.target.is_up();
             let healthy = match result {
-                Ok(Ok((true, Some(lsn), delay))) => {
+                Ok(Ok((true, Some(lsn), since_replay))) => {
                     r.replay_lsn.store(lsn as u64, Ordering::Release);
-                    let lag = primary_lsn.map_or(0, |p| p.saturating_sub(lsn as u64));
-                    inner.metrics.replica_lag.get_or_create(&labels).set(lag as i64);
+                    let behind = primary_lsn.map(|p| p.saturating_sub(lsn as u64));
+                    // Replay delay: how long ago the last replayed commit was
+                    // made, when the primary has WAL the replica has not
+                    // replayed; nothing when it has replayed all there is (a
+                    // quiet primary makes no replica stale). This also catches a
+                    // replica whose stream broke: it falls further behind in
+                    // time with every write it does not receive.
+                    let delay = if behind.unwrap_or(0) > 0 { since_replay.max(0.0) } else { 0.0 };
+                    inner.metrics.replica_lag.get_or_create(&labels).set(behind.unwrap_or(0) as i64);
                     inner.metrics.replica_delay.get_or_create(&labels).set(delay);
-                    lag <= inner.max_lag && delay <= inner.max_delay.as_secs_f64()
+                    let within =
+                        behind.unwrap_or(0) <= inner.max_lag && delay <= inner.max_delay.as_secs_f64();
+                    if within {
+                        r.strikes.store(0, Ordering::Relaxed);
+                        true
+                    } else {
+                        let strikes = r.strikes.fetch_add(1, Ordering::Relaxed) + 1;
+                        was && strikes < LAG_STRIKES
+                    }
                 }
                 // Promoted, or never replayed anything: not a usable replica.
                 Ok(Ok(_)) => false,

@@ -70,6 +70,9 @@ pub fn into_status(err: BoxError) -> Status {
         Ok(e) => (*e).into(),
         Err(err) => match err.downcast::<Status>() {
             Ok(s) => *s,
+            // tonic's channel enforces `grpc-timeout` itself and calls that
+            // CANCELLED; to the caller it is the deadline it set running out.
+            Err(err) if timed_out(&*err) => Status::deadline_exceeded("deadline exceeded"),
             Err(err) => Status::from_error(err),
         },
     }
@@ -104,14 +107,36 @@ pub(crate) fn failure_of(err: &(dyn StdError + 'static)) -> Failure {
         if e.downcast_ref::<tonic::ConnectError>().is_some() {
             return Failure::NotSent;
         }
+        if e.downcast_ref::<tonic::TimeoutExpired>().is_some() {
+            return Failure::Timeout;
+        }
         source = e.source();
     }
     Failure::Transport
 }
 
+/// Whether `err` is, or is caused by, tonic's own `grpc-timeout` expiring.
+fn timed_out(err: &(dyn StdError + 'static)) -> bool {
+    let mut source = Some(err);
+    while let Some(e) = source {
+        if e.downcast_ref::<tonic::TimeoutExpired>().is_some() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tonics_own_timeout_is_a_deadline_not_a_cancellation() {
+        let err: BoxError = Box::new(tonic::TimeoutExpired(()));
+        assert!(matches!(failure_of(&*err), Failure::Timeout));
+        assert_eq!(into_status(err).code(), Code::DeadlineExceeded);
+    }
 
     #[test]
     fn stack_errors_keep_their_code_and_message() {

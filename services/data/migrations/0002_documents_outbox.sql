@@ -82,7 +82,7 @@ create function data_write(
 language plpgsql as $$
 declare
     n      int := coalesce(array_length(p_key, 1), 0);
-    h      bigint;
+    h      int;
     cur    bigint;
     v      bigint;
     oid    bigint;
@@ -92,16 +92,20 @@ declare
 begin
     if n > 1 then
         -- Batches over the same documents queue instead of deadlocking: each
-        -- first takes a lock per document, in one global order, whether or
-        -- not the document exists yet (a row lock cannot cover a key about to
-        -- be inserted). One lock per distinct document: PostgreSQL's lock
-        -- table must hold them (max_locks_per_transaction).
+        -- first locks the buckets of the documents it touches (256 buckets by
+        -- key hash), in one global order, whether or not a document exists yet
+        -- (a row lock cannot cover a key about to be inserted). At most 256
+        -- locks per batch, held in PostgreSQL's lock table
+        -- (max_locks_per_transaction); two batches on distinct keys may share
+        -- a bucket and then simply take turns. Single writes lock one row and
+        -- cannot deadlock, so they take no bucket.
         for h in
-            select distinct hashtextextended(o.collection || '/' || o.key, 0)
+            select distinct (hashtextextended(o.collection || '/' || o.key, 0) & 255)::int
               from unnest(p_collection, p_key) as o(collection, key)
              order by 1
         loop
-            perform pg_advisory_xact_lock(h);
+            -- 1684108385: "data" as a 32-bit number, the lock class of these buckets.
+            perform pg_advisory_xact_lock(1684108385, h);
         end loop;
     end if;
     begin

@@ -17,8 +17,8 @@
 //! | `MESH_DATA_OUTBOX_CONCURRENCY` | 32 | audit Appends in flight at once per instance |
 //! | `MESH_DATA_OUTBOX_GRACE_MS` | 10000 | how long an event is left to the instance that wrote it before any instance's sweep takes it |
 //! | `MESH_DATA_OUTBOX_SWEEP_MS` | 1000 | how often the outbox is swept for events not delivered at once (failed, or written by an instance that died) |
-//! | `MESH_DATA_OUTBOX_BATCH` | 200 | most events one sweep claims |
-//! | `MESH_DATA_OUTBOX_LEASE_MS` | 30000 | a sweep's claim on its events; after it another sweep may take them |
+//! | `MESH_DATA_OUTBOX_BATCH` | 100 | most events one sweep claims |
+//! | `MESH_DATA_OUTBOX_LEASE_MS` | 60000 | a sweep's claim on its events; after it another sweep may take them (at least `MESH_DATA_AUDIT_TIMEOUT_MS`; a claim of a full batch may take batch ÷ concurrency × that timeout while the audit service hangs) |
 //! | `MESH_DATA_OUTBOX_RETRY_MAX_MS` | 60000 | longest backoff between failed deliveries of an event (from 1 s, doubling, jittered) |
 //!
 //! `MESH_SESSION_ADDR` is required: every call is authenticated. Without
@@ -111,8 +111,8 @@ impl Default for DataConfig {
             outbox_concurrency: 32,
             outbox_grace: Duration::from_secs(10),
             outbox_sweep: Duration::from_secs(1),
-            outbox_batch: 200,
-            outbox_lease: Duration::from_secs(30),
+            outbox_batch: 100,
+            outbox_lease: Duration::from_secs(60),
             outbox_retry_base: Duration::from_secs(1),
             outbox_retry_max: Duration::from_secs(60),
         }
@@ -175,6 +175,14 @@ impl DataConfig {
             if v < Duration::from_millis(min) {
                 return Err(ConfigError::new(key, format!("must be at least {min}")));
             }
+        }
+        if self.outbox_lease < self.audit_timeout {
+            // A claim running out while its Append is still in flight would
+            // let another sweep send the same event again (harmless, wasted).
+            return Err(ConfigError::new(
+                OUTBOX_LEASE_MS,
+                format!("must be at least {AUDIT_TIMEOUT_MS} ({})", self.audit_timeout.as_millis()),
+            ));
         }
         if self.outbox_retry_max < self.outbox_retry_base {
             return Err(ConfigError::new(
@@ -265,6 +273,7 @@ mod tests {
             (keys::SESSION_TOUCH, "sometimes"),
             (keys::OUTBOX_SWEEP_MS, "1"),
             (keys::OUTBOX_RETRY_MAX_MS, "10"),
+            (keys::OUTBOX_LEASE_MS, "1000"),
         ] {
             assert_eq!(Config::from_lookup(&map(&[(key, value)])).unwrap_err().key, key, "{value}");
         }

@@ -23,10 +23,13 @@ use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 /// Most bytes of a document's protobuf encoding (1 MiB, as Firestore).
 pub const MAX_DOCUMENT_BYTES: usize = 1 << 20;
 
-/// Deepest nesting of objects and lists, the document itself being depth 1.
-/// It leaves room in gRPC's (and prost's) 100-message decoding limit for a
-/// document inside a Query response: each level is two messages.
-pub const MAX_DEPTH: usize = 32;
+/// Deepest nesting of objects and lists, the document itself being depth 1
+/// (Firestore allows 20 too). Each level costs three protobuf messages
+/// (Struct, its map entry, Value) of gRPC's 100-message decoding limit: a
+/// document this deep still decodes inside a Batch or a Query response;
+/// one nested beyond about 33 levels cannot even be decoded (INTERNAL from
+/// the gRPC decoder, before the service sees it).
+pub const MAX_DEPTH: usize = 20;
 
 /// A document checked for storage.
 #[derive(Debug, Clone)]

@@ -83,6 +83,11 @@ pub(crate) enum Error {
 
 impl From<DbError> for Error {
     fn from(e: DbError) -> Self {
+        // statement_timeout (or a cancel by an operator): the database's own deadline.
+        if matches!(&e, DbError::Sqlx(sqlx::Error::Database(d)) if d.code().as_deref() == Some("57014")) {
+            tracing::warn!(error = %e, "a statement ran out of time");
+            return Self::DeadlineExceeded("the database statement timed out");
+        }
         if e.is_unavailable() {
             tracing::debug!(error = %e, "database unavailable");
             Self::Unavailable(

@@ -63,6 +63,14 @@ fn bearer(metadata: &MetadataMap) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
+/// Whether the call being handled has (all but) no time left: a downstream
+/// DEADLINE_EXCEEDED is then the caller's budget, not the downstream's fault.
+fn caller_out_of_time() -> bool {
+    mesh_runtime::grpc::CallContext::current()
+        .and_then(|c| c.remaining())
+        .is_some_and(|left| left < Duration::from_millis(10))
+}
+
 fn descriptor(entries: &[(&str, &str)], hits: u32) -> Descriptor {
     Descriptor {
         entries: entries
@@ -103,13 +111,21 @@ impl Guard {
             Ok(resp) => {
                 let s =
                     resp.session.ok_or(Error::Internal("the session service answered without a session"))?;
+                if s.user_id.trim().is_empty() {
+                    // Sessions made before blank ids were refused: the audit
+                    // log cannot record their changes (its actor must not be blank).
+                    return Err(Error::Unauthenticated(
+                        "the session's user id is blank; create a new session",
+                    ));
+                }
                 Ok(Caller { user_id: s.user_id, session_id: s.id })
             }
             Err(s) if matches!(s.code(), Code::Unauthenticated | Code::InvalidArgument) => {
                 Err(Error::Unauthenticated(UNAUTHENTICATED))
             }
-            // The call's own deadline ran out: the caller's budget, not the session service.
-            Err(s) if s.code() == Code::DeadlineExceeded => {
+            // The caller's own deadline ran out (not our session timeout): its
+            // budget, not the session service, was too short.
+            Err(s) if s.code() == Code::DeadlineExceeded && caller_out_of_time() => {
                 Err(Error::DeadlineExceeded("the deadline passed while the session was being validated"))
             }
             Err(s) => {
@@ -132,6 +148,10 @@ impl Guard {
         let req = CheckRequest { domain: self.domain.clone(), descriptors, hits_addend: 0 };
         match client.admit(req, self.ratelimit_timeout).await {
             Admission::Allowed => Ok(()),
+            Admission::Refused(status) => {
+                tracing::error!(code = ?status.code(), error = %status.message(), "the rate-limit service refused the check of a data call");
+                Err(Error::Internal("the rate-limit check of this call was refused"))
+            }
             Admission::OverLimit { retry_after } => {
                 self.metrics.ratelimited.inc();
                 Err(Error::RateLimited { retry_after })

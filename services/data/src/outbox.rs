@@ -57,6 +57,9 @@ pub const SOURCE_SERVICE: &str = "mesh-data";
 /// Events handed from calls to the deliverers; beyond it, the sweep delivers.
 const QUEUE: usize = 4096;
 
+/// How often the outbox gauges (depth, age, dead) are refreshed.
+const GAUGE_EVERY: Duration = Duration::from_secs(10);
+
 /// One outbox row, as the audit service will get it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub(crate) struct Event {
@@ -350,9 +353,14 @@ impl Deliverer {
     async fn sweep_loop(self: Arc<Self>, done: mpsc::UnboundedSender<Done>) {
         let mut ticker = tokio::time::interval(self.sweep);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The gauges count the whole outbox: every 10 s, not every sweep.
+        let mut last_gauge: Option<tokio::time::Instant> = None;
         loop {
             ticker.tick().await;
-            self.gauge().await;
+            if last_gauge.is_none_or(|t| t.elapsed() >= GAUGE_EVERY) {
+                self.gauge().await;
+                last_gauge = Some(tokio::time::Instant::now());
+            }
             loop {
                 let claimed = match self.claim().await {
                     Ok(events) => events,

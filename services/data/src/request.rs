@@ -15,6 +15,9 @@ use crate::{
 
 /// Longest collection name or key (bytes).
 pub const MAX_NAME: usize = 256;
+/// Most collections one Batch may touch: each is its own rate-limit
+/// descriptor, and the rate-limit service takes 64 descriptors per Check.
+pub const MAX_BATCH_COLLECTIONS: usize = 32;
 /// Query page size when the request asks for none.
 pub const DEFAULT_PAGE_SIZE: usize = 50;
 /// Largest Query page; larger requests are coerced down (AIP-158).
@@ -210,6 +213,17 @@ pub(crate) fn batch(r: pb::BatchRequest, max_ops: usize) -> Result<Vec<Write>, E
         };
         writes.extend(w);
     }
+    let collections: std::collections::BTreeSet<&str> =
+        writes.iter().map(|w| w.collection.as_str()).collect();
+    if collections.len() > MAX_BATCH_COLLECTIONS {
+        v.add(
+            "ops",
+            format!(
+                "may touch at most {MAX_BATCH_COLLECTIONS} collections (each is rate limited), got {}",
+                collections.len()
+            ),
+        );
+    }
     v.finish(writes)
 }
 
@@ -315,6 +329,16 @@ mod tests {
         assert_eq!(fields(batch(pb::BatchRequest { ops: vec![] }, 500).unwrap_err()), ["ops"]);
         let many = vec![BatchOperation { op: None }; 3];
         assert_eq!(fields(batch(pb::BatchRequest { ops: many }, 2).unwrap_err()), ["ops"]);
+        let spread = (0..=MAX_BATCH_COLLECTIONS)
+            .map(|i| BatchOperation {
+                op: Some(BOp::Delete(DeleteOperation {
+                    collection: format!("c{i}"),
+                    key: "k".into(),
+                    expected_version: None,
+                })),
+            })
+            .collect();
+        assert_eq!(fields(batch(pb::BatchRequest { ops: spread }, 500).unwrap_err()), ["ops"]);
     }
 
     #[test]

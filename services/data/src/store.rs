@@ -154,7 +154,15 @@ pub(crate) async fn write(
         }));
     }
     let span = conn.span("SELECT", "pg_current_wal_insert_lsn", "select pg_current_wal_insert_lsn()");
-    let lsn = Db::current_lsn(&mut *conn).instrument(span).await?;
+    let lsn = match Db::current_lsn(&mut *conn).instrument(span).await {
+        Ok(lsn) => lsn,
+        // Committed: failing the call now would report a write that happened
+        // as one that did not. Its token sends reads to the primary instead.
+        Err(e) => {
+            tracing::warn!(error = %e, "write committed but its WAL position is unknown; its token reads from the primary");
+            Lsn::PRIMARY
+        }
+    };
     Ok(Written {
         versions: versions.unwrap_or_default().into_iter().map(|v| v.map(|v| v as u64)).collect(),
         outbox: outbox.unwrap_or_default(),

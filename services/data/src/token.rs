@@ -86,7 +86,12 @@ pub(crate) fn parse_page(t: &str, query: &[u8; QUERY_HASH]) -> Result<Option<Str
     if b[1..=QUERY_HASH] != query[..] {
         return Err(PageTokenError::OtherQuery);
     }
-    String::from_utf8(b[1 + QUERY_HASH..].to_vec()).map(Some).map_err(|_| PageTokenError::Malformed)
+    let key = String::from_utf8(b[1 + QUERY_HASH..].to_vec()).map_err(|_| PageTokenError::Malformed)?;
+    // Only keys a document can have (a forged token could hold anything).
+    if key.len() > crate::request::MAX_NAME || key.contains('\0') {
+        return Err(PageTokenError::Malformed);
+    }
+    Ok(Some(key))
 }
 
 #[cfg(test)]
@@ -113,7 +118,9 @@ mod tests {
         assert_eq!(parse_page(&t, &other_filter), Err(PageTokenError::OtherQuery));
         let other_collection = query_hash("order", Some(r#"s{"status":"open"}"#));
         assert_eq!(parse_page(&t, &other_collection), Err(PageTokenError::OtherQuery));
-        for bad in ["garbage!", "AQ", &"A".repeat(MAX_PAGE_TOKEN + 1)] {
+        let nul = page(&q, "a\0b");
+        let long = page(&q, &"k".repeat(crate::request::MAX_NAME + 1));
+        for bad in ["garbage!", "AQ", &"A".repeat(MAX_PAGE_TOKEN + 1), &nul, &long] {
             assert_eq!(parse_page(bad, &q), Err(PageTokenError::Malformed), "{bad}");
         }
         assert_eq!(parse_page("", &q), Ok(None));

@@ -59,6 +59,10 @@ impl Limiter {
                 Err(Error::RateLimited { retry_after })
             }
             Admission::Allowed => Ok(()),
+            Admission::Refused(status) => {
+                tracing::error!(code = ?status.code(), error = %status.message(), "the rate-limit service refused the check of a session creation");
+                Err(Error::Unavailable("rate limiting refused this request, try again later".to_owned()))
+            }
             Admission::Undecided(status) => {
                 self.metrics
                     .ratelimit_unavailable

@@ -83,8 +83,11 @@ impl Violations {
     }
 
     fn user_id(&mut self, field: &str, v: String) -> UserId {
-        if v.is_empty() {
-            self.add(field, "must not be empty");
+        // Blank ids are refused like empty ones: the audit log (which records
+        // every session's changes, and every data write, with the user id as
+        // the actor) requires an actor id that is not blank.
+        if v.trim().is_empty() {
+            self.add(field, "must not be empty or blank");
         } else if v.len() > MAX_USER_ID {
             self.add(field, format!("must be at most {MAX_USER_ID} bytes"));
         } else if v.chars().any(char::is_control) {
@@ -286,6 +289,11 @@ mod tests {
         let e = create(pb::CreateSessionRequest { user_id: "x".repeat(257), ..Default::default() }, &c)
             .unwrap_err();
         assert_eq!(fields(e), ["user_id"]);
+        for blank in [" ", "\u{3000}", " \u{a0} "] {
+            let e = create(pb::CreateSessionRequest { user_id: blank.into(), ..Default::default() }, &c)
+                .unwrap_err();
+            assert_eq!(fields(e), ["user_id"], "{blank:?}");
+        }
     }
 
     #[test]

@@ -142,6 +142,7 @@ async fn start_data(mesh: &Mesh, db: &TestDb, audit: SocketAddr) -> (Process, So
         ("MESH_DATA_OUTBOX_GRACE_MS".into(), "300".into()),
         // A killed instance's claims run out soon.
         ("MESH_DATA_OUTBOX_LEASE_MS".into(), "1000".into()),
+        ("MESH_DATA_AUDIT_TIMEOUT_MS".into(), "1000".into()),
         ("MESH_DATA_OUTBOX_RETRY_MAX_MS".into(), "1000".into()),
         ("MESH_CLIENT_BREAKER_OPEN_MS".into(), "200".into()),
         ("MESH_CLIENT_BREAKER_OPEN_MAX_MS".into(), "500".into()),
