@@ -15,6 +15,8 @@ struct Proc {
     start: u64,
     /// utime + stime of every thread, in clock ticks.
     ticks: u64,
+    /// The process title, for PostgreSQL's processes only (see [`ProcUse::title`]).
+    title: String,
 }
 
 /// CPU counters of every process and of the whole machine at one moment.
@@ -40,7 +42,14 @@ fn read_proc(pid: u32) -> Option<Proc> {
     let utime: u64 = rest.nth(11)?.parse().ok()?;
     let stime: u64 = rest.next()?.parse().ok()?;
     let start: u64 = rest.nth(6)?.parse().ok()?;
-    Some(Proc { comm, start, ticks: utime + stime })
+    // PostgreSQL's processes are all `postgres`; their titles say which is which.
+    let title = if comm == "postgres" {
+        let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        String::from_utf8_lossy(&raw).replace('\0', " ").trim().to_owned()
+    } else {
+        String::new()
+    };
+    Some(Proc { comm, start, ticks: utime + stime, title })
 }
 
 fn read_machine() -> (u64, u64) {
@@ -79,6 +88,10 @@ pub struct ProcUse {
     pub comm: String,
     /// CPU seconds (user + system) spent in the window.
     pub seconds: f64,
+    /// For a PostgreSQL process, its title at the end of the window
+    /// (`postgres: mesh mesh 127.0.0.1(5432) idle`, `postgres: checkpointer`,
+    /// …; empty if it had exited); empty for every other process.
+    pub title: String,
 }
 
 /// CPU use between two snapshots.
@@ -102,7 +115,12 @@ impl Usage {
                 // A process that started in the window counts from zero.
                 let base = before.procs.get(&pid).filter(|b| b.start == p.start).map_or(0, |b| b.ticks);
                 let ticks = p.ticks.saturating_sub(base);
-                (ticks > 0).then(|| ProcUse { pid, comm: p.comm.clone(), seconds: ticks as f64 / USER_HZ })
+                (ticks > 0).then(|| ProcUse {
+                    pid,
+                    comm: p.comm.clone(),
+                    seconds: ticks as f64 / USER_HZ,
+                    title: p.title.clone(),
+                })
             })
             .collect();
         let busy = after.machine.0.saturating_sub(before.machine.0) as f64;
@@ -161,7 +179,9 @@ mod tests {
         Snapshot {
             procs: procs
                 .iter()
-                .map(|&(pid, comm, start, ticks)| (pid, Proc { comm: comm.into(), start, ticks }))
+                .map(|&(pid, comm, start, ticks)| {
+                    (pid, Proc { comm: comm.into(), start, ticks, title: String::new() })
+                })
                 .collect(),
             machine,
         }
@@ -210,9 +230,9 @@ mod tests {
         assert!(!p.comm.is_empty());
         let u = Usage {
             procs: vec![
-                ProcUse { pid: 1, comm: "kworker".into(), seconds: 0.3 },
-                ProcUse { pid: 2, comm: "kworker".into(), seconds: 0.1 },
-                ProcUse { pid: 3, comm: "quiet".into(), seconds: 0.01 },
+                ProcUse { pid: 1, comm: "kworker".into(), seconds: 0.3, title: String::new() },
+                ProcUse { pid: 2, comm: "kworker".into(), seconds: 0.1, title: String::new() },
+                ProcUse { pid: 3, comm: "quiet".into(), seconds: 0.01, title: String::new() },
             ],
             machine_busy: 0.5,
             elapsed: Duration::from_secs(1),

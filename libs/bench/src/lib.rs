@@ -19,6 +19,7 @@ use std::{
 use hdrhistogram::Histogram;
 
 pub mod cpu;
+pub mod pg;
 
 /// How a load run is shaped.
 #[derive(Debug, Clone, Copy)]

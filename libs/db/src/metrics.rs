@@ -101,7 +101,7 @@ impl Metrics {
         );
         registry.register(
             "mesh_db_replica_delay_seconds",
-            "How far a replica's replay is behind in time (0 when it has replayed all it received)",
+            "How long a replica has been behind the primary without its replay moving forward",
             m.replica_delay.clone(),
         );
         registry.register(

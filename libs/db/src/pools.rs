@@ -286,8 +286,9 @@ struct Replica {
     target: Arc<Target>,
     /// The highest replay position seen (by the monitor or a read).
     replay_lsn: AtomicU64,
-    /// Consecutive polls that found it past a lag bound (monitor only).
-    strikes: std::sync::atomic::AtomicU32,
+    /// The replay position at the last poll, and when the replica was last
+    /// seen current or moving forward (monitor only).
+    progress: std::sync::Mutex<(u64, Instant)>,
 }
 
 #[derive(Debug)]
@@ -437,7 +438,7 @@ impl Db {
             replicas.push(Replica {
                 target: target(opts, config, ServedBy::Replica, &metrics, false),
                 replay_lsn: AtomicU64::new(0),
-                strikes: std::sync::atomic::AtomicU32::new(0),
+                progress: std::sync::Mutex::new((0, Instant::now())),
             });
         }
         metrics.primary_up.set(1);
@@ -742,11 +743,6 @@ fn replica_label(t: &Target) -> String {
 /// refused or broken connection counts at once).
 const PRIMARY_TIMEOUTS_DOWN: u32 = 3;
 
-/// Consecutive polls past a lag bound before a serving replica is left out:
-/// right after the first write that follows a quiet spell, the replay delay
-/// reads as the whole quiet spell until the replica replays it (a few ms).
-const LAG_STRIKES: u32 = 2;
-
 /// Polls the primary and the replicas until the [`Db`] is dropped.
 async fn monitor(inner: std::sync::Weak<Inner>, period: Duration) {
     let mut ticker = tokio::time::interval(period);
@@ -792,38 +788,37 @@ async fn monitor(inner: std::sync::Weak<Inner>, period: Duration) {
         let primary_lsn = up.then(|| inner.primary_lsn.load(Ordering::Acquire));
 
         let polls = inner.replicas.iter().map(|r| async move {
-            let q = sqlx::query_as::<_, (bool, Option<i64>, f64)>(
-                "select pg_is_in_recovery(), (pg_last_wal_replay_lsn() - '0/0')::int8, \
-                 coalesce(extract(epoch from now() - pg_last_xact_replay_timestamp()), 0)::float8",
+            let q = sqlx::query_as::<_, (bool, Option<i64>)>(
+                "select pg_is_in_recovery(), (pg_last_wal_replay_lsn() - '0/0')::int8",
             )
             .fetch_one(&r.target.monitor);
             (r, tokio::time::timeout(timeout, q).await)
         });
         for (r, result) in futures::future::join_all(polls).await {
             let labels = ReplicaLabels { replica: replica_label(&r.target) };
-            let was = r.target.is_up();
             let healthy = match result {
-                Ok(Ok((true, Some(lsn), since_replay))) => {
-                    r.replay_lsn.store(lsn as u64, Ordering::Release);
-                    let behind = primary_lsn.map(|p| p.saturating_sub(lsn as u64));
-                    // Replay delay: how long ago the last replayed commit was
-                    // made, when the primary has WAL the replica has not
-                    // replayed; nothing when it has replayed all there is (a
-                    // quiet primary makes no replica stale). This also catches a
-                    // replica whose stream broke: it falls further behind in
-                    // time with every write it does not receive.
-                    let delay = if behind.unwrap_or(0) > 0 { since_replay.max(0.0) } else { 0.0 };
-                    inner.metrics.replica_lag.get_or_create(&labels).set(behind.unwrap_or(0) as i64);
+                Ok(Ok((true, Some(lsn)))) => {
+                    let lsn = lsn as u64;
+                    r.replay_lsn.store(lsn, Ordering::Release);
+                    let behind = primary_lsn.map_or(0, |p| p.saturating_sub(lsn));
+                    // Replay delay: how long the replica has been behind the
+                    // primary without its replay moving forward. Zero while it
+                    // is current (a quiet primary makes no replica stale) or
+                    // replaying: a replica working through a long write without
+                    // commits is not stale, one whose replay is paused (a delay,
+                    // a conflict) or whose stream broke is, and more so with
+                    // every poll. A replica replaying but far behind is caught
+                    // by the byte bound.
+                    let delay = {
+                        let mut progress = r.progress.lock().expect("not poisoned");
+                        if behind == 0 || lsn > progress.0 {
+                            *progress = (lsn, Instant::now());
+                        }
+                        if behind == 0 { 0.0 } else { progress.1.elapsed().as_secs_f64() }
+                    };
+                    inner.metrics.replica_lag.get_or_create(&labels).set(behind as i64);
                     inner.metrics.replica_delay.get_or_create(&labels).set(delay);
-                    let within =
-                        behind.unwrap_or(0) <= inner.max_lag && delay <= inner.max_delay.as_secs_f64();
-                    if within {
-                        r.strikes.store(0, Ordering::Relaxed);
-                        true
-                    } else {
-                        let strikes = r.strikes.fetch_add(1, Ordering::Relaxed) + 1;
-                        was && strikes < LAG_STRIKES
-                    }
+                    behind <= inner.max_lag && delay <= inner.max_delay.as_secs_f64()
                 }
                 // Promoted, or never replayed anything: not a usable replica.
                 Ok(Ok(_)) => false,

@@ -11,8 +11,8 @@
 //! shared local primary/replica, dropped at the end (`--keep` keeps it).
 
 use std::{
+    ffi::OsStr,
     fmt::Write as _,
-    path::Path,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -20,12 +20,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use chrono::{DateTime, Datelike as _, SecondsFormat, TimeZone as _, Utc};
 use clap::Parser;
-use hdrhistogram::Histogram;
 use mesh_audit::{App, AuditConfig, Config, chain::Event, chain::GENESIS, chain::Outcome};
-use mesh_bench::{Load, Report, TABLE_HEADER, channels, cpu, run};
+use mesh_bench::{Load, Report, TABLE_HEADER, channels, pg, run};
 use mesh_proto::audit::{
     Actor, AppendRequest, AuditEvent, EventFilter, QueryRequest, Resource, Source, VerifyRequest,
     audit_service_client::AuditServiceClient,
@@ -92,7 +91,7 @@ async fn bench(args: &Args, infra: &Infra, schema: &str, owner: &mut PgConnectio
     let t = Instant::now();
     seed(owner, args.rows).await?;
     let seeded = t.elapsed();
-    wait_replica(owner, infra).await?;
+    pg::wait_replica(owner, &infra.pg_replica_url()).await?;
     eprintln!("seeded {} events in {seeded:.1?}", args.rows);
     writeln!(out, "seeding {} events by COPY (7 indexes, valid chain): {seeded:.1?}\n", args.rows)?;
 
@@ -200,7 +199,7 @@ async fn bench(args: &Args, infra: &Infra, schema: &str, owner: &mut PgConnectio
     out.clear();
 
     // 4. Query, one shape at a time, on what is now ~rows + appended events.
-    wait_replica(owner, infra).await?;
+    pg::wait_replica(owner, &infra.pg_replica_url()).await?;
     sqlx::query("analyze audit_events").execute(&mut *owner).await?;
     let total: i64 = sqlx::query_scalar("select count(*) from audit_events").fetch_one(&mut *owner).await?;
     writeln!(out, "## Query (page of 100, {total} events, served by the replica)\n\n{TABLE_HEADER}")?;
@@ -486,27 +485,6 @@ fn hex(b: &[u8]) -> String {
     })
 }
 
-/// Waits until the replica has replayed everything the primary wrote so far.
-async fn wait_replica(owner: &mut PgConnection, infra: &Infra) -> anyhow::Result<()> {
-    let target: String =
-        sqlx::query_scalar("select pg_current_wal_lsn()::text").fetch_one(&mut *owner).await?;
-    let mut replica = PgConnection::connect(&infra.pg_replica_url()).await?;
-    let start = Instant::now();
-    loop {
-        let caught_up: bool = sqlx::query_scalar("select pg_last_wal_replay_lsn() >= $1::pg_lsn")
-            .bind(&target)
-            .fetch_one(&mut replica)
-            .await?;
-        if caught_up {
-            return Ok(());
-        }
-        if start.elapsed() > Duration::from_secs(300) {
-            bail!("replica did not catch up in 5 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 const CPU_HEADER: &str = "| target | machine busy | this process | PostgreSQL | pgbench | other | total |\n\
      | --- | ---: | ---: | ---: | ---: | ---: | ---: |";
 
@@ -535,9 +513,8 @@ async fn pgbench(
             .await?;
         sqlx::query("create sequence pgbench_seq").execute(&mut *owner).await?;
     }
-    let dir = std::env::temp_dir().join(format!("{schema}_pgbench"));
-    std::fs::create_dir_all(&dir)?;
-    let script = dir.join("insert.sql");
+    let dir = tempfile::tempdir()?;
+    let script = dir.path().join("insert.sql");
     std::fs::write(
         &script,
         "\\set a random(0, 9999)\n\\set b random(0, 49)\n\\set r random(0, 99999)\n\
@@ -547,77 +524,7 @@ async fn pgbench(
          'user-' || :a, 'action-' || :b, 'type-1', 'doc-' || :r, 1, '10.0.0.1', 'bench/1', 'mesh-bench', '', '', \
          '{\"bytes\": 1234}', '\\x00', '\\x00');\n",
     )?;
-    // One second past the measured window, so pgbench is still running when
-    // the window's CPU counters are read at its end.
-    let seconds = (load.warmup + load.duration).as_secs() + 1;
-    let started = Utc::now().timestamp() as f64;
-    let run = tokio::process::Command::new("/usr/lib/postgresql/15/bin/pgbench")
-        // (pgbench's `-d` is --debug, not the database: that is the last argument)
-        .args(["-n", "-M", "prepared", "-h", "127.0.0.1", "-U", "mesh"])
-        .args(["-p", &infra.pg_primary_port.to_string()])
-        .args(["-c", &clients.to_string(), "-j", "2", "-T", &seconds.to_string()])
-        .arg("-f")
-        .arg(&script)
-        .arg("-l")
-        .arg(format!("--log-prefix={}", dir.join("log").display()))
-        .arg("mesh")
-        .env("PGPASSWORD", "mesh")
-        .env("PGOPTIONS", format!("-c search_path={schema}"))
-        .output();
-    let window = async {
-        tokio::time::sleep(load.warmup).await;
-        let (before, started) = (cpu::Snapshot::take(), Instant::now());
-        tokio::time::sleep(load.duration).await;
-        cpu::Usage::between(&before, &cpu::Snapshot::take(), started.elapsed())
-    };
-    let (out, cpu) = tokio::join!(run, window);
-    let out = out.context("running pgbench")?;
-    if !out.status.success() {
-        bail!("pgbench failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let report = pgbench_report(&dir, started + load.warmup.as_secs_f64(), load.duration, clients, cpu);
-    let _ = std::fs::remove_dir_all(&dir);
-    let report = report?;
-    eprintln!("{report}");
-    Ok(report)
-}
-
-/// Reads pgbench's per-transaction logs (`client tx latency_us script epoch_s epoch_us`).
-fn pgbench_report(
-    dir: &Path,
-    from_epoch: f64,
-    duration: Duration,
-    clients: usize,
-    cpu: cpu::Usage,
-) -> anyhow::Result<Report> {
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let until = from_epoch + duration.as_secs_f64();
-    let mut ok = 0;
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if !path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("log")) {
-            continue;
-        }
-        for line in std::fs::read_to_string(&path)?.lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 6 {
-                continue;
-            }
-            let at = f[4].parse::<f64>()? + f[5].parse::<f64>()? / 1e6;
-            if at < from_epoch || at >= until {
-                continue;
-            }
-            hist.record(f[2].parse::<u64>()?.max(1))?;
-            ok += 1;
-        }
-    }
-    Ok(Report {
-        name: format!("pgbench INSERT, {clients} clients"),
-        ok,
-        errors: 0,
-        first_error: None,
-        elapsed: duration,
-        latency_us: hist,
-        cpu,
-    })
+    let name = format!("pgbench INSERT, {clients} clients");
+    let load = Load { concurrency: clients, ..load };
+    pg::pgbench(&name, infra.pg_primary_port, schema, load, [OsStr::new("-f"), script.as_os_str()]).await
 }

@@ -149,3 +149,42 @@ async fn a_failed_replica_is_replaced_by_the_primary_and_a_down_primary_fails_wr
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_replica_replaying_a_long_write_is_not_taken_for_a_stale_one() {
+    let _t = mesh_testkit::init_telemetry();
+    let (_private, test_db) = private().await;
+    let mut config = test_db.config.clone();
+    // Only the time bound matters here.
+    config.max_replica_delay = Duration::from_millis(500);
+    config.max_replica_lag_bytes = 1 << 30;
+    let (db, _registry) = connect(&config);
+    create_table(&db).await;
+    write_v(&db, 1).await;
+    eventually(Duration::from_secs(20), "the replica is healthy", || async {
+        db.any_replica_healthy().then_some(())
+    })
+    .await;
+    // Seconds of WAL without a commit (a bulk load, an index build): the
+    // last replayed commit grows old, but the replica keeps up.
+    let load = tokio::spawn({
+        let db = db.clone();
+        async move {
+            let mut conn = db.write().await.unwrap();
+            sqlx::query(
+                "create table bulk as select g, md5(g::text) as h from generate_series(1, 3000000) g",
+            )
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        }
+    });
+    let mut polls = 0;
+    while !load.is_finished() {
+        assert!(db.any_replica_healthy(), "a replica keeping up was left out during a long write");
+        polls += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    load.await.unwrap();
+    assert!(polls >= 20, "the write took {polls} polls: too short to show anything");
+}
