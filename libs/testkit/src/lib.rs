@@ -4,6 +4,7 @@
 //!   `deploy/local/infra.sh` when not running), and private copies of them
 //!   for tests that stop or kill infrastructure.
 //! - [`isolate`]: a fresh database schema or Redis key prefix per test.
+//! - [`json`]: JSON to `google.protobuf.Struct` (documents for the data service).
 //! - [`spawn`]: run a service (or any server) on `127.0.0.1:0` and stop it
 //!   gracefully or abruptly; run a service binary as a child process.
 //! - [`bin`]: the service binaries, for tests that run services as processes.
@@ -18,6 +19,7 @@ pub mod echo;
 pub mod grpc;
 pub mod infra;
 pub mod isolate;
+pub mod json;
 pub mod otlp;
 pub mod spawn;
 

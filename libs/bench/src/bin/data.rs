@@ -59,7 +59,6 @@ use mesh_proto::{
 };
 use mesh_testkit::{Infra, grpc::metric_value, scrape_metrics};
 use prost::Message as _;
-use prost_types::{ListValue, Struct, Value, value::Kind};
 use serde_json::json;
 use sqlx::{Connection as _, PgConnection};
 use tonic::{
@@ -284,30 +283,6 @@ async fn revoke_sessions(mesh: &Mesh, n: usize) {
     }
 }
 
-/// A protobuf Value from JSON (numbers become doubles, as in protobuf).
-fn value(v: serde_json::Value) -> Value {
-    let kind = match v {
-        serde_json::Value::Null => Kind::NullValue(0),
-        serde_json::Value::Bool(b) => Kind::BoolValue(b),
-        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
-        serde_json::Value::String(s) => Kind::StringValue(s),
-        serde_json::Value::Array(a) => {
-            Kind::ListValue(ListValue { values: a.into_iter().map(value).collect() })
-        }
-        serde_json::Value::Object(o) => {
-            Kind::StructValue(Struct { fields: o.into_iter().map(|(k, v)| (k, value(v))).collect() })
-        }
-    };
-    Value { kind: Some(kind) }
-}
-
-fn to_struct(v: serde_json::Value) -> Struct {
-    match value(v).kind {
-        Some(Kind::StructValue(s)) => s,
-        _ => Struct::default(),
-    }
-}
-
 fn doc_key(i: u64) -> String {
     format!("doc-{i:07}")
 }
@@ -371,7 +346,7 @@ async fn seed(owner: &mut PgConnection, schema: &str, docs: u64) -> anyhow::Resu
     for i in 0..docs {
         let json = seed_json(i);
         let text = copy_text(&json.to_string());
-        let body = to_struct(json).encode_to_vec();
+        let body = mesh_testkit::json::object(json).encode_to_vec();
         writeln!(buf, "{BIG}\t{}\t1\t{text}\t\\\\x{}\t{now}\t{now}", doc_key(i), hex(&body))?;
         if buf.len() > (8 << 20) - 4096 {
             sink.send(buf.as_bytes()).await?;
@@ -474,7 +449,7 @@ async fn put_load(name: &str, load: Load, callers: &Callers) -> Report {
             PutRequest {
                 collection: PUTS.into(),
                 key: format!("put-{n}"),
-                document: Some(to_struct(put_json(n))),
+                document: Some(mesh_testkit::json::object(put_json(n))),
                 expected_version: None,
             },
         );
@@ -500,7 +475,7 @@ async fn query_load(name: &str, load: Load, callers: &Callers, filter: Filter) -
                 w,
                 QueryRequest {
                     collection: BIG.into(),
-                    filter: filter(n).map(to_struct),
+                    filter: filter(n).map(mesh_testkit::json::object),
                     page_size: PAGE,
                     ..Default::default()
                 },
@@ -679,7 +654,7 @@ struct Scripts {
 
 impl Scripts {
     fn write(dir: &Path, data_schema: &str, docs: u64) -> anyhow::Result<Self> {
-        let body = hex(&to_struct(put_json(123_456_789)).encode_to_vec());
+        let body = hex(&mesh_testkit::json::object(put_json(123_456_789)).encode_to_vec());
         let document = "jsonb_build_object('n', cast(:n as float8), 'owner', 'user-' || cast(:u as text), \
              'status', 'active', 'title', 'put ' || cast(:n as text), 'tags', jsonb_build_array('bench', 'put'))";
         let vars = "\\set n random(1, 1000000000)\n\\set u random(0, 999)\n";
@@ -808,7 +783,7 @@ async fn bench(
             PutRequest {
                 collection: PUTS.into(),
                 key: "probe".into(),
-                document: Some(to_struct(put_json(0))),
+                document: Some(mesh_testkit::json::object(put_json(0))),
                 expected_version: None,
             },
         ))
@@ -825,7 +800,7 @@ async fn bench(
         .await
         .context("reading a seeded document")?
         .into_inner();
-    if got.document != Some(to_struct(seed_json(i))) {
+    if got.document != Some(mesh_testkit::json::object(seed_json(i))) {
         bail!("seeded document {i} reads back as {:?}", got.document);
     }
     let page = callers
@@ -834,7 +809,7 @@ async fn bench(
             0,
             QueryRequest {
                 collection: BIG.into(),
-                filter: Some(to_struct(json!({ "group": format!("g{:06}", i / 10) }))),
+                filter: Some(mesh_testkit::json::object(json!({ "group": format!("g{:06}", i / 10) }))),
                 page_size: PAGE,
                 ..Default::default()
             },
@@ -886,7 +861,7 @@ async fn bench(
         PutRequest {
             collection: PUTS.into(),
             key: "put-1234567".into(),
-            document: Some(to_struct(put_json(1_234_567))),
+            document: Some(mesh_testkit::json::object(put_json(1_234_567))),
             expected_version: None,
         }
         .encoded_len()

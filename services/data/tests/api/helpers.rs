@@ -244,28 +244,4 @@ pub(crate) fn served_by<T>(r: &tonic::Response<T>) -> String {
         .to_owned()
 }
 
-/// A Struct from a JSON object (numbers become doubles, as in protobuf).
-pub(crate) fn doc(v: serde_json::Value) -> prost_types::Struct {
-    match value(v).kind {
-        Some(prost_types::value::Kind::StructValue(s)) => s,
-        other => panic!("not an object: {other:?}"),
-    }
-}
-
-/// A protobuf Value from JSON.
-pub(crate) fn value(v: serde_json::Value) -> prost_types::Value {
-    use prost_types::{ListValue, Struct, Value, value::Kind};
-    let kind = match v {
-        serde_json::Value::Null => Kind::NullValue(0),
-        serde_json::Value::Bool(b) => Kind::BoolValue(b),
-        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap()),
-        serde_json::Value::String(s) => Kind::StringValue(s),
-        serde_json::Value::Array(a) => {
-            Kind::ListValue(ListValue { values: a.into_iter().map(value).collect() })
-        }
-        serde_json::Value::Object(o) => {
-            Kind::StructValue(Struct { fields: o.into_iter().map(|(k, v)| (k, value(v))).collect() })
-        }
-    };
-    Value { kind: Some(kind) }
-}
+pub(crate) use mesh_testkit::json::object as doc;
