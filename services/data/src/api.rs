@@ -116,13 +116,7 @@ impl Api {
                 version: version as i64,
                 op_index: i as i32,
                 op_count: n,
-                actor_id: origin.actor_id.clone(),
-                session_id: origin.session_id.clone(),
-                request_id: origin.request_id.clone(),
-                trace_id: origin.trace_id.clone(),
-                traceparent: origin.traceparent.clone(),
-                source_ip: origin.source_ip.clone(),
-                user_agent: origin.user_agent.clone(),
+                origin: origin.clone(),
                 attempts: 0,
             });
         }

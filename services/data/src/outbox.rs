@@ -48,7 +48,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use crate::{
     config::DataConfig,
     metrics::{Metrics, ResultLabels},
-    store::timestamp,
+    store::{Origin, timestamp},
 };
 
 /// The `source.service` of every event (the audit service's idempotency scope).
@@ -72,13 +72,9 @@ pub(crate) struct Event {
     pub(crate) version: i64,
     pub(crate) op_index: i32,
     pub(crate) op_count: i32,
-    pub(crate) actor_id: String,
-    pub(crate) session_id: String,
-    pub(crate) request_id: String,
-    pub(crate) trace_id: String,
-    pub(crate) traceparent: String,
-    pub(crate) source_ip: String,
-    pub(crate) user_agent: String,
+    /// Who wrote it, from which call.
+    #[sqlx(flatten)]
+    pub(crate) origin: Origin,
     /// Failed deliveries so far.
     pub(crate) attempts: i32,
 }
@@ -98,7 +94,7 @@ impl Event {
         metadata.fields.insert("collection".into(), string(&self.collection));
         metadata.fields.insert("key".into(), string(&self.key));
         metadata.fields.insert("version".into(), number(self.version));
-        metadata.fields.insert("session_id".into(), string(&self.session_id));
+        metadata.fields.insert("session_id".into(), string(&self.origin.session_id));
         if self.op_count > 1 {
             metadata.fields.insert("batch_index".into(), number(i64::from(self.op_index)));
             metadata.fields.insert("batch_size".into(), number(i64::from(self.op_count)));
@@ -106,7 +102,7 @@ impl Event {
         AppendRequest {
             event: Some(AuditEvent {
                 occurred_at: Some(timestamp(self.occurred_at)),
-                actor: Some(Actor { r#type: "user".into(), id: self.actor_id.clone() }),
+                actor: Some(Actor { r#type: "user".into(), id: self.origin.actor_id.clone() }),
                 action: self.action.clone(),
                 resource: Some(Resource {
                     r#type: "document".into(),
@@ -114,12 +110,12 @@ impl Event {
                 }),
                 outcome: Outcome::Success as i32,
                 source: Some(Source {
-                    ip: self.source_ip.clone(),
-                    user_agent: self.user_agent.clone(),
+                    ip: self.origin.source_ip.clone(),
+                    user_agent: self.origin.user_agent.clone(),
                     service: SOURCE_SERVICE.into(),
                 }),
-                request_id: self.request_id.clone(),
-                trace_id: self.trace_id.clone(),
+                request_id: self.origin.request_id.clone(),
+                trace_id: self.origin.trace_id.clone(),
                 metadata: Some(metadata),
                 ..Default::default()
             }),
@@ -130,7 +126,7 @@ impl Event {
     /// The trace the event belongs to (the write's), from its `traceparent`.
     fn parent(&self) -> opentelemetry::Context {
         let mut headers = http::HeaderMap::new();
-        if let Ok(v) = http::HeaderValue::from_str(&self.traceparent) {
+        if let Ok(v) = http::HeaderValue::from_str(&self.origin.traceparent) {
             headers.insert("traceparent", v);
         }
         mesh_runtime::trace_context::extract(&headers)
@@ -257,10 +253,10 @@ impl Deliverer {
     async fn deliver(&self, event: Event) -> Done {
         let mut req = tonic::Request::new(event.append_request());
         req.set_timeout(self.timeout);
-        let request_id = if event.request_id.is_empty() {
+        let request_id = if event.origin.request_id.is_empty() {
             uuid::Uuid::new_v4().to_string()
         } else {
-            event.request_id.clone()
+            event.origin.request_id.clone()
         };
         // The write's request id travels with its event; the call's deadline does not.
         match CallContext::new(request_id, None).scope(self.audit.append(req)).await {
@@ -430,13 +426,15 @@ mod tests {
             version: 3,
             op_index: 1,
             op_count: 2,
-            actor_id: "alice".into(),
-            session_id: "ses_1".into(),
-            request_id: "req-1".into(),
-            trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
-            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
-            source_ip: "10.0.0.1".into(),
-            user_agent: "ua/1".into(),
+            origin: Origin {
+                actor_id: "alice".into(),
+                session_id: "ses_1".into(),
+                request_id: "req-1".into(),
+                trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+                traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+                source_ip: "10.0.0.1".into(),
+                user_agent: "ua/1".into(),
+            },
             attempts: 0,
         };
         let req = e.append_request();

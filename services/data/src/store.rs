@@ -47,8 +47,9 @@ pub(crate) const MAX_PAGE_BYTES: i64 = 3 << 20;
 /// Deadlocks between concurrent writes are retried this many times.
 const DEADLOCK_RETRIES: usize = 3;
 
-/// Who wrote, for the audit events written with the change.
-#[derive(Debug, Clone)]
+/// Who wrote, for the audit events written with the change (also read back
+/// from the outbox row, whose columns have these names).
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub(crate) struct Origin {
     pub(crate) actor_id: String,
     pub(crate) session_id: String,

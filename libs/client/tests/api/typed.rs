@@ -30,6 +30,30 @@ async fn ready(app: &Running) {
     mesh_testkit::wait_for_health(&ch, "readiness", serving, Duration::from_secs(20)).await.unwrap();
 }
 
+/// The real session service, alone (no rate-limit or audit service: these
+/// tests are about the clients), once it is ready.
+async fn spawn_session() -> Running {
+    let config = mesh_session::Config {
+        server: ServerConfig::for_tests(),
+        redis: Infra::shared().redis_config(&redis_prefix()),
+        clients: ClientConfig {
+            session: None,
+            ratelimit: None,
+            audit: None,
+            data: None,
+            stack: Default::default(),
+        },
+        session: mesh_session::SessionConfig {
+            audit_hash_key: Some("typed-client-test-audit-hash-key".to_owned().into()),
+            ..Default::default()
+        },
+    };
+    let app = mesh_session::App::build(config).await.unwrap();
+    let app = spawn(app.local_addr(), app.metrics_addr(), |sd| app.serve(sd));
+    ready(&app).await;
+    app
+}
+
 fn config_for(key: &'static str, addr: std::net::SocketAddr) -> ClientConfig {
     let lookup: std::collections::HashMap<&'static str, String> = [(key, format!("http://{addr}"))].into();
     ClientConfig::from_lookup(&lookup).unwrap()
@@ -87,25 +111,7 @@ async fn the_ratelimit_client_checks_limits_on_the_real_service() {
 #[tokio::test]
 async fn the_session_client_runs_a_session_lifecycle_on_the_real_service() {
     let _t = mesh_testkit::init_telemetry();
-    let config = mesh_session::Config {
-        server: ServerConfig::for_tests(),
-        redis: Infra::shared().redis_config(&redis_prefix()),
-        // No rate-limit or audit service: this test is about the client.
-        clients: ClientConfig {
-            session: None,
-            ratelimit: None,
-            audit: None,
-            data: None,
-            stack: Default::default(),
-        },
-        session: mesh_session::SessionConfig {
-            audit_hash_key: Some("typed-client-test-audit-hash-key".to_owned().into()),
-            ..Default::default()
-        },
-    };
-    let app = mesh_session::App::build(config).await.unwrap();
-    let app = spawn(app.local_addr(), app.metrics_addr(), |sd| app.serve(sd));
-    ready(&app).await;
+    let app = spawn_session().await;
 
     let (registry, metrics) = registered_metrics();
     let client = SessionClient::from_config(&config_for(keys::SESSION_ADDR, app.addr), &metrics).unwrap();
@@ -221,25 +227,7 @@ async fn the_audit_client_appends_once_per_key_with_the_callers_request_id_and_t
 #[tokio::test]
 async fn the_data_client_sends_its_token_and_repeats_reads_only_on_the_real_service() {
     let _t = mesh_testkit::init_telemetry();
-    let session = mesh_session::App::build(mesh_session::Config {
-        server: ServerConfig::for_tests(),
-        redis: Infra::shared().redis_config(&redis_prefix()),
-        clients: ClientConfig {
-            session: None,
-            ratelimit: None,
-            audit: None,
-            data: None,
-            stack: Default::default(),
-        },
-        session: mesh_session::SessionConfig {
-            audit_hash_key: Some("typed-client-test-audit-hash-key".to_owned().into()),
-            ..Default::default()
-        },
-    })
-    .await
-    .unwrap();
-    let session = spawn(session.local_addr(), session.metrics_addr(), |sd| session.serve(sd));
-    ready(&session).await;
+    let session = spawn_session().await;
     let db = TestDb::new(Infra::shared()).await.unwrap();
     // No rate-limit or audit service: this test is about the client.
     let data = mesh_data::App::build(mesh_data::Config {
