@@ -5,8 +5,12 @@
 //!
 //! The gRPC status is read from the response headers (trailers-only
 //! responses) or, for streamed bodies, from the trailers when the body ends;
-//! a body dropped before its end counts as CANCELLED (DEADLINE_EXCEEDED when
-//! the caller's deadline had passed: tonic drops the handler then).
+//! a body dropped before its end counts as CANCELLED, or DEADLINE_EXCEEDED
+//! when it ended within [`deadline_slack`] of the caller's deadline: tonic
+//! drops the handler at the deadline, and a tonic caller's own timer (every
+//! tonic client enforces the `grpc-timeout` it sends) resets the stream at
+//! the same instant as seen from the caller, which is up to the request's
+//! transit time *before* the deadline as the server computes it.
 //!
 //! Deadlines and request ids flow downstream: the caller's `grpc-timeout`
 //! becomes an absolute deadline, and together with the request id it forms
@@ -265,7 +269,9 @@ where
             }
         };
         req.extensions_mut().insert(RequestId(rid.clone()));
-        let deadline = caller_timeout(req.headers()).and_then(|t| Instant::now().checked_add(t));
+        let timeout = caller_timeout(req.headers());
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let expiry = timeout.and_then(|t| deadline.map(|d| d.checked_sub(deadline_slack(t)).unwrap_or(d)));
         let context = CallContext { request_id: rid.clone(), deadline };
         req.extensions_mut().insert(context.clone());
 
@@ -294,7 +300,7 @@ where
                 shared: self.shared.clone(),
                 labels,
                 start,
-                deadline,
+                expiry,
                 span,
                 done: false,
             }),
@@ -303,13 +309,25 @@ where
     }
 }
 
+/// How long before the deadline as computed here (arrival + `grpc-timeout`) a
+/// call the caller reset still counts as DEADLINE_EXCEEDED: a tenth of the
+/// caller's timeout, at least 1 ms (tonic's timers fire at millisecond
+/// granularity) and at most 100 ms. The caller's timer started before the
+/// request was sent, so its reset arrives up to the transit and scheduling
+/// delay before this server's deadline; a caller that cancels on purpose in
+/// the last tenth of its budget is counted as out of time.
+fn deadline_slack(timeout: Duration) -> Duration {
+    (timeout / 10).clamp(Duration::from_millis(1), Duration::from_millis(100))
+}
+
 /// Records the outcome of one RPC exactly once.
 #[derive(Debug)]
 struct Recorder {
     shared: Arc<Shared>,
     labels: MethodLabels,
     start: std::time::Instant,
-    deadline: Option<Instant>,
+    /// From when an unfinished call counts as DEADLINE_EXCEEDED.
+    expiry: Option<Instant>,
     span: Span,
     done: bool,
 }
@@ -338,9 +356,9 @@ impl Recorder {
 impl Drop for Recorder {
     fn drop(&mut self) {
         // The response (or its body) was dropped before a status was seen:
-        // the client went away, or tonic cut the handler at the caller's
-        // deadline (its timer fires at millisecond granularity, hence the slack).
-        let expired = self.deadline.is_some_and(|d| Instant::now() + Duration::from_millis(1) >= d);
+        // the client went away, or the caller's deadline ended the call
+        // (tonic's timer here, or the caller's, whose reset arrives early).
+        let expired = self.expiry.is_some_and(|e| Instant::now() >= e);
         self.finish(if expired { tonic::Code::DeadlineExceeded } else { tonic::Code::Cancelled });
     }
 }
