@@ -11,6 +11,11 @@
 //!
 //! Each hop puts a line `<name> budget_ms=<its grpc-timeout> request_id=<id>`
 //! before the payload it returns; `delay_ms` is slept at the first hop only.
+//!
+//! Request metadata makes the first hop refuse instead (for the client's
+//! breaker and retry tests): `x-echo-code: <n>` answers gRPC code `n`,
+//! with `grpc-retry-pushback-ms` set to `x-echo-pushback` when given and a
+//! `google.rpc.RetryInfo` of `x-echo-retry-delay-ms` when given.
 
 use std::{process::ExitCode, time::Duration};
 
@@ -23,7 +28,11 @@ use mesh_runtime::{
     shutdown_signal,
 };
 use mesh_testkit::echo::{EchoRequest, EchoResponse, EchoService, EchoServiceClient, EchoServiceServer};
-use tonic::{Request, Response, Status};
+use tonic::{
+    Code, Request, Response, Status,
+    metadata::{MetadataMap, MetadataValue},
+};
+use tonic_types::{ErrorDetails, StatusExt as _};
 use tracing::Instrument;
 
 const ECHO: &str = "/mesh.testkit.echo.v1.EchoService/Echo";
@@ -43,6 +52,9 @@ impl EchoService for Relay {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout)
             .map_or_else(|| "none".to_owned(), |d| format!("{:.3}", d.as_secs_f64() * 1000.0));
+        if let Some(status) = refusal(req.metadata()) {
+            return Err(status);
+        }
         let rid = request_id_of(&req).unwrap_or_default();
         let line = format!("{} budget_ms={budget} request_id={rid}\n", self.name);
         if let Some((pool, prefix)) = &self.redis {
@@ -69,6 +81,21 @@ impl EchoService for Relay {
         };
         Ok(Response::new(EchoResponse { payload: [line.into_bytes(), rest].concat() }))
     }
+}
+
+/// The refusal the request's metadata asks for (module docs).
+fn refusal(md: &MetadataMap) -> Option<Status> {
+    let get = |k: &str| md.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let code = Code::from_i32(get("x-echo-code")?.parse().ok()?);
+    let details = match get("x-echo-retry-delay-ms").and_then(|v| v.parse::<u64>().ok()) {
+        Some(ms) => ErrorDetails::with_retry_info(Some(Duration::from_millis(ms))),
+        None => ErrorDetails::new(),
+    };
+    let mut status = Status::with_error_details(code, "refused as the request asked", details);
+    if let Some(v) = get("x-echo-pushback").and_then(|v| v.parse::<MetadataValue<_>>().ok()) {
+        status.metadata_mut().insert(mesh_tower::PUSHBACK, v);
+    }
+    Some(status)
 }
 
 async fn build() -> Result<Server, ConfigError> {

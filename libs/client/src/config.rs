@@ -20,11 +20,11 @@
 //! | `MESH_CLIENT_RETRY_BUDGET_PERCENT` | 20 | retries allowed on top of the calls, in percent |
 //! | `MESH_CLIENT_RETRY_BUDGET_MIN_PER_SEC` | 10 | retries per second always allowed |
 //! | `MESH_CLIENT_RETRY_BUFFER_BYTES` | 65536 | largest request body kept for replay |
-//! | `MESH_CLIENT_BREAKER_CONSECUTIVE_FAILURES` | 5 | failures in a row that open an endpoint's breaker |
+//! | `MESH_CLIENT_BREAKER_CONSECUTIVE_FAILURES` | 5 | failures in a row that open an endpoint's breaker (only what says the endpoint is unhealthy: UNAVAILABLE, INTERNAL, UNKNOWN, DATA_LOSS, broken connections, timeouts with a fair budget; never a refusal such as RESOURCE_EXHAUSTED) |
 //! | `MESH_CLIENT_BREAKER_MIN_SUCCESS_PERCENT` | 50 | success rate under which it opens (0: off) |
 //! | `MESH_CLIENT_BREAKER_WINDOW_MS` | 10000 | success-rate window (whole seconds, ≥ 1 s) |
 //! | `MESH_CLIENT_BREAKER_MIN_REQUESTS` | 20 | calls in the window before the rate counts |
-//! | `MESH_CLIENT_BREAKER_OPEN_MS` | 1000 | first open time (doubles per re-opening, ±20 % jitter) |
+//! | `MESH_CLIENT_BREAKER_OPEN_MS` | 1000 | first open time (doubles per re-opening, plus 10–30 % jitter) |
 //! | `MESH_CLIENT_BREAKER_OPEN_MAX_MS` | 30000 | longest open time |
 //! | `MESH_CLIENT_BREAKER_HALF_OPEN_PROBES` | 1 | calls let through at a time while half-open |
 //! | `MESH_CLIENT_BREAKER_MIN_TIMEOUT_BUDGET_MS` | 100 | an attempt that starts with less of its call's deadline left and times out does not count against the endpoint (the caller's budget was too short) |

@@ -14,9 +14,11 @@ use crate::{Channel, ClientConfig, config::keys};
 
 /// Client of the session service.
 ///
-/// `ValidateSession` and `ListUserSessions` are repeated on UNAVAILABLE;
-/// creating, refreshing (it rotates the token) and revoking are repeated
-/// only when they never reached a server.
+/// `ValidateSession`, `ListUserSessions` and the revocations are repeated on
+/// UNAVAILABLE (a revocation done twice is done once: the second finds the
+/// session gone, and the service answers UNAVAILABLE when it cannot confirm
+/// one); creating and refreshing (it rotates the token) are repeated only
+/// when they never reached a server.
 #[derive(Debug, Clone)]
 pub struct SessionClient {
     channel: Channel,
@@ -27,6 +29,8 @@ impl SessionClient {
     pub const IDEMPOTENT: &[&str] = &[
         "/mesh.session.v1.SessionService/ValidateSession",
         "/mesh.session.v1.SessionService/ListUserSessions",
+        "/mesh.session.v1.SessionService/RevokeSession",
+        "/mesh.session.v1.SessionService/RevokeUserSessions",
     ];
 
     /// A client for `MESH_SESSION_ADDR` (required), recording into `metrics`.

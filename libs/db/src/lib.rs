@@ -10,6 +10,10 @@
 //! - A monitor polls the primary and each replica on connections of its own:
 //!   a replica that fails, or lags past `max_replica_lag_bytes` or
 //!   `max_replica_delay`, is left out until it is healthy again.
+//! - A pooled connection that died while idle costs no caller an error: the
+//!   ones older than the server's last outage are dropped, and the ones idle
+//!   past [`PING_IDLE_AFTER`] are pinged before they are handed out. Nothing
+//!   is ever re-sent: a statement that fails on a connection fails.
 //! - Every routing decision is counted in `mesh_db_reads_total{served_by,
 //!   reason}`; every pool exports the OpenTelemetry connection-pool metrics
 //!   (`db_client_connection_*`, see `metrics`).
@@ -27,7 +31,9 @@ mod pools;
 
 pub use config::{DbConfig, keys};
 pub use lsn::Lsn;
-pub use pools::{Conn, Db, DbError, Read, Reader, ServedBy, is_connection_error};
+pub use pools::{
+    Conn, Db, DbError, PING_IDLE_AFTER, Read, Reader, ServedBy, alive_after_idle, is_connection_error,
+};
 pub use sqlx;
 
 /// A client span for one PostgreSQL statement, with the OpenTelemetry

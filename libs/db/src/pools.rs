@@ -84,6 +84,37 @@ pub fn is_connection_error(e: &sqlx::Error) -> bool {
     ) || matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
 }
 
+/// How long a connection may sit idle before it is pinged ahead of its next
+/// use (see [`alive_after_idle`]). Well below any restart of PostgreSQL: a
+/// fast shutdown and start of an idle local server put 0.6 s between the
+/// stop and the new postmaster (`idle::a_primary_restart_costs_the_first_write_no_error`
+/// prints it), so a connection a restart killed has always been idle for
+/// longer than this when next used. A ping is one round trip (median 20 µs
+/// on loopback, measured by `idle::a_connection_terminated_while_idle_costs_no_caller_an_error`),
+/// paid only by a call that finds a connection idle this long: under load
+/// connections are reused sooner and nobody pays it.
+pub const PING_IDLE_AFTER: Duration = Duration::from_millis(100);
+
+/// Whether a connection that has been idle for `idle_for` may be used:
+/// `true` at once if it was idle for at most [`PING_IDLE_AFTER`], else
+/// whether it answers a ping (a server-side close, e.g. 57P01 from a
+/// restart, or a reset surfaces here, before any statement was sent).
+/// Pooled connections get this in [`Db`]'s pools; a connection held outside
+/// a pool (a writer's own) should call it before each use, and reconnect
+/// when it is `false`. Bounded only by the caller's own deadline.
+pub async fn alive_after_idle(conn: &mut PgConnection, idle_for: Duration) -> bool {
+    if idle_for <= PING_IDLE_AFTER {
+        return true;
+    }
+    match sqlx::Connection::ping(conn).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, idle = ?idle_for, "idle connection found dead, opening another");
+            false
+        }
+    }
+}
+
 /// Whether a statement on a replica was cancelled for a conflict with
 /// recovery (SQLSTATE 40001 or 40P01 on a hot standby).
 fn is_recovery_conflict(e: &sqlx::Error) -> bool {
@@ -367,15 +398,18 @@ fn target(
         .max_connections(config.max_connections)
         .min_connections(config.min_connections)
         .acquire_timeout(config.acquire_timeout)
-        // A dead connection fails its statement and is dropped; pinging before
-        // every acquire would add a round trip to every call. What is known
-        // dead is dropped here for free: a connection older than the last
-        // time the server was found unreachable.
+        // Pinging before every acquire would add a round trip to every call.
+        // What is known dead is dropped for free: a connection older than the
+        // last time the server was found unreachable. What may have died
+        // unseen while idle (a restart between two monitor polls, a
+        // terminated backend, a proxy's idle cut) is pinged first if it sat
+        // idle past PING_IDLE_AFTER, so it costs no caller an error: a failed
+        // ping drops it and the pool hands out another (or opens one).
         .test_before_acquire(false)
-        .before_acquire(move |_conn, meta| {
+        .before_acquire(move |conn, meta| {
             let made_at = since_epoch().saturating_sub(meta.age.as_millis() as u64);
             let fresh = made_at > seen_down.load(Ordering::Acquire);
-            Box::pin(async move { Ok(fresh) })
+            Box::pin(async move { Ok(fresh && alive_after_idle(conn, meta.idle_for).await) })
         })
         .idle_timeout(Some(config.idle_timeout))
         .max_lifetime(Some(config.max_lifetime))
@@ -683,6 +717,27 @@ impl Db {
                 }
             }
         })
+    }
+
+    /// Check of the replicas, named `postgres-replica`: passes while at least
+    /// one replica serves reads (it answers and is within the lag bounds, as
+    /// the monitor last found it; per replica: `mesh_db_replica_up`). `None`
+    /// when no replica is configured.
+    pub fn replica_check(&self) -> Option<Check> {
+        if self.inner.replicas.is_empty() {
+            return None;
+        }
+        let db = self.clone();
+        Some(Check::new("postgres-replica", move || {
+            let healthy = db.any_replica_healthy();
+            async move {
+                if healthy {
+                    Ok(())
+                } else {
+                    Err("no replica serves reads (down, or lagging past the bound)".to_owned())
+                }
+            }
+        }))
     }
 
     /// Whether any replica is currently serving reads.

@@ -3,9 +3,12 @@
 //! protox, so no system `protoc` is needed.
 //!
 //! [`FILE_DESCRIPTOR_SET`] holds every compiled file (and the well-known types
-//! they import) for gRPC server reflection.
+//! they import) for gRPC server reflection. [`json`] converts
+//! `google.protobuf.Struct` to and from JSON without losing a bit.
 
 #![allow(unreachable_pub, missing_debug_implementations, clippy::all)]
+
+pub mod json;
 
 /// Encoded `google.protobuf.FileDescriptorSet` of everything under `proto/`.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mesh_descriptor.bin"));

@@ -8,7 +8,7 @@
 //! - [`telemetry`]: tracing subscriber + OpenTelemetry OTLP exporter.
 //! - [`trace_context`]: W3C `traceparent` in gRPC metadata.
 //! - [`grpc`]: the server layer (span, request id, metrics) on every RPC.
-//! - [`health`]: liveness/readiness semantics and dependency checks.
+//! - [`health`]: liveness/readiness semantics, dependency checks and their health names.
 //! - [`server`]: listeners, health + reflection, serve and drain.
 //! - [`redis`]: the Redis Cluster pool and its readiness check.
 //! - [`main_loop`]: the body of every service's `main` (exit codes included).
@@ -28,7 +28,9 @@ pub mod throttle;
 pub mod trace_context;
 
 pub use config::{ConfigError, Env, Lookup, LookupExt, ServerConfig};
-pub use health::{Check, Health, LIVENESS, READINESS};
+pub use health::{
+    Check, DEPENDENCY_PREFIX, Health, LIVENESS, Need, READINESS, dependency_name, remote_check,
+};
 pub use main_loop::{StartFailure, run_service};
 pub use metrics::{latency_buckets, latency_histogram};
 pub use prometheus_client;

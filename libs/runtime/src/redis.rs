@@ -108,6 +108,74 @@ impl RedisConfig {
     }
 }
 
+/// Redirections (`MOVED`, `ASK`) fred follows for a command: none.
+///
+/// fred 10.1 follows an `ASK` by writing `ASKING` to the target node's
+/// connection and reading the *next frame* on it, while that connection
+/// may have other commands' replies in flight: it takes one of them for
+/// the `OK`, and from then on every reply on the connection belongs to the
+/// command before it. Commands get other commands' answers or time out,
+/// until the connection is dropped (readiness answered `cluster info
+/// failed: Request timed out` for minutes after a slot migration, while the
+/// cluster was ok). It also stalls the client's router while it reads,
+/// behind whatever (a `WAIT`) is ahead on that connection.
+///
+/// With none followed, a command on a key of a slot in motion fails at
+/// once with [`is_redirection`] (after a `MOVED` fred has already refreshed
+/// its routing, so sending it again goes to the new owner; after an `ASK`
+/// the slot is half-moved and the command can be sent again later).
+/// Callers retry with [`retry_redirected`] or answer UNAVAILABLE.
+pub const REDIRECTIONS: u32 = 0;
+
+/// Whether `e` is a redirection fred did not follow ([`REDIRECTIONS`]) or a
+/// `TRYAGAIN` (a multi-key command during a slot migration): the command
+/// did not run and may be sent again.
+pub fn is_redirection(e: &fred::error::Error) -> bool {
+    let d = e.details();
+    (*e.kind() == fred::error::ErrorKind::Routing && d.contains("redirections"))
+        || d.starts_with("TRYAGAIN")
+        || d.starts_with("MOVED")
+        || d.starts_with("ASK")
+}
+
+/// Runs `op` until it succeeds, fails with something other than a
+/// redirection ([`is_redirection`]), or `within` has
+/// passed since the first attempt (then the last such error). Waits 1 ms,
+/// doubling up to 50 ms, between attempts: a slot moves in milliseconds.
+/// Only for commands that did nothing when they failed so (a redirection
+/// always means the command did not run).
+pub async fn retry_redirected<T, F, Fut>(within: Duration, op: F) -> Result<T, fred::error::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, fred::error::Error>>,
+{
+    retry_redirected_or(within, |_| false, op).await
+}
+
+/// [`retry_redirected`], also sending `op` again after an error `also`
+/// accepts (one that, for this caller's commands, means nothing was done).
+pub async fn retry_redirected_or<T, F, Fut>(
+    within: Duration,
+    also: impl Fn(&fred::error::Error) -> bool,
+    mut op: F,
+) -> Result<T, fred::error::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, fred::error::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match op().await {
+            Err(e) if (is_redirection(&e) || also(&e)) && tokio::time::Instant::now() + pause < deadline => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Builds and starts the pool. Returns at once: connections are made in the
 /// background and re-made forever, so a service can start (not ready) while
 /// Redis is down.
@@ -121,6 +189,8 @@ pub fn connect(config: &RedisConfig) -> Result<Pool, ConfigError> {
         // Retrying on another node after a MOVED/failover is fine; retrying
         // the same dead node until the deadline is not.
         max_command_attempts: 2,
+        // Never follow a redirection (see `REDIRECTIONS`).
+        max_redirections: REDIRECTIONS,
         tcp: TcpConfig { nodelay: Some(true), ..TcpConfig::default() },
         ..ConnectionConfig::default()
     };
@@ -176,4 +246,48 @@ pub fn span(operation: &'static str, script: Option<&'static str>) -> tracing::S
         db.operation.name = operation,
         db.redis.script = script.unwrap_or(""),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use fred::error::{Error, ErrorKind};
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn redirections_are_sent_again_until_they_stop_or_time_runs_out() {
+        assert!(is_redirection(&Error::new(ErrorKind::Routing, "Too many redirections.")));
+        assert!(is_redirection(&Error::new(
+            ErrorKind::Unknown,
+            "TRYAGAIN Multiple keys request during rehashing"
+        )));
+        assert!(!is_redirection(&Error::new(ErrorKind::Timeout, "Request timed out.")));
+
+        let mut attempts = 0;
+        let r = retry_redirected(Duration::from_secs(1), || {
+            attempts += 1;
+            let n = attempts;
+            async move {
+                if n < 3 { Err(Error::new(ErrorKind::Routing, "Too many redirections.")) } else { Ok(n) }
+            }
+        })
+        .await;
+        assert_eq!(r.unwrap(), 3);
+
+        let mut attempts = 0;
+        let r: Result<(), _> = retry_redirected(Duration::from_millis(100), || {
+            attempts += 1;
+            async { Err(Error::new(ErrorKind::Routing, "Too many redirections.")) }
+        })
+        .await;
+        assert!(r.is_err() && (3..20).contains(&attempts), "{attempts} attempts");
+
+        let mut attempts = 0;
+        let r: Result<(), _> = retry_redirected(Duration::from_secs(1), || {
+            attempts += 1;
+            async { Err(Error::new(ErrorKind::Timeout, "Request timed out.")) }
+        })
+        .await;
+        assert!(r.is_err() && attempts == 1, "other errors are not sent again");
+    }
 }

@@ -1,5 +1,6 @@
 //! Serving: binds the gRPC and metrics listeners, adds health and reflection
-//! (v1 and v1alpha) for every served service, runs readiness checks, and on
+//! (v1 and v1alpha) for every served service, runs dependency checks (each
+//! with its [`Need`] for readiness), and on
 //! shutdown drains: readiness NOT_SERVING at once, then in-flight calls get
 //! the grace period to finish.
 
@@ -19,7 +20,7 @@ use tonic::{
 use crate::{
     config::ServerConfig,
     grpc::GrpcServerLayer,
-    health::{Check, Health},
+    health::{Check, Dependency, Health, Need},
     killable::KillableIo,
     metrics::{self, HealthMetrics, ServerMetrics},
 };
@@ -54,7 +55,7 @@ pub struct Server {
     routes: RoutesBuilder,
     service_names: Vec<String>,
     descriptor_sets: Vec<&'static [u8]>,
-    checks: Vec<Check>,
+    checks: Vec<Dependency>,
     draining: CancellationToken,
 }
 
@@ -125,10 +126,18 @@ impl Server {
         self.draining.child_token()
     }
 
-    /// Adds a dependency that readiness waits for.
-    pub fn add_check(&mut self, check: Check) -> &mut Self {
-        self.checks.push(check);
+    /// Adds a dependency, checked every health interval: its state is the
+    /// health name `dependency:<name>` and the gauge
+    /// `mesh_dependency_up{dependency="<name>"}`; `need` says how readiness
+    /// follows it (see [`Need`]).
+    pub fn add_dependency(&mut self, check: Check, need: Need) -> &mut Self {
+        self.checks.push(Dependency { check, need });
         self
+    }
+
+    /// Adds a dependency readiness follows ([`Need::Required`]).
+    pub fn add_check(&mut self, check: Check) -> &mut Self {
+        self.add_dependency(check, Need::Required)
     }
 
     /// Serves until `shutdown` resolves, then drains (see the module docs).

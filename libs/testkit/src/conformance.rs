@@ -125,12 +125,27 @@ pub async fn assert_bad_configuration_exits_64(binary: &str) -> anyhow::Result<(
     Ok(())
 }
 
-/// Readiness follows a dependency: SERVING, then `stop` → `readiness`, `""`
-/// and the full names NOT_SERVING within `within` while `liveness` stays
-/// SERVING, then `start` → SERVING again. Returns how long the drop took.
-pub async fn assert_readiness_follows<Stop, Start>(
-    addr: SocketAddr,
+/// What readiness must do while a dependency is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhileDown {
+    /// The pod cannot answer without it: `readiness`, `""` and the full
+    /// names go NOT_SERVING.
+    NotReady,
+    /// The pod degrades around it: readiness stays SERVING throughout.
+    StaysReady,
+}
+
+/// A dependency's loss is reported under its own name: with everything up
+/// (readiness SERVING), `stop` → `dependency:<dependency>` NOT_SERVING within
+/// `within` and `mesh_dependency_up{dependency}` 0 on `/metrics`, readiness as
+/// `readiness` says, `liveness` SERVING; then `start` → the dependency and
+/// readiness SERVING again and the gauge 1. Returns how long the dependency
+/// took to be reported down.
+pub async fn assert_dependency_loss<Stop, Start>(
+    app: &crate::Running,
     full_names: &[&str],
+    dependency: &str,
+    readiness: WhileDown,
     within: Duration,
     stop: Stop,
     start: Start,
@@ -139,23 +154,63 @@ where
     Stop: Future<Output = anyhow::Result<()>>,
     Start: Future<Output = anyhow::Result<()>>,
 {
+    let (addr, metrics) = (app.addr, app.metrics_addr);
     let ch = channel(addr).await;
+    let name = format!("dependency:{dependency}");
+    let gauge = format!("dependency=\"{dependency}\"");
+    let up = || async {
+        let text = crate::scrape_metrics(metrics).await?;
+        anyhow::Ok(crate::grpc::metric_value(&text, "mesh_dependency_up", &[&gauge]))
+    };
     wait_for_health(&ch, "readiness", ServingStatus::Serving, Duration::from_secs(15)).await?;
+    wait_for_health(&ch, &name, ServingStatus::Serving, Duration::from_secs(15)).await?;
+    ensure!(up().await? == Some(1.0), "mesh_dependency_up{{{gauge}}} is not 1 while it is up");
+    // Every readiness transition during the outage, in order.
+    let mut watch = tonic_health::pb::health_client::HealthClient::new(ch.clone())
+        .watch(tonic_health::pb::HealthCheckRequest { service: "readiness".into() })
+        .await?
+        .into_inner();
+
     stop.await.context("stopping the dependency")?;
-    let took = wait_for_health(&ch, "readiness", ServingStatus::NotServing, within).await?;
+    let took = wait_for_health(&ch, &name, ServingStatus::NotServing, within).await?;
+    ensure!(up().await? == Some(0.0), "mesh_dependency_up{{{gauge}}} is not 0 while it is down");
     ensure!(
         health_status(&ch, "liveness").await? == ServingStatus::Serving,
         "liveness must stay SERVING while a dependency is down"
     );
-    for name in [""].iter().chain(full_names) {
-        let s = health_status(&ch, name).await?;
-        ensure!(s == ServingStatus::NotServing, "{name:?} is {s:?} while a dependency is down");
+    match readiness {
+        WhileDown::NotReady => {
+            wait_for_health(&ch, "readiness", ServingStatus::NotServing, within).await?;
+            for name in [""].iter().chain(full_names) {
+                let s = health_status(&ch, name).await?;
+                ensure!(s == ServingStatus::NotServing, "{name:?} is {s:?} while {dependency} is down");
+            }
+        }
+        WhileDown::StaysReady => {
+            // The rounds that found the dependency down have published readiness.
+            let rounds = tokio::time::Instant::now() + Duration::from_millis(500);
+            while let Ok(Ok(Some(msg))) = tokio::time::timeout_at(rounds, watch.message()).await {
+                ensure!(
+                    msg.status() == ServingStatus::Serving,
+                    "readiness went {:?} while {dependency} was down",
+                    msg.status()
+                );
+            }
+            for name in ["readiness", ""].iter().chain(full_names) {
+                let s = health_status(&ch, name).await?;
+                ensure!(s == ServingStatus::Serving, "{name:?} is {s:?} while {dependency} is down");
+            }
+        }
     }
+    drop(watch);
+
     start.await.context("restarting the dependency")?;
+    wait_for_health(&ch, &name, ServingStatus::Serving, Duration::from_secs(20)).await?;
     wait_for_health(&ch, "readiness", ServingStatus::Serving, Duration::from_secs(20)).await?;
     for name in full_names {
         let s = health_status(&ch, name).await?;
-        ensure!(s == ServingStatus::Serving, "{name:?} is {s:?} after the dependency returned");
+        ensure!(s == ServingStatus::Serving, "{name:?} is {s:?} after {dependency} returned");
     }
+    ensure!(up().await? == Some(1.0), "mesh_dependency_up{{{gauge}}} is not 1 after it returned");
     Ok(took)
 }

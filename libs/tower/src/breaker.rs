@@ -3,22 +3,35 @@
 //!
 //! - **Failure accrual**: failsafe's consecutive-failures policy *or* its
 //!   success-rate-over-a-window policy trips the breaker, whichever first.
-//!   Failures are the gRPC codes of [`BreakerConfig::failure_codes`]
-//!   (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL by
-//!   default), broken connections and attempt timeouts (the timeout sits
-//!   inside the breaker, so a slow call counts). Other codes
-//!   (INVALID_ARGUMENT, NOT_FOUND, ABORTED, ...) are the caller's business and
-//!   prove the endpoint works. The status is read from the response headers
-//!   or, for a streamed body, from its trailers.
+//!   Only what says the *endpoint* is unhealthy counts: the gRPC codes of
+//!   [`BreakerConfig::failure_codes`] — by default UNAVAILABLE (down,
+//!   draining, overloaded proxy), DEADLINE_EXCEEDED, and the server-fault
+//!   codes INTERNAL, UNKNOWN (also a response that ended without a status)
+//!   and DATA_LOSS — broken connections, and attempt timeouts (the timeout
+//!   sits inside the breaker, so a slow call counts). A timeout counts only
+//!   when the attempt started with at least
+//!   [`BreakerConfig::min_timeout_budget`] of its deadline left: a caller's
+//!   own short deadline says nothing about the endpoint. Answers that refuse
+//!   *this caller* prove the endpoint works and count as successes:
+//!   RESOURCE_EXHAUSTED (a rate-limited user, a shed call), INVALID_ARGUMENT,
+//!   NOT_FOUND, ALREADY_EXISTS, UNAUTHENTICATED, PERMISSION_DENIED, ABORTED,
+//!   FAILED_PRECONDITION, OUT_OF_RANGE, UNIMPLEMENTED, CANCELLED. A call
+//!   the caller gave up on (dropped) counts as nothing. Otherwise a few
+//!   throttled users would open the breaker of a healthy instance for every
+//!   user. The status is read from the response headers or, for a streamed
+//!   body, from its trailers.
 //! - **Open**: calls fail at once with UNAVAILABLE, nothing is sent. The open
-//!   time grows exponentially with every re-opening and is jittered so that
-//!   clients do not probe in lockstep.
+//!   time grows with every re-opening by the crate's one [`Backoff`] (doubling,
+//!   10–30 % jitter so that clients do not probe in lockstep, capped).
 //! - **Half-open**: after the open time, at most
 //!   [`BreakerConfig::half_open_probes`] calls go through at a time; the first
 //!   success closes the breaker, a failure opens it again for longer.
 //!
 //! State changes are logged (inside the span of the call that caused them, so
-//! they are span events too) and counted in `mesh_client_circuit_*`.
+//! they are span events too), counted in `mesh_client_circuit_*`, and handed
+//! to an optional observer ([`Breaker::observe`]). The breaker is not tied to
+//! gRPC: a [`Permit`] records any [`Outcome`], so services use the same
+//! breaker around their own dependencies (the rate-limit service around Redis).
 //!
 //! failsafe measures time with `std::time::Instant` (its `clock` module can
 //! freeze it in tests), not with Tokio's clock.
@@ -26,7 +39,7 @@
 use std::{
     fmt,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering},
     },
     task::{Context, Poll},
@@ -42,12 +55,12 @@ use failsafe::{
 };
 use futures::future::BoxFuture;
 use http::{Request, Response};
-use rand::Rng;
 use tokio::time::Instant;
 use tonic::Code;
 use tower::{Layer, Service};
 
 use crate::{
+    backoff::{Backoff, BackoffIter},
     deadline::Deadline,
     error::{BoxError, Error, Failure, failure_of},
     metrics::{ClientMetrics, EndpointLabels, TransitionLabels},
@@ -57,7 +70,7 @@ use crate::{
 /// How a breaker trips and recovers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BreakerConfig {
-    /// Consecutive failures that open the breaker.
+    /// Consecutive failures that open the breaker (0: this policy is off).
     pub consecutive_failures: u32,
     /// Success rate (0–1) under which, over [`Self::success_rate_window`], the
     /// breaker opens; 0 turns this policy off.
@@ -66,9 +79,10 @@ pub struct BreakerConfig {
     pub success_rate_window: Duration,
     /// Calls needed in the window before the success rate counts.
     pub success_rate_min_requests: u32,
-    /// Open time after the first trip; it doubles with every re-opening.
+    /// Open time after the first trip (before 10–30 % jitter); it doubles
+    /// with every re-opening.
     pub open_base: Duration,
-    /// Longest open time (before jitter).
+    /// Longest open time, jitter included.
     pub open_max: Duration,
     /// Calls let through at a time while half-open.
     pub half_open_probes: u32,
@@ -95,8 +109,9 @@ impl Default for BreakerConfig {
             failure_codes: vec![
                 Code::Unavailable,
                 Code::DeadlineExceeded,
-                Code::ResourceExhausted,
                 Code::Internal,
+                Code::Unknown,
+                Code::DataLoss,
             ],
             min_timeout_budget: Duration::from_millis(100),
         }
@@ -137,32 +152,7 @@ impl BreakerState {
     }
 }
 
-/// Open times: `base × 2^n` capped at `max`, each jittered by ±20 %.
-#[derive(Debug, Clone)]
-pub struct OpenBackoff {
-    base: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl OpenBackoff {
-    /// Starts at `base`.
-    pub fn new(base: Duration, max: Duration) -> Self {
-        Self { base, max: max.max(base), attempt: 0 }
-    }
-}
-
-impl Iterator for OpenBackoff {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
-        let exp = self.base.saturating_mul(1 << self.attempt.min(20)).min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
-        Some(exp.mul_f64(rand::rng().random_range(0.8..=1.2)))
-    }
-}
-
-type Policies = OrElse<ConsecutiveFailures<OpenBackoff>, SuccessRateOverTimeWindow<OpenBackoff>>;
+type Policies = OrElse<ConsecutiveFailures<BackoffIter>, SuccessRateOverTimeWindow<BackoffIter>>;
 
 /// failsafe's two policies, remembering the open time they chose (for logs).
 #[derive(Debug)]
@@ -189,14 +179,27 @@ impl FailurePolicy for Accrual {
     }
 }
 
+/// Called with the new state on every transition.
+type Observer = Box<dyn Fn(BreakerState) + Send + Sync>;
+
 /// Who a breaker belongs to, its mirrored state, and where it reports.
-#[derive(Debug)]
 struct Meta {
     upstream: Arc<str>,
     endpoint: Arc<str>,
     state: AtomicU8,
     open_for: Arc<AtomicU64>,
     metrics: ClientMetrics,
+    observer: OnceLock<Observer>,
+}
+
+impl fmt::Debug for Meta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Meta")
+            .field("upstream", &self.upstream)
+            .field("endpoint", &self.endpoint)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
 }
 
 /// failsafe reports transitions here; the state is mirrored because failsafe
@@ -224,6 +227,9 @@ impl Events {
                 state: state.as_str(),
             })
             .inc();
+        if let Some(observe) = m.observer.get() {
+            observe(state);
+        }
         match state {
             BreakerState::Open => tracing::warn!(
                 upstream = %m.upstream,
@@ -291,16 +297,19 @@ impl Breaker {
         endpoint: Arc<str>,
         metrics: ClientMetrics,
     ) -> Self {
-        let backoff = OpenBackoff::new(config.open_base, config.open_max);
+        let backoff = Backoff::new(config.open_base, config.open_max).iter();
         let open_for = Arc::new(AtomicU64::new(0));
-        let policies = consecutive_failures(config.consecutive_failures.max(1), backoff.clone()).or_else(
-            success_rate_over_time_window(
+        let consecutive = match config.consecutive_failures {
+            0 => u32::MAX,
+            n => n,
+        };
+        let policies =
+            consecutive_failures(consecutive, backoff.clone()).or_else(success_rate_over_time_window(
                 config.success_rate.clamp(0.0, 1.0),
                 config.success_rate_min_requests,
                 config.success_rate_window.max(Duration::from_secs(1)),
                 backoff,
-            ),
-        );
+            ));
         metrics
             .circuit_state
             .get_or_create(&EndpointLabels { upstream: upstream.clone(), endpoint: endpoint.clone() })
@@ -311,6 +320,7 @@ impl Breaker {
             state: AtomicU8::new(CLOSED),
             open_for: open_for.clone(),
             metrics,
+            observer: OnceLock::new(),
         });
         let machine = StateMachine::new(Accrual { policies, open_for }, Events(meta.clone()));
         let failure_codes = config.failure_codes.iter().fold(0u32, |bits, c| bits | 1 << (*c as i32));
@@ -330,6 +340,12 @@ impl Breaker {
     /// until the next call asks).
     pub fn state(&self) -> BreakerState {
         BreakerState::from_u8(self.inner.meta.state.load(Ordering::Acquire))
+    }
+
+    /// Calls `observe` with the new state on every later transition (once
+    /// per breaker: a second observer is ignored and `false` returned).
+    pub fn observe(&self, observe: impl Fn(BreakerState) + Send + Sync + 'static) -> bool {
+        self.inner.meta.observer.set(Box::new(observe)).is_ok()
     }
 
     /// The endpoint this breaker guards.
@@ -590,7 +606,7 @@ mod tests {
             let b = breaker(&config(), &m);
             assert!(call(&b, Code::Unavailable) && call(&b, Code::DeadlineExceeded));
             assert!(call(&b, Code::Ok));
-            assert!(call(&b, Code::ResourceExhausted) && call(&b, Code::Internal));
+            assert!(call(&b, Code::Unknown) && call(&b, Code::Internal));
             assert_eq!(b.state(), BreakerState::Closed);
             assert!(call(&b, Code::Unavailable));
             assert_eq!(b.state(), BreakerState::Open);
@@ -617,6 +633,8 @@ mod tests {
                 Code::Unauthenticated,
                 Code::Unimplemented,
                 Code::Cancelled,
+                Code::ResourceExhausted,
+                Code::OutOfRange,
             ] {
                 for _ in 0..5 {
                     assert!(call(&b, code));
@@ -673,10 +691,10 @@ mod tests {
             for _ in 0..3 {
                 call(&b, Code::Unavailable);
             }
-            // First open time: 10 s ± 20 %.
-            time.advance(Duration::from_secs(7));
+            // First open time: 10 s + 10–30 %.
+            time.advance(Duration::from_secs(10));
             assert!(b.try_acquire().is_none());
-            time.advance(Duration::from_secs(6));
+            time.advance(Duration::from_secs(4));
             let p1 = b.try_acquire().expect("half-open: a probe");
             assert_eq!(b.state(), BreakerState::HalfOpen);
             let p2 = b.try_acquire().expect("a second probe");
@@ -686,10 +704,10 @@ mod tests {
             p1.record(Outcome::Status(Code::Unavailable));
             drop(p3);
             assert_eq!(b.state(), BreakerState::Open);
-            // Second open time: 20 s ± 20 %, so still open after the first one's maximum.
-            time.advance(Duration::from_secs(15));
+            // Second open time: 20 s + 10–30 %, so still open after the first one's maximum.
+            time.advance(Duration::from_secs(21));
             assert!(b.try_acquire().is_none());
-            time.advance(Duration::from_secs(10));
+            time.advance(Duration::from_secs(6));
             assert!(call(&b, Code::NotFound), "a probe answered by the server closes it");
             assert_eq!(b.state(), BreakerState::Closed);
             assert_eq!(
@@ -701,7 +719,7 @@ mod tests {
             call(&b, Code::Unavailable);
             assert_eq!(b.state(), BreakerState::Closed);
             call(&b, Code::Unavailable);
-            time.advance(Duration::from_secs(13));
+            time.advance(Duration::from_secs(14));
             assert!(b.try_acquire().is_some(), "back to the 10 s base");
         });
     }
@@ -728,16 +746,6 @@ mod tests {
             }
             panic!("a 50 % success rate must open the breaker");
         });
-    }
-
-    #[test]
-    fn open_times_grow_with_jitter_up_to_the_cap() {
-        let mut b = OpenBackoff::new(Duration::from_millis(100), Duration::from_millis(1000));
-        let got: Vec<Duration> = (&mut b).take(6).collect();
-        for (d, exp) in got.iter().zip([100u64, 200, 400, 800, 1000, 1000]) {
-            let exp = Duration::from_millis(exp);
-            assert!(*d >= exp.mul_f64(0.8) && *d <= exp.mul_f64(1.2), "{d:?} vs {exp:?}");
-        }
     }
 
     /// Answers with a status in the trailers, counting calls.

@@ -22,10 +22,13 @@
 //! # Layout
 //! - `trace`, `deadline`, `retry`, `breaker`, `timeout`, `balance`, `discover`:
 //!   one layer (or helper) each.
+//! - `backoff`: the one exponential backoff (retries, breaker open times,
+//!   services' own redelivery loops).
 //! - `status`: where a gRPC status comes from (headers, trailers, errors).
 //! - `error`: the stack's own errors and their mapping to `tonic::Status`.
 //! - `metrics`: the Prometheus families, registered once per registry.
 
+mod backoff;
 mod balance;
 mod breaker;
 mod deadline;
@@ -37,9 +40,10 @@ mod status;
 mod timeout;
 mod trace;
 
+pub use backoff::{Backoff, BackoffIter};
 pub use balance::{Balance, BalanceConfig, EndpointAddr, EndpointStatus};
 pub use breaker::{
-    Breaker, BreakerConfig, BreakerState, CircuitBreaker, CircuitBreakerLayer, OpenBackoff, Permit, Verdict,
+    Breaker, BreakerConfig, BreakerState, CircuitBreaker, CircuitBreakerLayer, Permit, Verdict,
 };
 pub use deadline::{
     Deadline, DeadlineConfig, DeadlineLayer, EnforceDeadline, NoDefaultTimeout, effective_deadline,
@@ -47,7 +51,7 @@ pub use deadline::{
 pub use discover::{Authority, Resolve, SystemResolver, Target, discover};
 pub use error::{BoxError, Error, into_status};
 pub use metrics::ClientMetrics;
-pub use retry::{Attempts, Backoff, Idempotency, Retry, RetryConfig, RetryLayer, RetryPolicy, RetryReason};
+pub use retry::{Attempts, Idempotency, PUSHBACK, Retry, RetryConfig, RetryLayer, RetryPolicy, RetryReason};
 pub use status::{Outcome, StatusBody, Watch};
 pub use timeout::{AttemptTimeout, AttemptTimeoutLayer};
 pub use trace::{Record, Trace, TraceFuture, TraceLayer};

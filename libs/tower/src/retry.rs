@@ -13,8 +13,16 @@
 //!   after the body was handed to the caller. Calls that fail fast because
 //!   every breaker is open are not repeated either.
 //! - **Backoff**: retry `n` (from 0) waits `base × 2^n`, capped so that with
-//!   10–30 % jitter added it never exceeds `max`; a wait that would outlast
-//!   the deadline is not started.
+//!   10–30 % jitter added it never exceeds `max` ([`Backoff`]); a wait that
+//!   would outlast the deadline is not started.
+//! - **Server pushback** (in a trailers-only answer that is otherwise
+//!   retryable): `grpc-retry-pushback-ms` as gRPC proposal A6 says — a
+//!   negative or malformed value means do not retry, otherwise the next
+//!   attempt waits exactly that long and the backoff starts over; without it,
+//!   a `google.rpc.RetryInfo` in `grpc-status-details-bin` makes the wait at
+//!   least its `retry_delay`. A server wait longer than `backoff_max` (or the
+//!   deadline) is not waited here: the answer goes back to the caller, whose
+//!   business it is to come back later.
 //! - **Budget**: tower's [`TpsBudget`]: every call deposits, every retry
 //!   withdraws; by default retries may add 20 % to the load, plus 10 per
 //!   second so that quiet clients can retry too.
@@ -36,15 +44,16 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use http::{Request, Response};
 use http_body::{Body as _, Frame};
-use rand::Rng;
 use tokio::time::Instant;
 use tonic::{Code, body::Body};
+use tonic_types::StatusExt as _;
 use tower::{
     Layer, Service, ServiceExt,
     retry::budget::{Budget, TpsBudget},
 };
 
 use crate::{
+    backoff::Backoff,
     deadline::Deadline,
     error::{BoxError, Failure, failure_of},
     metrics::{ClientMetrics, MethodLabels, RetryLabels},
@@ -122,31 +131,6 @@ impl RetryPolicy {
     }
 }
 
-/// Backoff between attempts (see the module docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    base: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    /// Waits from `base`, never longer than `max`.
-    pub fn new(base: Duration, max: Duration) -> Self {
-        Self { base, max }
-    }
-
-    /// The wait before retry `n` (0 for the first), with `jitter` in 0.1..=0.3.
-    pub fn delay_with(&self, n: u32, jitter: f64) -> Duration {
-        let exp = self.base.saturating_mul(1 << n.min(20)).min(self.max.div_f64(1.3));
-        exp.mul_f64(1.0 + jitter.clamp(0.1, 0.3))
-    }
-
-    /// The wait before retry `n`, randomly jittered by 10–30 %.
-    pub fn delay(&self, n: u32) -> Duration {
-        self.delay_with(n, rand::rng().random_range(0.1..=0.3))
-    }
-}
-
 /// Why an attempt is repeated (the `reason` label of `mesh_client_retries_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetryReason {
@@ -190,6 +174,41 @@ fn retry_reason<B>(
         },
     }
 }
+
+/// What the server said about retrying, in a trailers-only answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pushback {
+    /// Nothing: the client's own backoff decides.
+    None,
+    /// `grpc-retry-pushback-ms` negative or malformed: do not retry (gRPC A6).
+    Refuse,
+    /// `grpc-retry-pushback-ms`: retry after exactly this long.
+    Exactly(Duration),
+    /// `google.rpc.RetryInfo`: wait at least this long.
+    AtLeast(Duration),
+}
+
+/// The server's pushback in an attempt's trailers-only answer (see the module docs).
+fn pushback<B>(result: &Result<Response<B>, BoxError>) -> Pushback {
+    let Ok(resp) = result else { return Pushback::None };
+    let headers = resp.headers();
+    if let Some(v) = headers.get(PUSHBACK) {
+        return match v.to_str().ok().and_then(|v| v.trim().parse::<i64>().ok()) {
+            Some(ms) if ms >= 0 => Pushback::Exactly(Duration::from_millis(ms.unsigned_abs())),
+            _ => Pushback::Refuse,
+        };
+    }
+    if headers.contains_key("grpc-status-details-bin")
+        && let Some(status) = tonic::Status::from_header_map(headers)
+        && let Some(delay) = status.get_details_retry_info().and_then(|i| i.retry_delay)
+    {
+        return Pushback::AtLeast(delay);
+    }
+    Pushback::None
+}
+
+/// The gRPC retry pushback header (gRPC proposal A6), milliseconds.
+pub const PUSHBACK: &str = "grpc-retry-pushback-ms";
 
 /// Request extension shared by the attempts of one call: the endpoints that
 /// already had a go, so that the balancer can pick another.
@@ -414,6 +433,8 @@ where
     shared.budget.deposit();
 
     let mut sent = 0u32;
+    // Retries since the last server pushback (A6: a pushback restarts the backoff).
+    let mut backoff_n = 0u32;
     loop {
         let body = replay.body().expect("a body for every attempt made");
         let req = Request::from_parts(parts.clone(), body);
@@ -428,7 +449,22 @@ where
         if !replay.replayable() || sent >= config.max_attempts {
             return result;
         }
-        let wait = shared.backoff.delay(sent - 1);
+        let wait = match pushback(&result) {
+            Pushback::Refuse => return result,
+            Pushback::Exactly(d) | Pushback::AtLeast(d) if d > config.backoff_max => return result,
+            Pushback::Exactly(d) => {
+                backoff_n = 0;
+                d
+            }
+            Pushback::AtLeast(d) => {
+                backoff_n = 0;
+                d.max(shared.backoff.delay(0))
+            }
+            Pushback::None => {
+                backoff_n += 1;
+                shared.backoff.delay(backoff_n - 1)
+            }
+        };
         if deadline.is_some_and(|d| Instant::now() + wait >= d) {
             return result;
         }
@@ -475,20 +511,6 @@ mod tests {
     use crate::error::Error;
 
     const MS: Duration = Duration::from_millis(1);
-
-    #[test]
-    fn backoff_doubles_with_ten_to_thirty_percent_jitter_and_a_cap() {
-        let b = Backoff::new(25 * MS, 1000 * MS);
-        assert_eq!(b.delay_with(0, 0.1), Duration::from_micros(27_500));
-        assert_eq!(b.delay_with(0, 0.3), Duration::from_micros(32_500));
-        assert_eq!(b.delay_with(2, 0.2), 120 * MS);
-        for n in 0..40 {
-            let d = b.delay(n);
-            let exp = (25 * MS).saturating_mul(1 << n.min(20)).min((1000 * MS).div_f64(1.3));
-            assert!(d >= exp.mul_f64(1.1) && d <= exp.mul_f64(1.3), "retry {n}: {d:?}");
-            assert!(d <= 1000 * MS, "capped: {d:?}");
-        }
-    }
 
     fn trailers_only(code: Code) -> Result<Response<()>, BoxError> {
         let mut resp = Response::new(());

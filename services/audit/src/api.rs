@@ -85,9 +85,7 @@ impl AuditService for Api {
         let q = domain::parse_query(req.into_inner())?;
         let reader = self.db.reader();
         // One more than asked: a full page has a next page only if that one exists.
-        let mut events = store::query_page(&reader.pool, &q.filter, q.after, q.page_size + 1)
-            .await
-            .map_err(Error::from)?;
+        let mut events = store::query_page(&reader.pool, &q.filter, q.after, q.page_size + 1).await?;
         let next_page_token = if events.len() > q.page_size {
             events.truncate(q.page_size);
             let last = events.last().expect("a full page");

@@ -2,7 +2,7 @@ use std::net::SocketAddr;
 
 use mesh_db::{Db, DbError};
 use mesh_proto::audit::audit_service_server::AuditServiceServer;
-use mesh_runtime::{ConfigError, ServeError, Server};
+use mesh_runtime::{ConfigError, Need, ServeError, Server};
 use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
 use sqlx::migrate::Migrator;
@@ -61,7 +61,8 @@ impl App {
     /// Binds the listeners, runs migrations on the primary as the login role
     /// (waiting up to the configured timeout for it to answer), then serves
     /// as `mesh_audit_writer`, which can append and read but never change or
-    /// remove an event.
+    /// remove an event. Readiness follows PostgreSQL only while neither the
+    /// primary nor a replica answers (Query goes on without the primary).
     pub async fn build(config: Config) -> Result<Self, StartError> {
         let mut server = Server::bind(config.server).await?;
         {
@@ -98,7 +99,12 @@ impl App {
             stop.clone(),
             server.registry(),
         );
-        server.add_check(db.primary_check());
+        // Append, Tail and Verify need the primary; Query is served by a
+        // replica, else the primary: the pod can answer while either is up.
+        server.add_dependency(db.primary_check(), Need::AnyOf("postgres"));
+        if let Some(replicas) = db.replica_check() {
+            server.add_dependency(replicas, Need::AnyOf("postgres"));
+        }
         let api = Api::new(db, appender, hub, config.audit, server.draining());
         server.add_service(AuditServiceServer::new(api));
         Ok(Self { server, stop })

@@ -166,6 +166,7 @@ impl Appender {
         let batcher = Batcher {
             options: options.clone(),
             conn: None,
+            idle_since: Instant::now(),
             head: None,
             last_written: None,
             rx,
@@ -211,6 +212,9 @@ struct Batcher {
     options: PgConnectOptions,
     /// The batch task's own connection (asynchronous commits); made on demand.
     conn: Option<PgConnection>,
+    /// When `conn` was last used (a connection idle for a while is pinged
+    /// before use: a server restart may have closed it meanwhile).
+    idle_since: Instant,
     /// The head the last batch of this task left, if it is worth trying the
     /// fast path on (no sign of another writer since).
     head: Option<Head>,
@@ -416,6 +420,7 @@ impl Batcher {
 
     /// The batch task's connection, made if needed.
     async fn connection(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
+        revive(&mut self.conn, &mut self.idle_since).await;
         if self.conn.is_none() {
             self.conn = Some(store::batch_connection(&self.options).await?);
         }
@@ -425,6 +430,7 @@ impl Batcher {
     /// Writes `batch` by the fast path if it may work, else (or if it did
     /// not) by the exact path. Keeps the connection unless it failed.
     async fn commit(&mut self, batch: &[Pending]) -> Result<Vec<Appended>, BatchError> {
+        revive(&mut self.conn, &mut self.idle_since).await;
         let mut conn = match self.conn.take() {
             Some(c) => c,
             None => store::batch_connection(&self.options).await.map_err(BatchError::Begin)?,
@@ -518,6 +524,19 @@ struct Committed {
     span: tracing::Span,
 }
 
+/// Drops a held connection that idled long enough to be checked and does
+/// not answer a ping (`mesh_db::alive_after_idle`): a primary restart closes
+/// idle connections, and the next batch must not fail on one. Nothing was
+/// sent on it, so nothing is repeated. Restarts the idle clock.
+async fn revive(conn: &mut Option<PgConnection>, idle_since: &mut Instant) {
+    if let Some(c) = conn.as_mut()
+        && !mesh_db::alive_after_idle(c, idle_since.elapsed()).await
+    {
+        *conn = None;
+    }
+    *idle_since = Instant::now();
+}
+
 /// Makes committed batches durable, then answers their callers: one
 /// synchronous commit (and so one WAL flush) for everything committed
 /// since the previous one. Ends when the batcher is gone and all is answered.
@@ -528,6 +547,7 @@ async fn flusher(
     metrics: Arc<Metrics>,
 ) {
     let mut conn: Option<PgConnection> = None;
+    let mut idle_since = Instant::now();
     let mut done = Vec::new();
     while let Some(first) = rx.recv().await {
         done.push(first);
@@ -546,6 +566,7 @@ async fn flusher(
         }
         let started = Instant::now();
         let flushed = async {
+            revive(&mut conn, &mut idle_since).await;
             if conn.is_none() {
                 conn = Some(PgConnection::connect_with(&options).await?);
             }

@@ -1,14 +1,13 @@
 //! The hash chain: an event's canonical encoding and its hash.
 //!
 //! `hash = SHA-256(prev_hash || canonical(event))`, where the first event's
-//! `prev_hash` is 32 zero bytes. The canonical encoding (version 1) is a
-//! length-prefixed binary form with no optional parts, so two different
-//! events can never encode alike and any implementation can reproduce it
-//! from the stored columns. Integers are big-endian and
-//! `str(s) = u32 byte length || UTF-8 bytes`:
+//! `prev_hash` is 32 zero bytes. The canonical encoding is a length-prefixed
+//! binary form with no optional parts, so two different events can never
+//! encode alike and any implementation can reproduce it from the stored
+//! columns. Integers are big-endian and `str(s) = u32 byte length || UTF-8 bytes`:
 //!
 //! ```text
-//! "mesh.audit.v1\n"                       14 bytes, the encoding's version
+//! "mesh.audit.v2\n"                       14 bytes, the encoding's version ("mesh.audit.v1\n")
 //! u64 sequence
 //! [16] id                                 the UUID's bytes
 //! i64 occurred_at, i64 recorded_at        microseconds since the Unix epoch
@@ -20,19 +19,30 @@
 //!
 //! value = 0x00                            null
 //!       | 0x01 | 0x02                     false | true
-//!       | 0x03 f64                        IEEE-754 binary64 bits; -0 as +0
+//!       | 0x03 f64                        IEEE-754 binary64 bits (v1: -0 as +0)
 //!       | 0x04 str                        string
 //!       | 0x05 u32 count value*           list
 //!       | 0x06 u32 count (str value)*     object, keys in ascending byte order
 //! ```
 //!
-//! Numbers are binary64 because that is what `google.protobuf.Struct` holds;
-//! PostgreSQL's `jsonb` keeps their shortest decimal form exactly, so the
-//! value read back is the value hashed. `-0` is folded into `+0` because
-//! `jsonb` cannot keep the sign of zero.
+//! Numbers are binary64 because that is what `google.protobuf.Struct` holds.
+//!
+//! # Versions ([`HashVersion`], column `hash_version`)
+//! - **v2** (every event appended since migration 0002): the metadata is
+//!   stored as its protobuf encoding (`metadata_pb`), which reads decode, so
+//!   the value hashed is the value read back, bit for bit, `-0` included.
+//!   The `jsonb` column is a copy for SQL that Verify also checks.
+//! - **v1** (events written before): the hash folded `-0` into `+0` and the
+//!   metadata lives only in `jsonb`, whose `numeric`s hold each number's
+//!   shortest decimal form exactly; reads parse it back with a correctly
+//!   rounding parser ([`mesh_proto::json`]), so v1 events keep verifying
+//!   under their own rule. Nothing is rewritten.
+//!
+//! The version is bound into the hash through the tag, so relabelling an
+//! event's version breaks its hash.
 
 use chrono::{DateTime, Utc};
-use serde_json::{Map, Value};
+use prost_types::{Struct, Value, value::Kind};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -42,8 +52,41 @@ pub type Hash = [u8; 32];
 /// The `prev_hash` of the first event.
 pub const GENESIS: Hash = [0; 32];
 
-/// The tag that starts every canonical encoding (and names its version).
-pub const ENCODING_TAG: &[u8; 14] = b"mesh.audit.v1\n";
+/// Which rule an event was hashed under (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HashVersion {
+    /// Before migration 0002: `-0` folded, metadata only in `jsonb`.
+    V1 = 1,
+    /// Exact: metadata stored as protobuf bytes, every bit hashed.
+    V2 = 2,
+}
+
+impl HashVersion {
+    /// The version every new event gets.
+    pub const CURRENT: Self = Self::V2;
+
+    /// The stored code.
+    pub fn code(self) -> i16 {
+        self as i16
+    }
+
+    /// The version with this stored code.
+    pub fn from_code(code: i64) -> Option<Self> {
+        match code {
+            1 => Some(Self::V1),
+            2 => Some(Self::V2),
+            _ => None,
+        }
+    }
+
+    /// The tag that starts the canonical encoding (and names its version).
+    pub fn tag(self) -> &'static [u8; 14] {
+        match self {
+            Self::V1 => b"mesh.audit.v1\n",
+            Self::V2 => b"mesh.audit.v2\n",
+        }
+    }
+}
 
 /// How the audited action ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -85,6 +128,8 @@ impl Outcome {
 /// One event as stored: everything the hash covers, plus the hashes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
+    /// The rule its hash follows.
+    pub version: HashVersion,
     /// Position in the chain, from 1.
     pub sequence: u64,
     /// Event id (UUIDv7).
@@ -115,8 +160,8 @@ pub struct Event {
     pub request_id: String,
     /// Trace id.
     pub trace_id: String,
-    /// Free-form details (a JSON object).
-    pub metadata: Map<String, Value>,
+    /// Free-form details, exactly as appended (nulls spelled `NULL_VALUE`).
+    pub metadata: Struct,
     /// Hash of the previous event.
     pub prev_hash: Hash,
     /// This event's hash.
@@ -127,7 +172,7 @@ impl Event {
     /// The canonical encoding of this event (see the module docs).
     pub fn canonical(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(256);
-        out.extend_from_slice(ENCODING_TAG);
+        out.extend_from_slice(self.version.tag());
         out.extend_from_slice(&self.sequence.to_be_bytes());
         out.extend_from_slice(self.id.as_bytes());
         out.extend_from_slice(&self.occurred_at.timestamp_micros().to_be_bytes());
@@ -141,7 +186,8 @@ impl Event {
         {
             put_str(&mut out, s);
         }
-        put_object(&mut out, &self.metadata);
+        let fold = self.version == HashVersion::V1;
+        put_object(&mut out, &self.metadata, fold);
         out
     }
 
@@ -170,44 +216,42 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-fn put_object(out: &mut Vec<u8>, map: &Map<String, Value>) {
+fn put_object(out: &mut Vec<u8>, s: &Struct, fold: bool) {
     out.push(0x06);
-    put_len(out, map.len());
-    // Sorted here rather than trusting the map's order: serde_json keeps
-    // insertion order when any crate in the build enables `preserve_order`.
-    let mut fields: Vec<(&String, &Value)> = map.iter().collect();
-    fields.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    for (k, v) in fields {
+    put_len(out, s.fields.len());
+    // A BTreeMap: already in ascending byte order of the keys.
+    for (k, v) in &s.fields {
         put_str(out, k);
-        put_value(out, v);
+        put_value(out, v, fold);
     }
 }
 
-fn put_value(out: &mut Vec<u8>, v: &Value) {
-    match v {
-        Value::Null => out.push(0x00),
-        Value::Bool(false) => out.push(0x01),
-        Value::Bool(true) => out.push(0x02),
-        Value::Number(n) => {
+fn put_value(out: &mut Vec<u8>, v: &Value, fold: bool) {
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => out.push(0x00),
+        Some(Kind::BoolValue(false)) => out.push(0x01),
+        Some(Kind::BoolValue(true)) => out.push(0x02),
+        Some(Kind::NumberValue(n)) => {
             out.push(0x03);
-            out.extend_from_slice(&normalize_f64(n.as_f64().unwrap_or(f64::NAN)).to_bits().to_be_bytes());
+            let n = if fold { normalize_f64(*n) } else { *n };
+            out.extend_from_slice(&n.to_bits().to_be_bytes());
         }
-        Value::String(s) => {
+        Some(Kind::StringValue(s)) => {
             out.push(0x04);
             put_str(out, s);
         }
-        Value::Array(items) => {
+        Some(Kind::ListValue(l)) => {
             out.push(0x05);
-            put_len(out, items.len());
-            for item in items {
-                put_value(out, item);
+            put_len(out, l.values.len());
+            for item in &l.values {
+                put_value(out, item, fold);
             }
         }
-        Value::Object(map) => put_object(out, map),
+        Some(Kind::StructValue(s)) => put_object(out, s, fold),
     }
 }
 
-/// Folds `-0.0` into `+0.0` (the only binary64 distinction `jsonb` loses).
+/// Folds `-0.0` into `+0.0` (what v1 hashed: `jsonb` loses the sign of zero).
 pub fn normalize_f64(x: f64) -> f64 {
     if x == 0.0 { 0.0 } else { x }
 }
@@ -219,8 +263,13 @@ mod tests {
 
     use super::*;
 
+    fn obj(v: serde_json::Value) -> Struct {
+        mesh_proto::json::from_json(v.as_object().expect("an object"))
+    }
+
     fn event() -> Event {
         let mut e = Event {
+            version: HashVersion::V2,
             sequence: 7,
             id: Uuid::from_bytes([0x11; 16]),
             occurred_at: Utc.timestamp_micros(1_700_000_000_123_456).unwrap(),
@@ -236,7 +285,7 @@ mod tests {
             source_service: "mesh-session".into(),
             request_id: "r".into(),
             trace_id: String::new(),
-            metadata: json!({"b": [1.5, null, true], "a": {"z": "x"}}).as_object().unwrap().clone(),
+            metadata: obj(json!({"b": [1.5, null, true], "a": {"z": "x"}})),
             prev_hash: [0xAB; 32],
             hash: [0; 32],
         };
@@ -249,7 +298,7 @@ mod tests {
     #[test]
     fn canonical_encoding_follows_the_specification() {
         let e = event();
-        let mut want: Vec<u8> = b"mesh.audit.v1\n".to_vec();
+        let mut want: Vec<u8> = b"mesh.audit.v2\n".to_vec();
         want.extend([0, 0, 0, 0, 0, 0, 0, 7]);
         want.extend([0x11; 16]);
         want.extend(1_700_000_000_123_456_i64.to_be_bytes());
@@ -277,6 +326,12 @@ mod tests {
         let want_hash: Hash = h.finalize().into();
         assert_eq!(e.hash, want_hash);
         assert_eq!(e.compute_hash(), e.hash);
+
+        // v1 differs only in its tag (for values without -0)
+        let mut v1 = e.clone();
+        v1.version = HashVersion::V1;
+        want[..14].copy_from_slice(b"mesh.audit.v1\n");
+        assert_eq!(v1.canonical(), want);
     }
 
     #[test]
@@ -300,9 +355,10 @@ mod tests {
             Box::new(|e| e.request_id.push('x')),
             Box::new(|e| e.trace_id.push('x')),
             Box::new(|e| {
-                e.metadata.insert("c".into(), Value::Null);
+                e.metadata.fields.insert("c".into(), Value { kind: Some(Kind::NullValue(0)) });
             }),
             Box::new(|e| e.prev_hash[0] ^= 1),
+            Box::new(|e| e.version = HashVersion::V1),
         ];
         for (i, edit) in edits.iter().enumerate() {
             let mut e = base.clone();
@@ -321,36 +377,29 @@ mod tests {
         b.actor_id = "bc".into();
         assert_ne!(a.canonical(), b.canonical());
         // the same for a string that looks like an encoded value
-        a.metadata = json!({"k": "\u{4}"}).as_object().unwrap().clone();
-        b.metadata = json!({"k": [null]}).as_object().unwrap().clone();
+        a.metadata = obj(json!({"k": "\u{4}"}));
+        b.metadata = obj(json!({"k": [null]}));
         assert_ne!(a.canonical(), b.canonical());
     }
 
     #[test]
-    fn key_order_and_negative_zero_do_not_matter() {
+    fn key_order_does_not_matter_and_negative_zero_does_from_v2() {
         let mut a = event();
         let mut b = event();
-        a.metadata = serde_json::from_str(r#"{"x": 0.0, "y": {"q": 1, "p": 2}}"#).unwrap();
-        b.metadata = serde_json::from_str(r#"{"y": {"p": 2, "q": 1}, "x": -0.0}"#).unwrap();
-        assert_eq!(a.canonical(), b.canonical());
+        a.metadata = mesh_proto::json::parse(r#"{"x": 0.0, "y": {"q": 1, "p": 2}}"#).unwrap();
+        b.metadata = mesh_proto::json::parse(r#"{"y": {"p": 2, "q": 1}, "x": -0.0}"#).unwrap();
+        assert_ne!(a.canonical(), b.canonical(), "v2 hashes the sign of zero");
+        a.version = HashVersion::V1;
+        b.version = HashVersion::V1;
+        assert_eq!(a.canonical(), b.canonical(), "v1 folded -0 into +0");
         // 1 and 1.0 are the same binary64
-        b.metadata = serde_json::from_str(r#"{"y": {"p": 2.0, "q": 1.0}, "x": 0}"#).unwrap();
+        b.version = HashVersion::V2;
+        a.version = HashVersion::V2;
+        b.metadata = mesh_proto::json::parse(r#"{"y": {"p": 2.0, "q": 1.0}, "x": 0}"#).unwrap();
         assert_eq!(a.canonical(), b.canonical());
-    }
-
-    #[test]
-    fn numbers_survive_a_decimal_round_trip() {
-        // What jsonb does: keep the decimal text, print it back (possibly
-        // without exponent), and we parse it again.
-        for x in [0.1 + 0.2, 1e300, 5e-324, -123.456, 9_007_199_254_740_993.0, 1e21] {
-            let text = serde_json::to_string(&serde_json::Number::from_f64(x).unwrap()).unwrap();
-            let back: Value = serde_json::from_str(&text).unwrap();
-            assert_eq!(back.as_f64().unwrap().to_bits(), x.to_bits(), "{x} via {text}");
-        }
-        // jsonb prints numeric without an exponent
-        let plain = format!("1{}", "0".repeat(300));
-        assert_eq!(serde_json::from_str::<Value>(&plain).unwrap().as_f64(), Some(1e300));
-        let plain = format!("0.{}5", "0".repeat(323));
-        assert_eq!(serde_json::from_str::<Value>(&plain).unwrap().as_f64(), Some(5e-324));
+        // a Value without a kind is null, as NULL_VALUE is
+        a.metadata = Struct { fields: [("n".to_owned(), Value { kind: None })].into() };
+        b.metadata = obj(json!({"n": null}));
+        assert_eq!(a.canonical(), b.canonical());
     }
 }

@@ -2,9 +2,10 @@
 //! `retention` work offline against a database URL (or, for `verify
 //! --file`, an export).
 //!
-//! Exit codes: 0 done (or the chain is intact), 1 the chain is broken,
-//! 2 usage or connection errors. Database URLs may carry passwords and are
-//! never printed.
+//! Exit codes: 0 done (or the chain is intact), 1 the chain is broken or
+//! an event is invalid (a row or line that does not decode, named by its
+//! sequence in `first_bad_sequence` and `problem`), 2 usage or connection
+//! errors. Database URLs may carry passwords and are never printed.
 
 use std::{
     io::{BufRead as _, Write as _},

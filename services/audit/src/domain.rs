@@ -3,8 +3,9 @@
 //!
 //! Every string that reaches PostgreSQL is free of NUL characters (neither
 //! `text` nor `jsonb` can hold them), every number in metadata is finite
-//! (JSON has no NaN), and timestamps are in range and cut to microseconds
-//! (what `timestamptz` keeps, and so what the hash covers).
+//! (JSON has no NaN) and otherwise kept bit for bit, and timestamps are in
+//! range and cut to microseconds (what `timestamptz` keeps, and so what the
+//! hash covers).
 
 use std::{net::IpAddr, time::Duration};
 
@@ -12,18 +13,24 @@ use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use mesh_proto::audit as pb;
 use prost::Message as _;
-use serde_json::{Map, Number, Value};
+use prost_types::{Struct, value::Kind};
 use sha2::{Digest, Sha256};
 use tonic_types::FieldViolation;
 use uuid::Uuid;
 
 use crate::{
-    chain::{Event, GENESIS, Outcome, normalize_f64},
+    chain::{Event, GENESIS, HashVersion, Outcome},
     error::Error,
 };
 
 /// Largest encoded `metadata` accepted.
 pub const MAX_METADATA_BYTES: usize = 64 * 1024;
+/// Deepest nesting of objects and lists in `metadata`, the object itself
+/// being depth 1. Each level costs three protobuf messages of the decoder's
+/// limit of 100, so about this deep is what an AppendRequest can carry at
+/// all; a QueryResponse wraps an event no deeper, so whatever is appended
+/// can be read back.
+pub const MAX_METADATA_DEPTH: usize = 32;
 /// Largest idempotency key, request id, actor/resource type, action.
 const MAX_SHORT: usize = 256;
 /// Largest actor id, resource id, user agent.
@@ -61,14 +68,15 @@ pub struct NewEvent {
     pub request_id: String,
     /// Trace id: 32 lowercase hex digits, or empty.
     pub trace_id: String,
-    /// Metadata object.
-    pub metadata: Map<String, Value>,
+    /// Metadata, exactly as sent (nulls spelled `NULL_VALUE`).
+    pub metadata: Struct,
 }
 
 impl NewEvent {
     /// The stored event at `sequence`, not yet sealed into the chain.
     pub fn into_event(self, id: Uuid, sequence: u64, recorded_at: DateTime<Utc>) -> Event {
         Event {
+            version: HashVersion::CURRENT,
             sequence,
             id,
             occurred_at: self.occurred_at.unwrap_or(recorded_at),
@@ -241,12 +249,21 @@ pub fn parse_append(
         }),
     };
     let metadata = match e.metadata {
-        None => Map::new(),
+        None => Struct::default(),
         Some(s) if s.encoded_len() > MAX_METADATA_BYTES => {
             v.add("event.metadata", format!("must be at most {MAX_METADATA_BYTES} bytes encoded"));
-            Map::new()
+            Struct::default()
         }
-        Some(s) => struct_to_json(s, "event.metadata", &mut v),
+        Some(mut s) => match mesh_proto::json::check("event.metadata", &s, MAX_METADATA_DEPTH) {
+            Ok(()) => {
+                spell_nulls(&mut s);
+                s
+            }
+            Err(bad) => {
+                v.add(&bad.path, bad.reason);
+                Struct::default()
+            }
+        },
     };
     let idempotency_key = match v.text("idempotency_key", req.idempotency_key, MAX_SHORT, false) {
         k if k.is_empty() => None,
@@ -272,66 +289,19 @@ pub fn parse_append(
     })
 }
 
-fn struct_to_json(s: prost_types::Struct, path: &str, v: &mut Violations) -> Map<String, Value> {
-    let mut out = Map::new();
-    for (k, val) in s.fields {
-        if k.contains('\0') {
-            v.add(path, "keys must not contain NUL characters");
-            continue;
+/// Spells every null `NULL_VALUE` (a Value without a kind, or with an
+/// unknown enum number, is null too): one spelling per value, so what is
+/// stored is a function of what is hashed.
+fn spell_nulls(s: &mut Struct) {
+    fn value(v: &mut prost_types::Value) {
+        match &mut v.kind {
+            None | Some(Kind::NullValue(_)) => v.kind = Some(Kind::NullValue(0)),
+            Some(Kind::StructValue(s)) => spell_nulls(s),
+            Some(Kind::ListValue(l)) => l.values.iter_mut().for_each(value),
+            Some(_) => {}
         }
-        let child = format!("{path}.{k}");
-        out.insert(k, value_to_json(val, &child, v));
     }
-    out
-}
-
-fn value_to_json(val: prost_types::Value, path: &str, v: &mut Violations) -> Value {
-    use prost_types::value::Kind;
-    match val.kind {
-        None | Some(Kind::NullValue(_)) => Value::Null,
-        Some(Kind::BoolValue(b)) => Value::Bool(b),
-        Some(Kind::NumberValue(n)) => match Number::from_f64(normalize_f64(n)) {
-            Some(n) => Value::Number(n),
-            None => {
-                v.add(path, "numbers must be finite");
-                Value::Null
-            }
-        },
-        Some(Kind::StringValue(s)) => {
-            if s.contains('\0') {
-                v.add(path, "must not contain NUL characters");
-            }
-            Value::String(s)
-        }
-        Some(Kind::ListValue(l)) => Value::Array(
-            l.values
-                .into_iter()
-                .enumerate()
-                .map(|(i, x)| value_to_json(x, &format!("{path}[{i}]"), v))
-                .collect(),
-        ),
-        Some(Kind::StructValue(s)) => Value::Object(struct_to_json(s, path, v)),
-    }
-}
-
-/// A JSON object as a protobuf `Struct`.
-pub fn json_to_struct(map: &Map<String, Value>) -> prost_types::Struct {
-    prost_types::Struct { fields: map.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect() }
-}
-
-fn json_to_value(v: &Value) -> prost_types::Value {
-    use prost_types::value::Kind;
-    let kind = match v {
-        Value::Null => Kind::NullValue(0),
-        Value::Bool(b) => Kind::BoolValue(*b),
-        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
-        Value::String(s) => Kind::StringValue(s.clone()),
-        Value::Array(items) => {
-            Kind::ListValue(prost_types::ListValue { values: items.iter().map(json_to_value).collect() })
-        }
-        Value::Object(m) => Kind::StructValue(json_to_struct(m)),
-    };
-    prost_types::Value { kind: Some(kind) }
+    s.fields.values_mut().for_each(value);
 }
 
 /// A stored event as the API returns it.
@@ -356,9 +326,10 @@ pub fn event_to_proto(e: &Event) -> pb::AuditEvent {
         }),
         request_id: e.request_id.clone(),
         trace_id: e.trace_id.clone(),
-        metadata: Some(json_to_struct(&e.metadata)),
+        metadata: Some(e.metadata.clone()),
         prev_hash: e.prev_hash.to_vec(),
         hash: e.hash.to_vec(),
+        hash_version: e.version.code().unsigned_abs().into(),
     }
 }
 
@@ -655,6 +626,24 @@ mod tests {
         let mut req = valid();
         req.event.as_mut().unwrap().metadata = Some(nan);
         assert_eq!(fields(parse(req).unwrap_err()), ["event.metadata.n"]);
+    }
+
+    #[test]
+    fn metadata_is_kept_exactly_with_nulls_spelled_one_way() {
+        use prost_types::{ListValue, Struct, Value};
+        let v = |k| Value { kind: Some(k) };
+        let list = ListValue {
+            values: vec![Value { kind: None }, v(Kind::NullValue(7)), v(Kind::NumberValue(-0.0))],
+        };
+        let mut req = valid();
+        req.event.as_mut().unwrap().metadata =
+            Some(Struct { fields: [("l".to_owned(), v(Kind::ListValue(list)))].into() });
+        let got = parse(req).unwrap().event.metadata;
+        let Some(Kind::ListValue(l)) = &got.fields["l"].kind else { panic!("{got:?}") };
+        assert_eq!(l.values[0].kind, Some(Kind::NullValue(0)));
+        assert_eq!(l.values[1].kind, Some(Kind::NullValue(0)));
+        let Some(Kind::NumberValue(z)) = l.values[2].kind else { panic!() };
+        assert!(z == 0.0 && z.is_sign_negative(), "-0 is kept");
     }
 
     #[test]

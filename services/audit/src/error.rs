@@ -42,6 +42,16 @@ pub enum Error {
         /// The last sequence the subscriber was sent.
         resume_after: u64,
     },
+    /// A stored event cannot be read back as an event: only a row altered
+    /// behind the service's back (the service writes none such). Names it,
+    /// so one damaged row is found, not taken for an outage.
+    #[error("event {sequence} cannot be read ({why}); run Verify over it")]
+    Unreadable {
+        /// Its sequence.
+        sequence: i64,
+        /// What is wrong with the row.
+        why: String,
+    },
     /// The database said no.
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
@@ -109,6 +119,10 @@ impl From<Error> for Status {
             Error::Db(e) => {
                 tracing::error!(error = %e, "database error");
                 Status::internal("database error")
+            }
+            e @ Error::Unreadable { .. } => {
+                tracing::error!(error = %e, "unreadable audit event");
+                Status::data_loss(e.to_string())
             }
             Error::Internal(m) => Status::internal(m),
         }

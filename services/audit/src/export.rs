@@ -9,16 +9,24 @@
 //!  "actor":{"type":"user","id":"42"},"action":"session.create",
 //!  "resource":{"type":"session","id":"…"},"outcome":"SUCCESS",
 //!  "source":{"ip":"…","user_agent":"…","service":"mesh-session"},
-//!  "request_id":"…","trace_id":"…","metadata":{…},"prev_hash":"<hex>","hash":"<hex>"}
+//!  "request_id":"…","trace_id":"…","metadata":{…},"prev_hash":"<hex>","hash":"<hex>",
+//!  "hash_version":2}
 //! ```
+//!
+//! Metadata numbers are written in their shortest exact form and read back
+//! into the very same doubles ([`mesh_proto::json`]), `-0.0` included, so a
+//! line re-verifies offline. A line without `hash_version` (exported before
+//! it existed) is a v1 event.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 
+use mesh_proto::json::{AsJson, from_json};
+
 use crate::{
-    chain::{Event, Hash, Outcome},
+    chain::{Event, Hash, HashVersion, Outcome},
     domain::{Filter, SequenceRange},
     error::Error,
     store,
@@ -56,9 +64,10 @@ pub fn to_json_line(e: &Event) -> String {
         "source": {"ip": e.source_ip, "user_agent": e.source_user_agent, "service": e.source_service},
         "request_id": e.request_id,
         "trace_id": e.trace_id,
-        "metadata": e.metadata,
+        "metadata": AsJson(&e.metadata),
         "prev_hash": hex::encode(e.prev_hash),
         "hash": hex::encode(e.hash),
+        "hash_version": e.version.code(),
     });
     let mut line = v.to_string();
     line.push('\n');
@@ -92,7 +101,12 @@ pub fn from_json_line(line: &str) -> Result<Event, String> {
         "DENIED" => Outcome::Denied,
         other => return Err(format!("unknown outcome {other:?}")),
     };
+    let version = match v.get("hash_version") {
+        None => HashVersion::V1,
+        Some(n) => n.as_i64().and_then(HashVersion::from_code).ok_or("hash_version is not 1 or 2")?,
+    };
     Ok(Event {
+        version,
         sequence: v.get("sequence").and_then(Value::as_u64).ok_or("sequence is missing")?,
         id: s(&["id"])?.parse().map_err(|e| format!("id: {e}"))?,
         occurred_at: t("occurred_at")?,
@@ -108,7 +122,7 @@ pub fn from_json_line(line: &str) -> Result<Event, String> {
         source_service: s(&["source", "service"])?,
         request_id: s(&["request_id"])?,
         trace_id: s(&["trace_id"])?,
-        metadata: v.get("metadata").and_then(Value::as_object).cloned().ok_or("metadata is not an object")?,
+        metadata: from_json(v.get("metadata").and_then(Value::as_object).ok_or("metadata is not an object")?),
         prev_hash: h("prev_hash")?,
         hash: h("hash")?,
     })
@@ -140,7 +154,7 @@ pub(crate) async fn run(
         let events = match store::range_page(&pool, &filter, cursor, to, PAGE).await {
             Ok(events) => events,
             Err(e) => {
-                let _ = tx.send(Err(e.into())).await;
+                let _ = tx.send(Err(e)).await;
                 return;
             }
         };
@@ -176,6 +190,7 @@ mod tests {
     #[test]
     fn lines_round_trip_and_still_verify() {
         let mut e = Event {
+            version: HashVersion::V2,
             sequence: 3,
             id: Uuid::now_v7(),
             occurred_at: DateTime::from_timestamp_micros(1_700_000_000_000_001).unwrap(),
@@ -191,7 +206,11 @@ mod tests {
             source_service: "mesh-data".into(),
             request_id: "r".into(),
             trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
-            metadata: json!({"n": 0.1, "deep": {"list": [1, "two", null]}}).as_object().unwrap().clone(),
+            metadata: from_json(
+                json!({"n": 0.1, "max": f64::MAX, "tiny": 5e-324, "z": -0.0, "deep": {"list": [1, "two", null]}})
+                    .as_object()
+                    .unwrap(),
+            ),
             prev_hash: GENESIS,
             hash: GENESIS,
         };
@@ -200,6 +219,11 @@ mod tests {
         assert!(line.ends_with('\n') && !line[..line.len() - 1].contains('\n'));
         let back = from_json_line(&line).unwrap();
         assert_eq!(back, e);
+        assert_eq!(back.canonical(), e.canonical(), "bit for bit, -0 included");
         assert_eq!(back.compute_hash(), e.hash);
+        // an export from before hash versions is v1
+        let mut old: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(old.as_object_mut().unwrap().remove("hash_version"), Some(json!(2)));
+        assert_eq!(from_json_line(&old.to_string()).unwrap().version, HashVersion::V1);
     }
 }

@@ -10,7 +10,8 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use mesh_db::span;
-use serde_json::Value;
+use prost::Message as _;
+use prost_types::Struct;
 use sqlx::{
     Connection as _, PgConnection, PgPool, Postgres,
     postgres::{PgArguments, PgConnectOptions},
@@ -20,20 +21,23 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::{
-    chain::{Event, Hash, Outcome},
+    chain::{Event, Hash, HashVersion, Outcome},
     domain::{Filter, PageToken},
+    error::Error,
 };
 
 /// The role the service serves as (created by the migrations).
 pub const WRITER_ROLE: &str = "mesh_audit_writer";
 
-/// The columns of an event, in [`Row`] order.
+/// The columns of an event, in [`Row`] order. Reads never decode `jsonb`
+/// in the driver: its text is only fetched for v1 events (whose metadata it
+/// is) and parsed by [`Row::into_event`], which names the event if it fails.
 const COLUMNS: &str = "sequence, id, occurred_at, recorded_at, actor_type, actor_id, action, resource_type, \
-     resource_id, outcome, source_ip, source_user_agent, source_service, request_id, trace_id, metadata, \
-     prev_hash, hash";
+     resource_id, outcome, source_ip, source_user_agent, source_service, request_id, trace_id, hash_version, \
+     case when metadata_pb is null then metadata::text end as metadata_json, metadata_pb, prev_hash, hash";
 
 /// An event row exactly as stored; [`Row::into_event`] checks it can be an event.
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub(crate) struct Row {
     pub(crate) sequence: i64,
     id: Uuid,
@@ -50,16 +54,33 @@ pub(crate) struct Row {
     source_service: String,
     request_id: String,
     trace_id: String,
-    metadata: sqlx::types::Json<Value>,
+    hash_version: i16,
+    /// The `jsonb` copy as text (Verify), or only for events without `metadata_pb` (reads).
+    metadata_json: Option<String>,
+    /// The metadata's protobuf encoding (v2).
+    metadata_pb: Option<Vec<u8>>,
     prev_hash: Vec<u8>,
     hash: Vec<u8>,
 }
 
 impl Row {
     /// The event, or why this row cannot be one (only after tampering).
-    pub(crate) fn into_event(self) -> Result<Event, &'static str> {
-        let Value::Object(metadata) = self.metadata.0 else { return Err("metadata is not an object") };
+    pub(crate) fn into_event(self) -> Result<Event, String> {
+        let version = HashVersion::from_code(self.hash_version.into())
+            .ok_or_else(|| format!("unknown hash_version {}", self.hash_version))?;
+        let metadata = match (version, &self.metadata_pb, &self.metadata_json) {
+            (HashVersion::V2, Some(pb), _) => {
+                Struct::decode(pb.as_slice()).map_err(|e| format!("metadata_pb does not decode: {e}"))?
+            }
+            (HashVersion::V1, None, Some(text)) => {
+                mesh_proto::json::parse(text).map_err(|why| format!("metadata {why}"))?
+            }
+            (HashVersion::V2, None, _) => return Err("metadata_pb is missing".to_owned()),
+            (HashVersion::V1, Some(_), _) => return Err("a v1 event has metadata_pb".to_owned()),
+            (HashVersion::V1, None, None) => return Err("metadata is missing".to_owned()),
+        };
         Ok(Event {
+            version,
             sequence: u64::try_from(self.sequence).map_err(|_| "negative sequence")?,
             id: self.id,
             occurred_at: self.occurred_at,
@@ -80,13 +101,27 @@ impl Row {
             hash: self.hash.try_into().map_err(|_| "hash is not 32 bytes")?,
         })
     }
+
+    /// Whether the `jsonb` copy (fetched as text) holds the same metadata
+    /// as `event`, which was read from `metadata_pb`: numbers compared as
+    /// doubles, so `-0` (which `numeric` cannot hold) equals `0`.
+    pub(crate) fn json_copy_matches(&self, event: &Event) -> Result<(), String> {
+        let Some(text) = &self.metadata_json else { return Err("the jsonb metadata is missing".to_owned()) };
+        match mesh_proto::json::parse(text) {
+            Ok(copy) if copy == event.metadata => Ok(()),
+            Ok(_) => Err("its jsonb metadata differs from the hashed metadata_pb".to_owned()),
+            Err(why) => Err(format!("its jsonb metadata {why}")),
+        }
+    }
 }
 
-fn rows_to_events(rows: Vec<Row>) -> Result<Vec<Event>, sqlx::Error> {
+/// Rows as events; the first row that cannot be one fails the read, naming
+/// its sequence (DATA_LOSS).
+fn rows_to_events(rows: Vec<Row>) -> Result<Vec<Event>, Error> {
     rows.into_iter()
         .map(|r| {
-            let seq = r.sequence;
-            r.into_event().map_err(|why| sqlx::Error::Decode(format!("event {seq}: {why}").into()))
+            let sequence = r.sequence;
+            r.into_event().map_err(|why| Error::Unreadable { sequence, why })
         })
         .collect()
 }
@@ -223,15 +258,16 @@ const INSERT_BATCH: &str = "with head as ( \
      ), events as ( \
        insert into audit_events (sequence, id, occurred_at, recorded_at, actor_type, actor_id, action, \
          resource_type, resource_id, outcome, source_ip, source_user_agent, source_service, request_id, \
-         trace_id, metadata, prev_hash, hash) \
+         trace_id, metadata, prev_hash, hash, hash_version, metadata_pb) \
        select e.sequence, e.id, e.occurred_at, $4, e.actor_type, e.actor_id, e.action, e.resource_type, \
          e.resource_id, e.outcome, e.source_ip, e.source_user_agent, e.source_service, e.request_id, \
-         e.trace_id, e.metadata::jsonb, e.prev_hash, e.hash \
+         e.trace_id, e.metadata::jsonb, e.prev_hash, e.hash, e.hash_version, e.metadata_pb \
        from unnest($1::bigint[], $2::uuid[], $3::timestamptz[], $5::text[], $6::text[], $7::text[], \
          $8::text[], $9::text[], $10::smallint[], $11::text[], $12::text[], $13::text[], $14::text[], \
-         $15::text[], $16::text[], $17::bytea[], $18::bytea[]) \
+         $15::text[], $16::text[], $17::bytea[], $18::bytea[], $28::smallint[], $29::bytea[]) \
          as e(sequence, id, occurred_at, actor_type, actor_id, action, resource_type, resource_id, outcome, \
-         source_ip, source_user_agent, source_service, request_id, trace_id, metadata, prev_hash, hash) \
+         source_ip, source_user_agent, source_service, request_id, trace_id, metadata, prev_hash, hash, \
+         hash_version, metadata_pb) \
        where exists (select 1 from head) \
      ), keys as ( \
        insert into audit_idempotency (source_service, idempotency_key, sequence, id, hash) \
@@ -283,7 +319,7 @@ pub(crate) async fn insert_batch(
         .bind(col(|e| e.source_service.clone()))
         .bind(col(|e| e.request_id.clone()))
         .bind(col(|e| e.trace_id.clone()))
-        .bind(col(|e| Value::Object(e.metadata.clone()).to_string()))
+        .bind(col(|e| mesh_proto::json::to_json(&e.metadata)))
         .bind(events.iter().map(|e| e.prev_hash.to_vec()).collect::<Vec<_>>())
         .bind(events.iter().map(|e| e.hash.to_vec()).collect::<Vec<_>>())
         .bind(keys.iter().map(|k| k.source_service).collect::<Vec<_>>())
@@ -295,6 +331,8 @@ pub(crate) async fn insert_batch(
         .bind(last.hash.to_vec())
         .bind(after.next_sequence as i64)
         .bind(after.hash.to_vec())
+        .bind(events.iter().map(|e| e.version.code()).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.metadata.encode_to_vec()).collect::<Vec<_>>())
         .fetch_one(conn)
         .instrument(span("INSERT", "audit_events", INSERT_BATCH))
         .await?;
@@ -437,7 +475,8 @@ pub(crate) async fn hash_at(conn: &mut PgConnection, sequence: u64) -> Result<Op
 
 const ROWS_FROM: &str = "select sequence, id, occurred_at, recorded_at, actor_type, actor_id, action, \
      resource_type, resource_id, outcome, source_ip, source_user_agent, source_service, request_id, trace_id, \
-     metadata, prev_hash, hash from audit_events where sequence >= $1 and sequence <= $2 order by sequence limit $3";
+     hash_version, metadata::text as metadata_json, metadata_pb, prev_hash, hash \
+     from audit_events where sequence >= $1 and sequence <= $2 order by sequence limit $3";
 
 /// Raw rows with `from <= sequence <= to`, in sequence order (for Verify,
 /// which must see rows that no longer decode).
@@ -524,7 +563,7 @@ pub(crate) async fn query_page(
     filter: &Filter,
     after: Option<PageToken>,
     limit: usize,
-) -> Result<Vec<Event>, sqlx::Error> {
+) -> Result<Vec<Event>, Error> {
     let shape = filter_shape(filter) | (u32::from(after.is_some()) << 7);
     let sql = shaped(shape, || {
         let mut sql = format!("select {COLUMNS} from audit_events where true");
@@ -553,7 +592,7 @@ pub(crate) async fn range_page(
     after: u64,
     upto: u64,
     limit: usize,
-) -> Result<Vec<Event>, sqlx::Error> {
+) -> Result<Vec<Event>, Error> {
     let shape = filter_shape(filter) | (1 << 8);
     let sql = shaped(shape, || {
         let mut sql = format!("select {COLUMNS} from audit_events where sequence > $1 and sequence <= $2");

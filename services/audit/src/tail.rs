@@ -279,7 +279,7 @@ async fn head_or_zero(pool: &PgPool, hub: &Weak<HubInner>) -> u64 {
 }
 
 /// Brings the ring up to `target`, reading only if someone is subscribed.
-async fn catch_up(hub: &HubInner, pool: &PgPool, target: u64) -> Result<(), sqlx::Error> {
+async fn catch_up(hub: &HubInner, pool: &PgPool, target: u64) -> Result<(), Error> {
     loop {
         let published = hub.published();
         if published >= target {

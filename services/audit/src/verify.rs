@@ -7,13 +7,18 @@
 //!   stored hash of the event before the range;
 //! - every sequence in the range is present exactly once, in order;
 //! - every row decodes, links to its predecessor (`prev_hash`) and hashes to
-//!   its stored `hash`;
+//!   its stored `hash` under its own `hash_version` ([`crate::chain`]);
+//! - for v2 events, the `jsonb` copy of the metadata holds the same values
+//!   as the hashed `metadata_pb` (so SQL over `jsonb` can be trusted too).
+//!
+//! A row that does not decode is reported like any other bad event (named,
+//! `ok: false`), never as an error of the whole call.
 //! - when the range ends at the head, the chain head row agrees.
 
 use sqlx::PgPool;
 
 use crate::{
-    chain::{GENESIS, Hash},
+    chain::{GENESIS, Hash, HashVersion},
     domain::SequenceRange,
     error::Error,
     store,
@@ -110,7 +115,7 @@ pub async fn verify(pool: &PgPool, range: SequenceRange) -> Result<Report, Error
             if sequence < expected {
                 return Ok(bad(report, sequence, format!("event {sequence} appears more than once")));
             }
-            let event = match row.into_event() {
+            let event = match row.clone().into_event() {
                 Ok(e) => e,
                 Err(why) => {
                     return Ok(bad(report, sequence, format!("event {sequence} is malformed: {why}")));
@@ -125,6 +130,11 @@ pub async fn verify(pool: &PgPool, range: SequenceRange) -> Result<Report, Error
             }
             if event.compute_hash() != event.hash {
                 return Ok(bad(report, sequence, format!("event {sequence} does not match its hash")));
+            }
+            if event.version != HashVersion::V1
+                && let Err(why) = row.json_copy_matches(&event)
+            {
+                return Ok(bad(report, sequence, format!("event {sequence}: {why}")));
             }
             prev = event.hash;
             report.head_hash = prev;

@@ -3,7 +3,7 @@ use std::net::SocketAddr;
 use mesh_client::{AuditClient, ClientMetrics, RateLimitClient, SessionClient, config::keys as client_keys};
 use mesh_db::{Db, DbError};
 use mesh_proto::data::data_service_server::DataServiceServer;
-use mesh_runtime::{ConfigError, ServeError, Server};
+use mesh_runtime::{ConfigError, Need, ServeError, Server};
 use sqlx::migrate::Migrator;
 use tokio::task::JoinHandle;
 
@@ -50,7 +50,8 @@ impl App {
     /// Binds the listeners, creates the pools, runs migrations on the primary
     /// (waiting up to the configured timeout for it to answer) and connects
     /// to the session, rate-limit and audit services (lazily: they may come
-    /// up later). Readiness follows the PostgreSQL primary only.
+    /// up later). Readiness follows PostgreSQL only, and only while neither
+    /// the primary nor a replica answers: reads go on without the primary.
     pub async fn build(config: Config) -> Result<Self, StartError> {
         let c = &config.data;
         let mut server = Server::bind(config.server).await?;
@@ -58,9 +59,18 @@ impl App {
         let client_metrics = ClientMetrics::register(server.registry());
         let db = Db::connect(&config.db, "mesh-data", server.registry())?;
         db.migrate(&MIGRATOR, config.db.migrate_timeout).await?;
-        server.add_check(db.primary_check());
+        // Writes need the primary; reads are served by a replica, else the
+        // primary: the pod can answer while either is up.
+        server.add_dependency(db.primary_check(), Need::AnyOf("postgres"));
+        if let Some(replicas) = db.replica_check() {
+            server.add_dependency(replicas, Need::AnyOf("postgres"));
+        }
 
         let session = SessionClient::from_config(&config.clients, &client_metrics)?;
+        // The services this one calls are reported, never readiness: every
+        // data pod shares them, so their loss would take every pod out at once.
+        let check = mesh_runtime::remote_check("session", session.channel().clone());
+        server.add_dependency(check, Need::Reported);
         let ratelimit = match &config.clients.ratelimit {
             Some(_) => Some(RateLimitClient::from_config(&config.clients, &client_metrics)?),
             None => {
@@ -68,10 +78,16 @@ impl App {
                 None
             }
         };
+        if let Some(r) = &ratelimit {
+            let check = mesh_runtime::remote_check("ratelimit", r.channel().clone());
+            server.add_dependency(check, Need::Reported);
+        }
         let mut background = Vec::new();
         let outbox = match &config.clients.audit {
             Some(_) => {
                 let audit = AuditClient::from_config(&config.clients, &client_metrics)?;
+                let check = mesh_runtime::remote_check("audit", audit.channel().clone());
+                server.add_dependency(check, Need::Reported);
                 let (outbox, tasks) = Deliverer::start(db.clone(), audit, c, metrics.clone());
                 background.extend(tasks);
                 outbox

@@ -16,9 +16,9 @@
 //! name, nesting deeper than [`MAX_DEPTH`], and documents over
 //! [`MAX_DOCUMENT_BYTES`].
 
+use mesh_proto::json;
 use prost::Message as _;
-use prost_types::{ListValue, Struct, Value, value::Kind};
-use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
+use prost_types::Struct;
 
 /// Most bytes of a document's protobuf encoding (1 MiB, as Firestore).
 pub const MAX_DOCUMENT_BYTES: usize = 1 << 20;
@@ -42,86 +42,11 @@ pub(crate) struct Document {
 
 /// Why a Struct cannot be stored: the path of the offending value (from
 /// `field`, e.g. `document.items[2].name`) and what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Invalid {
-    pub(crate) path: String,
-    pub(crate) reason: String,
-}
-
-fn check(v: &Value, path: &mut String, depth: usize) -> Result<(), Invalid> {
-    let invalid = |path: &String, reason: &str| Invalid { path: path.clone(), reason: reason.to_owned() };
-    match &v.kind {
-        None | Some(Kind::NullValue(_)) | Some(Kind::BoolValue(_)) => Ok(()),
-        Some(Kind::NumberValue(n)) if !n.is_finite() => {
-            Err(invalid(path, "must be a finite number (JSON has no NaN or Infinity)"))
-        }
-        Some(Kind::NumberValue(_)) => Ok(()),
-        Some(Kind::StringValue(s)) if s.contains('\0') => {
-            Err(invalid(path, "must not contain U+0000 (JSONB cannot store it)"))
-        }
-        Some(Kind::StringValue(_)) => Ok(()),
-        Some(Kind::StructValue(s)) => check_struct(s, path, depth + 1),
-        Some(Kind::ListValue(l)) => check_list(l, path, depth + 1),
-    }
-}
-
-fn check_struct(s: &Struct, path: &mut String, depth: usize) -> Result<(), Invalid> {
-    if depth > MAX_DEPTH {
-        return Err(Invalid {
-            path: path.clone(),
-            reason: format!("nests deeper than {MAX_DEPTH} objects and lists"),
-        });
-    }
-    for (name, v) in &s.fields {
-        if name.contains('\0') {
-            return Err(Invalid {
-                path: path.clone(),
-                reason: "field names must not contain U+0000 (JSONB cannot store it)".to_owned(),
-            });
-        }
-        let len = path.len();
-        push_field(path, name);
-        check(v, path, depth)?;
-        path.truncate(len);
-    }
-    Ok(())
-}
-
-fn check_list(l: &ListValue, path: &mut String, depth: usize) -> Result<(), Invalid> {
-    if depth > MAX_DEPTH {
-        return Err(Invalid {
-            path: path.clone(),
-            reason: format!("nests deeper than {MAX_DEPTH} objects and lists"),
-        });
-    }
-    for (i, v) in l.values.iter().enumerate() {
-        let len = path.len();
-        path.push_str(&format!("[{i}]"));
-        check(v, path, depth)?;
-        path.truncate(len);
-    }
-    Ok(())
-}
-
-/// `.name` for plain names, `["odd name"]` (JSON-quoted) for the rest.
-fn push_field(path: &mut String, name: &str) {
-    let plain = !name.is_empty()
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if plain {
-        path.push('.');
-        path.push_str(name);
-    } else {
-        path.push('[');
-        path.push_str(&serde_json::to_string(name).unwrap_or_default());
-        path.push(']');
-    }
-}
+pub(crate) use mesh_proto::json::Invalid;
 
 /// Checks `s` for storage (see the module docs); `field` names it in errors.
 pub(crate) fn document(field: &str, s: &Struct) -> Result<Document, Invalid> {
-    let mut path = field.to_owned();
-    check_struct(s, &mut path, 1)?;
+    json::check(field, s, MAX_DEPTH)?;
     let body = s.encode_to_vec();
     if body.len() > MAX_DOCUMENT_BYTES {
         return Err(Invalid {
@@ -134,15 +59,13 @@ pub(crate) fn document(field: &str, s: &Struct) -> Result<Document, Invalid> {
 
 /// Checks a query filter and returns it as JSON text.
 pub(crate) fn filter(field: &str, s: &Struct) -> Result<String, Invalid> {
-    let mut path = field.to_owned();
-    check_struct(s, &mut path, 1)?;
+    json::check(field, s, MAX_DEPTH)?;
     Ok(to_json(s))
 }
 
-/// JSON text of a checked Struct (every number finite, so nothing is lost
-/// to serde_json's `null` for non-finite floats).
+/// JSON text of a checked Struct (the one conversion, [`mesh_proto::json`]).
 pub(crate) fn to_json(s: &Struct) -> String {
-    serde_json::to_string(&JsonStruct(s)).expect("a checked Struct always serialises")
+    json::to_json(s)
 }
 
 /// Decodes a stored body.
@@ -150,42 +73,11 @@ pub(crate) fn decode(body: &[u8]) -> Result<Struct, prost::DecodeError> {
     Struct::decode(body)
 }
 
-struct JsonStruct<'a>(&'a Struct);
-struct JsonValue<'a>(&'a Value);
-
-impl Serialize for JsonStruct<'_> {
-    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
-        let mut map = ser.serialize_map(Some(self.0.fields.len()))?;
-        for (k, v) in &self.0.fields {
-            map.serialize_entry(k, &JsonValue(v))?;
-        }
-        map.end()
-    }
-}
-
-impl Serialize for JsonValue<'_> {
-    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
-        match &self.0.kind {
-            None | Some(Kind::NullValue(_)) => ser.serialize_unit(),
-            // Shortest round-trip form (ryu); -0.0 stays "-0.0".
-            Some(Kind::NumberValue(n)) => ser.serialize_f64(*n),
-            Some(Kind::StringValue(s)) => ser.serialize_str(s),
-            Some(Kind::BoolValue(b)) => ser.serialize_bool(*b),
-            Some(Kind::StructValue(s)) => JsonStruct(s).serialize(ser),
-            Some(Kind::ListValue(l)) => {
-                let mut seq = ser.serialize_seq(Some(l.values.len()))?;
-                for v in &l.values {
-                    seq.serialize_element(&JsonValue(v))?;
-                }
-                seq.end()
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use std::collections::BTreeMap;
+
+    use prost_types::{ListValue, Value, value::Kind};
 
     use super::*;
 

@@ -68,8 +68,6 @@ pub(crate) struct Outcome {
     pub(crate) retry_ms: Option<u64>,
     /// Until a single hit fits (0: now); `None` when never.
     pub(crate) retry1_ms: Option<u64>,
-    /// The window the hits went into (undo of a window algorithm).
-    pub(crate) marker: i64,
 }
 
 /// A decision before it is applied.
@@ -85,7 +83,6 @@ pub(crate) struct Plan {
     next: State,
     /// When the state can be forgotten (ms).
     pub(crate) expires_at: f64,
-    marker: i64,
 }
 
 impl Plan {
@@ -104,7 +101,6 @@ impl Plan {
             reset_ms: ms(reset),
             retry_ms: self.wait.map(ms),
             retry1_ms: self.retry1.map(ms),
-            marker: self.marker,
         }
     }
 
@@ -143,7 +139,6 @@ pub(crate) fn plan(params: &Params, state: State, now: f64, hits: u32) -> Plan {
                 reset_after: new_tat - now,
                 next: State::Tat(new_tat),
                 expires_at: new_tat + 1000.0,
-                marker: 0,
             }
         }
         Algorithm::FixedWindow | Algorithm::SlidingWindow => {
@@ -197,7 +192,6 @@ pub(crate) fn plan(params: &Params, state: State, now: f64, hits: u32) -> Plan {
                 reset_after: reset(c + hits),
                 next: State::Window { w, c: c + hits, p: prev },
                 expires_at: w as f64 * period + keep + 1000.0,
-                marker: w,
             }
         }
     }
@@ -323,5 +317,185 @@ mod tests {
         assert_eq!(o.remaining, 3, "a refused call consumes nothing");
         assert_eq!(o.retry1_ms, Some(0), "a single hit still fits");
         assert!(!hit(&p, &mut s, t0, 3).over);
+    }
+}
+
+/// One table of test vectors, run against both implementations: the Rust
+/// arithmetic here (the fail-open fallback) and `lua/check.lua` in the real
+/// Redis Cluster (with the clock passed in). Every decision path reports what
+/// these say.
+#[cfg(test)]
+mod vectors {
+    use std::time::Duration;
+
+    use fred::types::scripts::Script;
+
+    use super::*;
+    use crate::{
+        rules::{Limit, Unit},
+        store::{self, RedisItem},
+    };
+
+    const MIN: u64 = 60_000;
+    /// A minute boundary.
+    const T0: u64 = 29_400_000 * MIN;
+
+    /// What one call reports: over, remaining, reset_ms, retry_ms (-1: never), retry1_ms.
+    type Expect = (bool, u32, u64, i64, u64);
+
+    struct Vector {
+        name: &'static str,
+        limit: Limit,
+        /// Calls: (time, hits, expected answer).
+        calls: &'static [(u64, u32, Expect)],
+    }
+
+    fn limit(algorithm: Algorithm, requests_per_unit: u32, burst: u32) -> Limit {
+        Limit { requests_per_unit, unit: Unit::Minute, algorithm, burst }
+    }
+
+    fn vectors() -> Vec<Vector> {
+        vec![
+            Vector {
+                name: "fixed window 5/min, from 10 s into a window",
+                limit: limit(Algorithm::FixedWindow, 5, 0),
+                calls: &[
+                    (T0 + 10_000, 1, (false, 4, 50_000, 0, 0)),
+                    (T0 + 10_000, 4, (false, 0, 50_000, 0, 0)),
+                    (T0 + 10_000, 1, (true, 0, 50_000, 50_000, 50_000)),
+                    (T0 + 11_000, 0, (true, 0, 49_000, 49_000, 49_000)),
+                    (T0 + MIN, 1, (false, 4, 60_000, 0, 0)),
+                    (T0 + MIN, 6, (true, 4, 60_000, -1, 0)),
+                ],
+            },
+            Vector {
+                name: "sliding window 10/min, full at the end of a window",
+                limit: limit(Algorithm::SlidingWindow, 10, 0),
+                calls: &[
+                    (T0 + 54_000, 10, (false, 0, 66_000, 0, 0)),
+                    (T0 + 54_000, 1, (true, 0, 66_000, 12_000, 12_000)),
+                    (T0 + 65_000, 1, (true, 0, 55_000, 1_000, 1_000)),
+                    (T0 + 66_000, 1, (false, 0, 114_000, 0, 0)),
+                    (T0 + 66_000, 0, (true, 0, 114_000, 6_000, 6_000)),
+                ],
+            },
+            Vector {
+                name: "token bucket 6/min, burst 3",
+                limit: limit(Algorithm::TokenBucket, 6, 3),
+                calls: &[
+                    (T0, 1, (false, 2, 10_000, 0, 0)),
+                    (T0, 2, (false, 0, 30_000, 0, 0)),
+                    (T0, 1, (true, 0, 30_000, 10_000, 10_000)),
+                    (T0, 4, (true, 0, 30_000, -1, 10_000)),
+                    (T0 + 10_000, 1, (false, 0, 30_000, 0, 0)),
+                    (T0 + 25_000, 0, (false, 1, 15_000, 0, 0)),
+                ],
+            },
+        ]
+    }
+
+    fn expected((over, remaining, reset_ms, retry, retry1): Expect) -> Outcome {
+        Outcome { over, remaining, reset_ms, retry_ms: u64::try_from(retry).ok(), retry1_ms: Some(retry1) }
+    }
+
+    #[test]
+    fn the_fallback_answers_every_vector() {
+        for v in vectors() {
+            let params = Params::from(&v.limit);
+            let mut state = State::Empty;
+            for (n, (at, hits, expect)) in v.calls.iter().enumerate() {
+                let p = plan(&params, state, *at as f64, *hits);
+                if p.fits() {
+                    state = p.next();
+                }
+                assert_eq!(p.outcome(p.fits()), expected(*expect), "{}: call {}", v.name, n + 1);
+            }
+        }
+    }
+
+    async fn pool() -> fred::clients::Pool {
+        let infra = mesh_testkit::Infra::shared();
+        let pool = mesh_runtime::redis::connect(&infra.redis_config(&mesh_testkit::redis_prefix())).unwrap();
+        assert!(mesh_runtime::redis::wait_connected(&pool, Duration::from_secs(20)).await);
+        pool
+    }
+
+    async fn run(
+        pool: &fred::clients::Pool,
+        script: &Script,
+        key: &str,
+        (keys, args): (Vec<String>, Vec<String>),
+    ) -> Vec<i64> {
+        let slot = fred::util::redis_keyslot(key.as_bytes());
+        let raw =
+            store::eval_once(pool.next(), script, slot, keys, args, Duration::from_secs(5)).await.unwrap();
+        store::to_ints(raw).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_redis_script_answers_every_vector() {
+        let pool = pool().await;
+        let check = Script::from_lua(store::CHECK_LUA);
+        let prefix = mesh_testkit::redis_prefix();
+        for v in vectors() {
+            let key = format!("{prefix}rl:{{{}}}", v.name);
+            for (n, (at, hits, expect)) in v.calls.iter().enumerate() {
+                let item =
+                    RedisItem { key: &key, params: Params::from(&v.limit), hits: *hits, shadow: false };
+                let raw =
+                    run(&pool, &check, &key, store::check_command(&[&item], "", Some(*at as f64))).await;
+                let g = store::parse_group(&[0], &raw).unwrap();
+                assert_eq!(g.outcomes[0].1, expected(*expect), "{}: call {}", v.name, n + 1);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_give_back_takes_back_exactly_once_and_stops_a_late_check() {
+        let pool = pool().await;
+        let (check, undo) = (Script::from_lua(store::CHECK_LUA), Script::from_lua(store::UNDO_LUA));
+        let key = format!("{}rl:{{undo}}", mesh_testkit::redis_prefix());
+        let lim = limit(Algorithm::FixedWindow, 10, 0);
+        let item = |hits| RedisItem { key: &key, params: Params::from(&lim), hits, shadow: false };
+        let at = (T0 + 1_000) as f64;
+        let peek = async |at: f64| {
+            let raw = run(&pool, &check, &key, store::check_command(&[&item(0)], "", Some(at))).await;
+            store::parse_group(&[0], &raw).unwrap().outcomes[0].1.remaining
+        };
+        // Call "a" writes 3 hits; its give-back, run twice, takes back 3.
+        let raw = run(&pool, &check, &key, store::check_command(&[&item(3)], "a", Some(at))).await;
+        assert_eq!(raw[0], 1);
+        assert_eq!(peek(at).await, 7);
+        for given in [3, 0] {
+            let raw = run(&pool, &undo, &key, store::undo_command(&[&item(3)], "a", Some(at + 10.0))).await;
+            assert_eq!(raw, [given]);
+            assert_eq!(peek(at).await, 10);
+        }
+        // Call "b"'s give-back lands before its check: the check writes nothing.
+        run(&pool, &undo, &key, store::undo_command(&[&item(2)], "b", Some(at))).await;
+        let raw = run(&pool, &check, &key, store::check_command(&[&item(2)], "b", Some(at + 5.0))).await;
+        assert_eq!(raw[0], 0, "a check after its give-back is not applied");
+        assert_eq!(peek(at).await, 10);
+        // A record older than its lifetime is final: no give-back.
+        run(&pool, &check, &key, store::check_command(&[&item(4)], "c", Some(at))).await;
+        let late = at + store::RECORD_TTL.as_millis() as f64 + 1.0;
+        let raw = run(&pool, &undo, &key, store::undo_command(&[&item(4)], "c", Some(late))).await;
+        assert_eq!(raw, [0]);
+        assert_eq!(peek(at + 2.0).await, 6);
+
+        // A token bucket gets its emission time back, once.
+        let key = format!("{}rl:{{undo-bucket}}", mesh_testkit::redis_prefix());
+        let lim = limit(Algorithm::TokenBucket, 6, 3);
+        let item = |hits| RedisItem { key: &key, params: Params::from(&lim), hits, shadow: false };
+        let remaining = async |hits: u32, id: &str| {
+            let raw = run(&pool, &check, &key, store::check_command(&[&item(hits)], id, Some(at))).await;
+            store::parse_group(&[0], &raw).unwrap().outcomes[0].1.remaining
+        };
+        assert_eq!(remaining(2, "d").await, 1);
+        for given in [2, 0] {
+            let raw = run(&pool, &undo, &key, store::undo_command(&[&item(2)], "d", Some(at))).await;
+            assert_eq!(raw, [given]);
+            assert_eq!(remaining(0, "").await, 3);
+        }
     }
 }

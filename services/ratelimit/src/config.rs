@@ -36,6 +36,11 @@ pub mod keys {
     pub const LOCAL_CACHE_RECHECK_MS: &str = "MESH_RATELIMIT_LOCAL_CACHE_RECHECK_MS";
     /// Keys the in-memory fallback limiter tracks at most.
     pub const FALLBACK_SIZE: &str = "MESH_RATELIMIT_FALLBACK_SIZE";
+    /// Checks (both APIs together) decided at once; more wait for a slot.
+    pub const MAX_IN_FLIGHT: &str = "MESH_RATELIMIT_MAX_IN_FLIGHT";
+    /// Longest a Check waits for a slot (ms) before it is shed with
+    /// RESOURCE_EXHAUSTED (shorter when the caller's deadline is).
+    pub const QUEUE_WAIT_MS: &str = "MESH_RATELIMIT_QUEUE_WAIT_MS";
 }
 
 /// Tuning of the rate-limit engine.
@@ -65,6 +70,17 @@ pub struct EngineConfig {
     pub fallback_size: usize,
     /// Rules poll period.
     pub rules_poll: Duration,
+    /// Checks decided at once. Bounding them bounds the Redis commands in
+    /// flight, so that a Redis round trip under load stays well inside
+    /// [`Self::redis_timeout`]: without a bound, queueing in this process
+    /// pushed calls past the deadline at 512 callers and the instance
+    /// fell back to local decisions at peak load.
+    pub max_in_flight: usize,
+    /// Longest a Check waits for one of the [`Self::max_in_flight`] slots
+    /// (or the caller's `grpc-timeout`, if shorter) before it is shed with
+    /// RESOURCE_EXHAUSTED, so that the caller's own failure mode decides.
+    /// The wait does not count against [`Self::redis_timeout`].
+    pub queue_wait: Duration,
 }
 
 impl Default for EngineConfig {
@@ -79,6 +95,8 @@ impl Default for EngineConfig {
             local_cache_recheck: Duration::from_secs(1),
             fallback_size: 100_000,
             rules_poll: Duration::from_millis(1000),
+            max_in_flight: 64,
+            queue_wait: Duration::from_millis(20),
         }
     }
 }
@@ -115,7 +133,12 @@ impl Config {
             local_cache_recheck: l.millis_or(keys::LOCAL_CACHE_RECHECK_MS, d.local_cache_recheck)?,
             fallback_size: l.parse_or(keys::FALLBACK_SIZE, d.fallback_size)?,
             rules_poll: l.millis_or(keys::RULES_POLL_MS, d.rules_poll)?,
+            max_in_flight: l.parse_or(keys::MAX_IN_FLIGHT, d.max_in_flight)?,
+            queue_wait: l.millis_or(keys::QUEUE_WAIT_MS, d.queue_wait)?,
         };
+        if engine.max_in_flight == 0 {
+            return Err(ConfigError::new(keys::MAX_IN_FLIGHT, "must be at least 1"));
+        }
         if engine.redis_timeout.is_zero() {
             return Err(ConfigError::new(keys::REDIS_TIMEOUT_MS, "must be at least 1"));
         }

@@ -26,6 +26,10 @@ use crate::{
 /// as near the limit (Envoy's threshold).
 const NEAR_LIMIT_RATIO: f64 = 0.8;
 
+/// What fail_closed answers as retry_after (and reset): when the breaker may
+/// let a call probe Redis again.
+const FAIL_CLOSED_RETRY: Duration = Duration::from_secs(1);
+
 /// What made the decision (also sent as `x-mesh-ratelimit-decided-by`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum DecidedBy {
@@ -238,26 +242,19 @@ impl Engine {
                 .inc_by(u64::from(it.hits));
         }
 
-        // Keys known to be over: refuse without a round trip.
-        let cached: Vec<(usize, Duration)> = items
-            .iter()
-            .filter(|it| !it.rule.shadow_mode)
-            .filter_map(|it| self.cache.get(&it.key).map(|d| (it.index, d)))
-            .collect();
-        if !cached.is_empty() {
-            for (index, wait) in cached {
-                let s = &mut statuses[index];
-                s.over = true;
-                s.retry_after = Some(wait);
-                s.reset = Some(wait);
-                if let Some(rule) = &s.rule {
-                    let labels = Self::labels(&domain.name, rule);
-                    let hits = u64::from(call.descriptors[index].hits);
-                    self.metrics.over_limit.get_or_create(&labels).inc_by(hits);
-                    self.metrics.over_limit_local_cache.get_or_create(&labels).inc_by(hits);
+        // A call with a key known to be over, whose every key's answer is
+        // known: refused without a round trip, answering what Redis did.
+        let cached: Option<Vec<Outcome>> = items.iter().map(|it| self.cache.get(&it.key)).collect();
+        let cached = cached
+            .filter(|outcomes| items.iter().zip(outcomes).any(|(it, o)| o.over && !it.rule.shadow_mode));
+        if let Some(outcomes) = cached {
+            for (it, o) in items.iter().zip(&outcomes) {
+                if o.over && !it.rule.shadow_mode {
+                    let labels = Self::labels(&domain.name, &it.rule);
+                    self.metrics.over_limit_local_cache.get_or_create(&labels).inc_by(u64::from(it.hits));
                 }
             }
-            return Decision { over: true, statuses, decided_by: DecidedBy::LocalCache };
+            return self.decision(&domain.name, &items, outcomes, statuses, DecidedBy::LocalCache);
         }
 
         let redis_items: Vec<RedisItem<'_>> = items
@@ -271,13 +268,10 @@ impl Engine {
             .collect();
         let (outcomes, decided_by) = match self.store.decide(&redis_items).await {
             Ok(outcomes) => {
-                for (it, o) in items.iter().zip(&outcomes) {
-                    if o.over
-                        && !it.rule.shadow_mode
-                        && let Some(ms) = o.retry1_ms.filter(|ms| *ms > 0)
-                    {
-                        self.cache.insert(&it.key, Duration::from_millis(ms));
-                    }
+                let refused = items.iter().zip(&outcomes).any(|(it, o)| o.over && !it.rule.shadow_mode);
+                if refused {
+                    self.cache
+                        .insert_refused(items.iter().zip(&outcomes).map(|(it, o)| (it.key.as_str(), *o)));
                 }
                 (outcomes, DecidedBy::Redis)
             }
@@ -313,16 +307,17 @@ impl Engine {
                         (self.local.decide(&local), DecidedBy::FailOpen)
                     }
                     FailureMode::FailClosed => {
+                        // Nothing is known: over, nothing left, and come back
+                        // when the breaker may probe Redis again.
+                        let wait = FAIL_CLOSED_RETRY.as_millis() as u64;
                         let outcomes = items
                             .iter()
                             .map(|_| Outcome {
                                 over: true,
                                 remaining: 0,
-                                reset_ms: 0,
-                                // Come back when the breaker may probe Redis again.
-                                retry_ms: Some(1000),
-                                retry1_ms: Some(1000),
-                                marker: 0,
+                                reset_ms: wait,
+                                retry_ms: Some(wait),
+                                retry1_ms: Some(wait),
                             })
                             .collect();
                         (outcomes, DecidedBy::FailClosed)
@@ -330,19 +325,30 @@ impl Engine {
                 }
             }
         };
+        self.decision(&domain.name, &items, outcomes, statuses, decided_by)
+    }
 
+    /// The statuses and metrics of a decision, the same way whatever decided.
+    fn decision(
+        &self,
+        domain: &str,
+        items: &[Item],
+        outcomes: Vec<Outcome>,
+        mut statuses: Vec<Status>,
+        decided_by: DecidedBy,
+    ) -> Decision {
         let mut over = false;
         for (it, o) in items.iter().zip(outcomes) {
             let s = &mut statuses[it.index];
             s.over = o.over;
             s.remaining = o.remaining;
-            s.reset = (o.reset_ms > 0).then(|| Duration::from_millis(o.reset_ms));
+            s.reset = Some(Duration::from_millis(o.reset_ms));
             s.retry_after = if o.over { o.retry_ms.map(Duration::from_millis) } else { None };
             over |= o.over && !it.rule.shadow_mode;
         }
-        for it in &items {
+        for it in items {
             let s = &statuses[it.index];
-            let labels = Self::labels(&domain.name, &it.rule);
+            let labels = Self::labels(domain, &it.rule);
             let hits = u64::from(it.hits);
             if s.over {
                 self.metrics.over_limit.get_or_create(&labels).inc_by(hits);

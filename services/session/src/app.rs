@@ -67,7 +67,8 @@ impl App {
 
         let reads = mesh_runtime::redis::connect(&config.redis)?;
         let writes = pool(&config.redis, c.write_pool_size)?;
-        server.add_check(mesh_runtime::redis::check(&reads));
+        // Without Redis no token can be validated: readiness follows it.
+        server.add_dependency(mesh_runtime::redis::check(&reads), mesh_runtime::Need::Required);
         let acks = Arc::new(Acks::default());
         let store = Store::new(
             reads.clone(),
@@ -92,6 +93,12 @@ impl App {
                 None
             }
         };
+        // The services this one calls are reported, never readiness: without
+        // them creates follow the failure mode and audit events wait.
+        if let Some(r) = &ratelimit {
+            let check = mesh_runtime::remote_check("ratelimit", r.channel().clone());
+            server.add_dependency(check, mesh_runtime::Need::Reported);
+        }
         let hasher = match &c.audit_hash_key {
             Some(k) => AuditHasher::new(k.expose_secret().as_bytes()),
             None => {
@@ -106,6 +113,8 @@ impl App {
         let notify = match &config.clients.audit {
             Some(_) => {
                 let audit = AuditClient::from_config(&config.clients, &client_metrics)?;
+                let check = mesh_runtime::remote_check("audit", audit.channel().clone());
+                server.add_dependency(check, mesh_runtime::Need::Reported);
                 let drainer = Arc::new(Drainer::new(store.clone(), audit, hasher, c, metrics.clone()));
                 background.push(tokio::spawn(drainer.run(notify_rx)));
                 Some(notify_tx)

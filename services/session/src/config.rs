@@ -17,7 +17,7 @@
 //! | `MESH_SESSION_INVALIDATION_TIMEOUT_MS` | 250 | longest a revocation waits for every instance to confirm its cache dropped the token |
 //! | `MESH_SESSION_WAIT_REPLICAS` | 1 | replicas a change must reach (`WAIT`) before the call returns (0: don't wait) |
 //! | `MESH_SESSION_WAIT_TIMEOUT_MS` | 100 | longest a change waits for them; then it returns anyway and counts it |
-//! | `MESH_SESSION_WRITE_POOL_SIZE` | 2 | Redis clients for changes (they block on `WAIT`, so they are apart from validation's) |
+//! | `MESH_SESSION_WRITE_POOL_SIZE` | 2 | Redis clients for changes; each carries one change (script + `WAIT`) per master at a time, apart from validation's |
 //! | `MESH_REDIS_POOL_SIZE` | 1 (this service's default) | Redis clients for validations ([`DEFAULT_REDIS_POOL_SIZE`]) |
 //! | `MESH_SESSION_RATELIMIT_DOMAIN` | `session` | rate-limit domain of CreateSession (descriptors `user_id`, `client_ip`) |
 //! | `MESH_SESSION_RATELIMIT_FAILURE_MODE` | `fail_closed` | `fail_closed`: CreateSession answers UNAVAILABLE while the rate-limit service cannot decide; `fail_open`: creates go on unlimited |

@@ -14,7 +14,10 @@
 //! Any sign that a subscription may be gone — a connection error or
 //! reconnection, a change in the cluster's routing (failover, resharding),
 //! an unresponsive node, missed messages — disables and clears it at once,
-//! and it stays off until every channel is subscribed again. Changes the
+//! and it stays off until every channel is subscribed again. So does an
+//! acknowledgement this instance cannot publish: the revoking instance
+//! cannot count it, so this one resynchronises (its cache is off until every
+//! channel is subscribed again) rather than trust it. Changes the
 //! subscriber's own connections did not see (a slot moved between two
 //! healthy masters) are caught by asking the cluster for its routing every
 //! [`ROUTING_CHECK`]; the cache's TTL bounds whatever remains.
@@ -126,6 +129,8 @@ pub(crate) struct Subscriber {
     cache: Arc<Cache>,
     outbox: Option<mpsc::Sender<Bucket>>,
     metrics: Arc<Metrics>,
+    /// Woken when an acknowledgement could not be published.
+    unconfirmed: Arc<Notify>,
 }
 
 impl Subscriber {
@@ -141,7 +146,7 @@ impl Subscriber {
         outbox: Option<mpsc::Sender<Bucket>>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self { pool, publisher, acks, prefix, channels, cache, outbox, metrics }
+        Self { pool, publisher, acks, prefix, channels, cache, outbox, metrics, unconfirmed: Arc::default() }
     }
 
     /// Starts listening and managing the subscriptions.
@@ -184,9 +189,12 @@ impl Subscriber {
             // Only now is this instance's cache clean: say so.
             let (client, channel, ack) =
                 (self.publisher.next().clone(), channel.to_owned(), format!("a {nonce}"));
+            let (cache, unconfirmed) = (self.cache.clone(), self.unconfirmed.clone());
             tokio::spawn(async move {
                 if let Err(e) = client.spublish::<(), _, _>(channel, ack).await {
-                    tracing::debug!(error = %e.details(), "cannot acknowledge a revocation");
+                    tracing::warn!(error = %e.details(), "cannot acknowledge a revocation, session cache off until resubscribed");
+                    cache.set_enabled(false, "unconfirmed");
+                    unconfirmed.notify_one();
                 }
             });
         } else if let Some(nonce) = text.strip_prefix("a ") {
@@ -266,6 +274,7 @@ impl Subscriber {
                         _ => break "cluster_changed",
                     },
                     r = unresponsive.recv() => if !matches!(r, Err(RecvError::Closed)) { break "unresponsive" } else { return },
+                    () = self.unconfirmed.notified() => break "unconfirmed",
                     _ = tick.tick() => {
                         self.cache.purge(Instant::now());
                         if !client.is_connected() {

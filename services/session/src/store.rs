@@ -13,15 +13,25 @@
 //! acknowledging a write can take it along in the failover. So after every
 //! change (create, refresh, revoke, revoke-all) the call waits, on the same
 //! connection, with `WAIT <replicas> <timeout>` for a replica to hold it.
-//! These calls use their own clients (`MESH_SESSION_WRITE_POOL_SIZE`), as
-//! `WAIT` holds up whatever follows it on its connection; validations
-//! (touches included, whose loss costs at most one interval of idle time)
-//! never wait. When no replica acknowledges in time the call still
-//! succeeds: the change is applied on a master that is still serving, and
-//! failing the call would not undo it, only leave the caller unsure (a
-//! rotated token the caller never learns). It is logged and counted as
-//! `mesh_session_replica_waits_total{result="timeout"}`; a master without an
-//! in-sync replica cannot be failed over to one that lacks the write anyway.
+//!
+//! - **Revocations are acknowledged only once a replica holds them.** When
+//!   no replica acknowledges in time, RevokeSession and RevokeUserSessions
+//!   answer UNAVAILABLE: the revocation may be applied on the master only,
+//!   and the caller must send it again (it is idempotent). Every revocation
+//!   script writes the bucket's fence key (`w`, lua/common.lua) even when
+//!   it finds nothing to revoke, so the `WAIT` of a retry covers the first
+//!   attempt's deletion too (`WAIT` counts the replication offset of its
+//!   connection's last write, and a master replicates in order).
+//! - **Creates and refreshes stay best-effort**: failing them would not undo
+//!   them, only leave the caller unsure (a rotated token it never learns).
+//!   Counted as `mesh_session_replica_waits_total{result="timeout"}`.
+//! - **`WAIT` never blocks another command.** Redis answers nothing after a
+//!   `WAIT` on its connection until the `WAIT` returns, so a change leases a
+//!   write client (`MESH_SESSION_WRITE_POOL_SIZE`) for its master alone,
+//!   script and `WAIT` included ([`Writers`]); other changes to that master
+//!   take another client or wait for the lease, changes to other masters and
+//!   every read (validations, listings, the outbox, acknowledgements) go
+//!   through connections that never carry a `WAIT`.
 //!
 //! # Revocations reach every cache before the call returns
 //! A script that ends tokens publishes `r <nonce> <hashes>` on the bucket's
@@ -32,20 +42,37 @@
 //! received it and then died cannot answer; one whose subscription is lost
 //! was not counted and has its cache off, see `pubsub`).
 //!
+//! # Slot migrations
+//! The pool follows no `MOVED`/`ASK` (`mesh_runtime::redis::REDIRECTIONS`
+//! says why), and every script reads each key it will write before its
+//! first write (`present`, lua/common.lua), so a script whose slot is
+//! moving is refused either before it runs or before it writes: it is sent
+//! again for up to [`REDIRECTED_RETRY`], then the call is UNAVAILABLE. It
+//! never runs on a node holding only part of the bucket's keys, so it never
+//! takes a migrated key for a missing one. Scripts still name keys from
+//! data (a token's session, a user's sessions) rather than in `KEYS`.
+//!
 //! Session ids and new token hashes are chosen before a script runs, so a
 //! script repeated after a lost reply (fred resends once on a broken
 //! connection) answers as the first time instead of creating or rotating twice.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use fred::{
     clients::{Client, Pool},
-    interfaces::ClientLike,
+    interfaces::{ClientLike, ClusterInterface as _},
     prelude::Error as FredError,
     types::{ClusterHash, CustomCommand, Value, scripts::Script},
 };
 use mesh_runtime::Throttle;
-use tokio::time::Instant;
+use tokio::{sync::Notify, time::Instant};
 use tracing::Instrument as _;
 
 use crate::{
@@ -196,8 +223,89 @@ pub(crate) struct Durability {
 /// Least time between two warnings about replica waits.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
+/// How long a command refused because its slot is moving is sent again
+/// before the call answers UNAVAILABLE.
+const REDIRECTED_RETRY: Duration = Duration::from_millis(500);
+
+/// How long a change waits for a write client beyond the `WAIT` timeout.
+const LEASE_WAIT: Duration = Duration::from_secs(1);
+
 /// How long a rotated token's pointer remembers the rotation (for a retry).
 const ROTATION_MEMORY: Duration = Duration::from_secs(60);
+
+/// The write clients, each leased to one change at a time per master, so
+/// that nothing ever queues behind a change's `WAIT` on its connection.
+#[derive(Debug)]
+struct Writers {
+    pool: Pool,
+    /// `(client index, master)` pairs leased out.
+    busy: Mutex<HashSet<(usize, String)>>,
+    freed: Notify,
+    next: AtomicUsize,
+}
+
+/// A write client leased for one master; returned when dropped.
+#[derive(Debug)]
+struct Lease<'a> {
+    writers: &'a Writers,
+    key: (usize, String),
+    client: Client,
+}
+
+impl Writers {
+    fn new(pool: Pool) -> Self {
+        Self { pool, busy: Mutex::default(), freed: Notify::new(), next: AtomicUsize::new(0) }
+    }
+
+    /// A client no other change uses for the master of `slot`, waiting up
+    /// to `within` for one (then `None`).
+    async fn lease(&self, slot: u16, within: Duration) -> Option<Lease<'_>> {
+        let clients = self.pool.clients();
+        // The master as the clients last learnt it (one routing for all: they
+        // sync on the same events). Unknown routing: one lease for all.
+        let master = clients[0]
+            .cached_cluster_state()
+            .and_then(|s| s.get_server(slot).map(ToString::to_string))
+            .unwrap_or_default();
+        let deadline = Instant::now() + within;
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+                for k in 0..clients.len() {
+                    let i = (start + k) % clients.len();
+                    let key = (i, master.clone());
+                    if !busy.contains(&key) {
+                        busy.insert(key.clone());
+                        return Some(Lease { writers: self, key, client: clients[i].clone() });
+                    }
+                }
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        self.writers.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+        self.writers.freed.notify_waiters();
+    }
+}
+
+/// Whether a change may be acknowledged without a replica holding it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replicated {
+    /// Fail the call (UNAVAILABLE) unless a replica acknowledged it.
+    Required,
+    /// Succeed anyway; logged and counted.
+    BestEffort,
+}
 
 /// The Redis side of the service. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -208,7 +316,7 @@ pub(crate) struct Store {
 #[derive(Debug)]
 struct Inner {
     reads: Pool,
-    writes: Pool,
+    writes: Writers,
     prefix: String,
     scripts: Scripts,
     durability: Durability,
@@ -258,7 +366,7 @@ impl Store {
         Self {
             inner: Arc::new(Inner {
                 reads,
-                writes,
+                writes: Writers::new(writes),
                 prefix,
                 scripts: Scripts::new(),
                 durability,
@@ -315,7 +423,17 @@ impl Store {
     ) -> Result<Value, StoreError> {
         let start = Instant::now();
         let span = mesh_runtime::redis::span("EVALSHA", Some(op));
-        let r = script.evalsha_with_reload::<Value, _, _>(client, keys, args).instrument(span.clone()).await;
+        // A script on a slot in motion is refused before it runs (a
+        // redirection, mesh_runtime::redis::REDIRECTIONS), or before its
+        // first write (every script reads each key it writes first,
+        // lua/common.lua `present`): either way nothing was done, so it is
+        // sent again until the slot has settled.
+        let refused_before_writing = |e: &FredError| e.details().contains("non local key");
+        let r = mesh_runtime::redis::retry_redirected_or(REDIRECTED_RETRY, refused_before_writing, || {
+            script.evalsha_with_reload::<Value, _, _>(client, keys.clone(), args.clone())
+        })
+        .instrument(span.clone())
+        .await;
         let m = &self.inner.metrics;
         m.redis_seconds.get_or_create(&OpLabels { op }).observe(start.elapsed().as_secs_f64());
         r.map_err(|e: FredError| {
@@ -325,11 +443,13 @@ impl Store {
         })
     }
 
-    /// Runs a change on a write client (`ARGV[1]` = `base`, `ARGV[2]` = the
-    /// audit context, then `args`), then waits, together, for a replica to
-    /// hold it and for every instance that received its revocations to have
-    /// dropped them from its cache (module docs). Returns the script's reply
-    /// without the count of receivers in front.
+    /// Runs a change on a leased write client (`ARGV[1]` = `base`, `ARGV[2]`
+    /// = the audit context, then `args`), then waits, together, for a replica
+    /// to hold it and for every instance that received its revocations to
+    /// have dropped them from its cache (module docs). Returns the script's
+    /// reply without the count of receivers in front; with
+    /// [`Replicated::Required`], an error when no replica acknowledged it.
+    #[allow(clippy::too_many_arguments)]
     async fn change(
         &self,
         op: &'static str,
@@ -338,17 +458,27 @@ impl Store {
         base: String,
         ctx: &AuditContext,
         args: Vec<String>,
+        replicated: Replicated,
     ) -> Result<Vec<Value>, StoreError> {
-        let client = self.inner.writes.next().clone();
         let slot = fred::util::redis_keyslot(keys[0].as_bytes());
+        let within = self.inner.durability.timeout + LEASE_WAIT;
+        let lease = self.inner.writes.lease(slot, within).await.ok_or_else(|| StoreError {
+            op,
+            details: "every write client is busy with this master".to_owned(),
+        })?;
         let nonce = uuid::Uuid::new_v4().simple().to_string();
         let mut all = vec![base, self.ctx_json(ctx, &nonce)];
         all.extend(args);
         // Before the script: acknowledgements may arrive before its reply.
         let acks = self.inner.acks.expect(&nonce);
-        let mut v = array(self.eval(&client, op, script, keys, all).await?);
+        let mut v = array(self.eval(&lease.client, op, script, keys, all).await?);
         let receivers = if v.is_empty() { 0 } else { int(&v.remove(0)).max(0) as u64 };
-        tokio::join!(self.wait_for_replicas(&client, slot), self.wait_for_acks(acks, receivers));
+        let (held, ()) =
+            tokio::join!(self.wait_for_replicas(&lease.client, slot), self.wait_for_acks(acks, receivers));
+        drop(lease);
+        if !held && replicated == Replicated::Required {
+            return Err(StoreError { op, details: "no replica acknowledged the change in time".to_owned() });
+        }
         Ok(v)
     }
 
@@ -369,13 +499,14 @@ impl Store {
         }
     }
 
-    async fn wait_for_replicas(&self, client: &Client, slot: u16) {
+    /// `WAIT`s for the configured replicas; whether they acknowledged.
+    async fn wait_for_replicas(&self, client: &Client, slot: u16) -> bool {
         let Durability { replicas, timeout } = self.inner.durability;
         if replicas == 0 {
-            return;
+            return true;
         }
-        // Not "blocking" for fred: other commands may queue behind it on this
-        // connection (Redis answers them after WAIT), none wait in fred.
+        // Not "blocking" for fred, and nothing else is sent on this
+        // connection meanwhile: the caller holds its lease.
         let cmd = CustomCommand::new_static("WAIT", ClusterHash::Custom(slot), false);
         let start = Instant::now();
         let r: Result<i64, FredError> = client
@@ -393,7 +524,7 @@ impl Store {
                         acknowledged = n,
                         wanted = replicas,
                         suppressed,
-                        "no replica acknowledged a session change in time; it is applied on the master only"
+                        "no replica acknowledged a session change in time"
                     );
                 }
                 "timeout"
@@ -406,6 +537,7 @@ impl Store {
             }
         };
         m.replica_waits.get_or_create(&ResultLabels { result }).inc();
+        result == "ok"
     }
 
     /// Validates (and touches) a token: one round trip.
@@ -464,6 +596,7 @@ impl Store {
                     new.absolute_timeout.as_millis().to_string(),
                     cap.to_string(),
                 ],
+                Replicated::BestEffort,
             )
             .await?;
         let rec = record(&v).ok_or_else(|| StoreError {
@@ -489,6 +622,7 @@ impl Store {
                 self.base(b),
                 ctx,
                 vec![old.hex(), new.hex(), ROTATION_MEMORY.as_millis().to_string()],
+                Replicated::BestEffort,
             )
             .await?;
         Ok(record(&v))
@@ -501,7 +635,7 @@ impl Store {
         ctx: &AuditContext,
     ) -> Result<Option<TokenHash>, StoreError> {
         let base = self.base(id.bucket());
-        self.revoke(vec![format!("{base}s:{}", id.as_str())], base, "s", ctx).await
+        self.revoke(vec![format!("{base}s:{}", id.as_str()), format!("{base}w")], base, "s", ctx).await
     }
 
     /// Revokes one session by token.
@@ -511,7 +645,8 @@ impl Store {
         h: &TokenHash,
         ctx: &AuditContext,
     ) -> Result<Option<TokenHash>, StoreError> {
-        self.revoke(vec![self.token_key(b, h)], self.base(b), "t", ctx).await
+        let base = self.base(b);
+        self.revoke(vec![self.token_key(b, h), format!("{base}w")], base, "t", ctx).await
     }
 
     async fn revoke(
@@ -522,7 +657,15 @@ impl Store {
         ctx: &AuditContext,
     ) -> Result<Option<TokenHash>, StoreError> {
         let v = self
-            .change("session_revoke", &self.inner.scripts.revoke, keys, base, ctx, vec![kind.to_owned()])
+            .change(
+                "session_revoke",
+                &self.inner.scripts.revoke,
+                keys,
+                base,
+                ctx,
+                vec![kind.to_owned()],
+                Replicated::Required,
+            )
             .await?;
         Ok((v.first().map(int) == Some(1)).then(|| hashes(&v[1..]).into_iter().next()).flatten())
     }
@@ -539,10 +682,11 @@ impl Store {
             .change(
                 "session_revoke_user",
                 &self.inner.scripts.revoke_user,
-                vec![format!("{base}u:{}", user.as_str())],
+                vec![format!("{base}u:{}", user.as_str()), format!("{base}w")],
                 base,
                 ctx,
                 vec![user.as_str().to_owned(), except.map(|e| e.as_str().to_owned()).unwrap_or_default()],
+                Replicated::Required,
             )
             .await?;
         let n = v.first().map(int).unwrap_or(0);

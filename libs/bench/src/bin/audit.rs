@@ -23,7 +23,10 @@ use std::{
 use anyhow::Context as _;
 use chrono::{DateTime, Datelike as _, SecondsFormat, TimeZone as _, Utc};
 use clap::Parser;
-use mesh_audit::{App, AuditConfig, Config, chain::Event, chain::GENESIS, chain::Outcome};
+use mesh_audit::{
+    App, AuditConfig, Config,
+    chain::{Event, GENESIS, HashVersion, Outcome},
+};
 use mesh_bench::{Load, Report, TABLE_HEADER, channels, pg, run};
 use mesh_proto::audit::{
     Actor, AppendRequest, AuditEvent, EventFilter, QueryRequest, Resource, Source, VerifyRequest,
@@ -31,6 +34,7 @@ use mesh_proto::audit::{
 };
 use mesh_runtime::ServerConfig;
 use mesh_testkit::{Infra, grpc::metric_value, scrape_metrics, spawn};
+use prost::Message as _;
 use sqlx::{Connection as _, PgConnection};
 use tonic::transport::Channel;
 
@@ -397,7 +401,7 @@ async fn seed(owner: &mut PgConnection, rows: u64) -> anyhow::Result<()> {
     let step = (end - start).num_microseconds().context("span")? / rows.max(1) as i64;
     let copy = "copy audit_events (sequence, id, occurred_at, recorded_at, actor_type, actor_id, action, \
                 resource_type, resource_id, outcome, source_ip, source_user_agent, source_service, request_id, \
-                trace_id, metadata, prev_hash, hash) from stdin";
+                trace_id, metadata, prev_hash, hash, hash_version, metadata_pb) from stdin";
     let mut sink = owner.copy_in_raw(copy).await?;
     let mut prev = GENESIS;
     let mut last = None;
@@ -424,19 +428,21 @@ async fn seed(owner: &mut PgConnection, rows: u64) -> anyhow::Result<()> {
             source_service: "mesh-bench".into(),
             request_id: format!("req-{n}"),
             trace_id: String::new(),
-            metadata: serde_json::json!({"bytes": n % 10_000, "path": format!("/v1/docs/{}", n % RESOURCES)})
-                .as_object()
-                .cloned()
-                .unwrap_or_default(),
+            metadata: mesh_proto::json::from_json(
+                serde_json::json!({"bytes": n % 10_000, "path": format!("/v1/docs/{}", n % RESOURCES)})
+                    .as_object()
+                    .expect("an object"),
+            ),
             prev_hash: GENESIS,
             hash: GENESIS,
+            version: HashVersion::V2,
         };
         e.seal(prev);
         prev = e.hash;
         let t = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Micros, true);
         writeln!(
             buf,
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t\\\\x{}\t\\\\x{}",
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t\\\\x{}\t\\\\x{}\t{}\t\\\\x{}",
             e.sequence,
             e.id,
             t(e.occurred_at),
@@ -452,9 +458,11 @@ async fn seed(owner: &mut PgConnection, rows: u64) -> anyhow::Result<()> {
             e.source_service,
             e.request_id,
             e.trace_id,
-            serde_json::Value::Object(e.metadata.clone()),
+            mesh_proto::json::to_json(&e.metadata),
             hex(&e.prev_hash),
             hex(&e.hash),
+            e.version.code(),
+            hex(&e.metadata.encode_to_vec()),
         )?;
         if buf.len() > (8 << 20) - 4096 {
             sink.send(buf.as_bytes()).await?;

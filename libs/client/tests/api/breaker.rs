@@ -110,3 +110,107 @@ async fn with_every_instance_down_calls_fail_fast_and_recover_when_they_return()
         }
     }
 }
+
+/// An Echo request the first hop refuses as `metadata` asks (see the example's docs).
+fn refused(metadata: &[(&'static str, &str)]) -> tonic::Request<EchoRequest> {
+    let mut req = tonic::Request::new(EchoRequest::default());
+    for (k, v) in metadata {
+        req.metadata_mut().insert(*k, v.parse().unwrap());
+    }
+    req
+}
+
+#[tokio::test]
+async fn refusals_and_short_deadlines_never_open_the_breaker_of_a_healthy_instance() {
+    let _t = mesh_testkit::init_telemetry();
+    let hop = Hop::start("a", free_addr(), &[]).await;
+    let config = StackConfig {
+        breaker: BreakerConfig { consecutive_failures: 2, success_rate: 0.0, ..BreakerConfig::default() },
+        ..StackConfig::default()
+    };
+    let (_registry, metrics) = registered_metrics();
+    let channel = echo_channel(&[hop.addr], config, &metrics);
+    let client = EchoServiceClient::new(channel.clone());
+    let closed = || channel.endpoints().iter().all(|e| e.state == BreakerState::Closed);
+
+    // Throttled users, bad input, missing things, no session, version conflicts:
+    // the endpoint answered, so it works.
+    for code in [Code::ResourceExhausted, Code::InvalidArgument, Code::NotFound, Code::Unauthenticated] {
+        for _ in 0..5 {
+            let err =
+                echo(&client, refused(&[("x-echo-code", &(code as i32).to_string())])).await.unwrap_err();
+            assert_eq!(err.code(), code, "{err:?}");
+        }
+    }
+    for code in [Code::PermissionDenied, Code::Aborted, Code::FailedPrecondition] {
+        let err = echo(&client, refused(&[("x-echo-code", &(code as i32).to_string())])).await.unwrap_err();
+        assert_eq!(err.code(), code, "{err:?}");
+    }
+    assert!(closed(), "a refusal opened the breaker: {:?}", channel.endpoints());
+    // A caller that leaves itself 40 ms for a 300 ms call: its own deadline.
+    for _ in 0..4 {
+        let mut req = tonic::Request::new(EchoRequest { payload: vec![], delay_ms: 300 });
+        req.set_timeout(Duration::from_millis(40));
+        assert_eq!(echo(&client, req).await.unwrap_err().code(), Code::DeadlineExceeded);
+    }
+    assert!(closed(), "the caller's short deadline opened the breaker: {:?}", channel.endpoints());
+    echo(&client, EchoRequest::default()).await.expect("the healthy instance serves everyone");
+
+    // What does say the endpoint is unhealthy still opens it.
+    let mut open = false;
+    for _ in 0..4 {
+        let err = echo(&client, refused(&[("x-echo-code", "14")])).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+        open |= err.message().contains("circuit breaker open");
+    }
+    assert!(open && !closed(), "UNAVAILABLE never opened the breaker: {:?}", channel.endpoints());
+}
+
+#[tokio::test]
+async fn retries_wait_as_long_as_the_server_pushes_back_and_not_at_all_when_it_says_no() {
+    let _t = mesh_testkit::init_telemetry();
+    let hop = Hop::start("a", free_addr(), &[]).await;
+    let config = StackConfig {
+        // The breaker stays out of this: UNAVAILABLE is answered on purpose.
+        breaker: BreakerConfig { consecutive_failures: 1000, success_rate: 0.0, ..BreakerConfig::default() },
+        ..StackConfig::default()
+    };
+    let (registry, metrics) = registered_metrics();
+    let client = EchoServiceClient::new(echo_channel(&[hop.addr], config, &metrics));
+    let retries = || sample(&registry, "mesh_client_retries_total", &[r#"grpc_method="Echo""#]);
+    // Three attempts, each told to wait before the next.
+    let timed = |metadata: &'static [(&'static str, &'static str)]| {
+        let client = client.clone();
+        async move {
+            let start = Instant::now();
+            let err = echo(&client, refused(metadata)).await.unwrap_err();
+            assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+            start.elapsed()
+        }
+    };
+
+    // grpc-retry-pushback-ms: exactly that long (the backoff alone is 25–65 ms for two).
+    let took = timed(&[("x-echo-code", "14"), ("x-echo-pushback", "300")]).await;
+    assert!(took >= Duration::from_millis(600) && took < Duration::from_secs(2), "{took:?}");
+    assert_eq!(retries(), 2.0);
+    // google.rpc.RetryInfo: at least that long.
+    let took = timed(&[("x-echo-code", "14"), ("x-echo-retry-delay-ms", "250")]).await;
+    assert!(took >= Duration::from_millis(500) && took < Duration::from_secs(2), "{took:?}");
+    assert_eq!(retries(), 4.0);
+    // Negative or malformed pushback: do not retry (gRPC A6); longer than
+    // the client's longest backoff: the caller gets the answer at once.
+    for pushback in ["-1", "soon", "60000"] {
+        let metadata: &'static [(&'static str, &'static str)] = match pushback {
+            "-1" => &[("x-echo-code", "14"), ("x-echo-pushback", "-1")],
+            "soon" => &[("x-echo-code", "14"), ("x-echo-pushback", "soon")],
+            _ => &[("x-echo-code", "14"), ("x-echo-pushback", "60000")],
+        };
+        let took = timed(metadata).await;
+        assert!(took < Duration::from_millis(500), "{pushback}: {took:?}");
+        assert_eq!(retries(), 4.0, "{pushback}: retried");
+    }
+    // Without pushback, the client's own backoff: two retries, well under 600 ms.
+    let took = timed(&[("x-echo-code", "14")]).await;
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    assert_eq!(retries(), 6.0);
+}

@@ -11,7 +11,8 @@ use mesh_proto::{
     ratelimit::{CheckRequest, Code as LimitCode, Descriptor, Entry, GetRulesRequest},
     session::{
         ClientInfo, CreateSessionRequest, ListUserSessionsRequest, RefreshSessionRequest,
-        RevokeSessionRequest, ValidateSessionRequest, revoke_session_request::Target,
+        RevokeSessionRequest, RevokeUserSessionsRequest, ValidateSessionRequest,
+        revoke_session_request::Target,
     },
 };
 use mesh_runtime::{ServerConfig, grpc::CallContext, trace_context::current_trace_id};
@@ -288,6 +289,61 @@ async fn the_data_client_sends_its_token_and_repeats_reads_only_on_the_real_serv
     assert_eq!(client.put(put).await.unwrap_err().code(), Code::Unavailable);
     assert_eq!(retries("Put"), 0.0, "Put was repeated");
     data.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn revocations_are_repeated_on_unavailable_creations_are_not() {
+    let _t = mesh_testkit::init_telemetry();
+    // A session service whose Redis is not there: every change is UNAVAILABLE.
+    let mut redis = Infra::shared().redis_config(&redis_prefix());
+    redis.urls = vec![SecretString::from(mesh_testkit::free_addr().to_string())];
+    redis.command_timeout = Duration::from_millis(200);
+    redis.connect_timeout = Duration::from_millis(200);
+    let config = mesh_session::Config {
+        server: ServerConfig::for_tests(),
+        redis,
+        clients: ClientConfig {
+            session: None,
+            ratelimit: None,
+            audit: None,
+            data: None,
+            stack: Default::default(),
+        },
+        session: mesh_session::SessionConfig {
+            audit_hash_key: Some("typed-client-test-audit-hash-key".to_owned().into()),
+            ..Default::default()
+        },
+    };
+    let app = mesh_session::App::build(config).await.unwrap();
+    let app = spawn(app.local_addr(), app.metrics_addr(), |sd| app.serve(sd));
+
+    let (registry, metrics) = registered_metrics();
+    let client = SessionClient::from_config(&config_for(keys::SESSION_ADDR, app.addr), &metrics).unwrap();
+    let retries = |method: &str| {
+        sample(&registry, "mesh_client_retries_total", &[&format!("grpc_method=\"{method}\"")])
+    };
+    // A well-formed id, from a working instance.
+    let working = spawn_session().await;
+    let id =
+        SessionClient::from_config(&config_for(keys::SESSION_ADDR, working.addr), &ClientMetrics::default())
+            .unwrap()
+            .create_session(CreateSessionRequest { user_id: "typed-revoke".into(), ..Default::default() })
+            .await
+            .unwrap()
+            .session
+            .unwrap()
+            .id;
+    working.stop().await.unwrap();
+    let revoke = RevokeSessionRequest { target: Some(Target::SessionId(id)), client: None };
+    assert_eq!(client.revoke_session(revoke).await.unwrap_err().code(), Code::Unavailable);
+    assert!(retries("RevokeSession") >= 1.0, "RevokeSession was not repeated");
+    let all = RevokeUserSessionsRequest { user_id: "typed-revoke".into(), ..Default::default() };
+    assert_eq!(client.revoke_user_sessions(all).await.unwrap_err().code(), Code::Unavailable);
+    assert!(retries("RevokeUserSessions") >= 1.0, "RevokeUserSessions was not repeated");
+    let create = CreateSessionRequest { user_id: "typed-revoke".into(), ..Default::default() };
+    assert_eq!(client.create_session(create).await.unwrap_err().code(), Code::Unavailable);
+    assert_eq!(retries("CreateSession"), 0.0, "CreateSession was repeated");
+    app.stop().await.unwrap();
 }
 
 #[tokio::test]

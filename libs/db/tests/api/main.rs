@@ -1,6 +1,7 @@
 //! Tests of `mesh-db` against the real PostgreSQL primary and replica:
 //! routing, lag exclusion, consistency-token waits, failures, pool metrics.
 
+mod idle;
 mod metrics;
 mod routing;
 

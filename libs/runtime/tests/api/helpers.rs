@@ -3,7 +3,7 @@ use std::sync::{
     atomic::{AtomicBool, Ordering},
 };
 
-use mesh_runtime::{Check, Server, ServerConfig};
+use mesh_runtime::{Check, Need, Server, ServerConfig};
 use mesh_testkit::{Running, echo, spawn};
 
 /// A dependency the test switches up and down.
@@ -21,21 +21,22 @@ impl Switch {
         self.0.store(up, Ordering::SeqCst);
     }
 
-    pub(crate) fn check(&self) -> Check {
+    /// Its check, named `name`.
+    pub(crate) fn check(&self, name: &str) -> Check {
         let s = self.0.clone();
-        Check::new("switch", move || {
+        Check::new(name, move || {
             let up = s.load(Ordering::SeqCst);
             async move { if up { Ok(()) } else { Err("switched off".to_owned()) } }
         })
     }
 }
 
-/// An echo server on the runtime, with `checks` gating readiness.
-pub(crate) async fn spawn_echo(config: ServerConfig, checks: Vec<Check>) -> Running {
+/// An echo server on the runtime with the dependencies `deps`.
+pub(crate) async fn spawn_echo(config: ServerConfig, deps: Vec<(Check, Need)>) -> Running {
     let mut server = Server::bind(config).await.unwrap();
     server.add_service(echo::server()).add_descriptor_set(echo::FILE_DESCRIPTOR_SET);
-    for c in checks {
-        server.add_check(c);
+    for (check, need) in deps {
+        server.add_dependency(check, need);
     }
     spawn(server.local_addr(), server.metrics_addr(), |sd| server.serve(sd))
 }

@@ -4,6 +4,7 @@ mod append;
 mod export;
 mod helpers;
 mod lifecycle;
+mod numbers;
 mod query;
 mod storage;
 mod tail;

@@ -1,25 +1,54 @@
 -- mesh rate limit: decide every descriptor of one slot group atomically.
 --
--- KEYS[i]  one key per descriptor (all in one hash slot).
--- ARGV     6 values per descriptor: algorithm (1 fixed_window, 2 sliding_window,
---          3 token_bucket), limit, period_ms, burst, hits, shadow (0/1).
+-- KEYS     n counter keys (one per descriptor), then, when the call records
+--          (ARGV[1] not empty), n record keys (`<counter>:r`, a sorted set
+--          of call ids scored by the time they wrote). All in one hash slot;
+--          nothing else is touched.
+-- ARGV[1]  call id: record this call's hits so `undo.lua` can give back
+--          exactly them, once ("" for a single-group call: nothing to undo).
+-- ARGV[2]  record lifetime (ms): older records are dropped, their hits final.
+-- ARGV[3]  now (ms since the epoch) for tests; "" takes the server's clock.
+-- ARGV[4…] 6 values per descriptor: algorithm (1 fixed_window, 2
+--          sliding_window, 3 token_bucket), limit, period_ms, burst, hits,
+--          shadow (0/1).
 --
 -- Decides every descriptor first; writes only when every enforced (non-shadow)
 -- descriptor fits, so a refused group consumes nothing. A shadow descriptor
 -- that is over is reported but neither blocks nor consumes (as it would if
 -- it were enforced). Time is the Redis server's, so every instance agrees.
+-- A call whose give-back already ran (a tombstone `<id>:x` in a record key:
+-- its reply was lost and the caller gave up) writes nothing.
 --
--- Returns {applied, then 6 integers per descriptor: over, remaining,
+-- Returns {applied, then 7 integers per descriptor: over, remaining,
 -- reset_ms, retry_ms (-1: never, the hits exceed the capacity), retry1_ms
--- (until a single hit fits), marker (the window written, for undo)}.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+-- (until a single hit fits), and remaining and reset_ms without this call's
+-- hits (what the call reports once they are given back)}.
+local now
+if ARGV[3] ~= '' then
+  now = tonumber(ARGV[3])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
+local id = ARGV[1]
+local ttl = tonumber(ARGV[2])
+local H = 3
 local n = #KEYS
+if id ~= '' then n = n / 2 end
 local plans = {}
 local all_fit = true
+if id ~= '' then
+  for i = 1, n do
+    local r = KEYS[n + i]
+    redis.call('ZREMRANGEBYSCORE', r, '-inf', now - ttl)
+    if redis.call('ZSCORE', r, id .. ':x') or redis.call('ZSCORE', r, id) then
+      all_fit = false
+    end
+  end
+end
 
 for i = 1, n do
-  local b = (i - 1) * 6
+  local b = H + (i - 1) * 6
   local alg = tonumber(ARGV[b + 1])
   local limit = tonumber(ARGV[b + 2])
   local period = tonumber(ARGV[b + 3])
@@ -44,7 +73,6 @@ for i = 1, n do
     p.wait = wait(need)
     p.retry1 = wait(1)
     p.new_tat = tat + hits * T
-    p.marker = 0
     p.rem_now = math.floor((dvt - (tat - now)) / T + 1e-9)
     p.reset_now = tat - now
     p.rem_after = math.floor((dvt - (p.new_tat - now)) / T + 1e-9)
@@ -79,7 +107,6 @@ for i = 1, n do
     p.wait = wait(need)
     p.retry1 = wait(1)
     p.w, p.c, p.prev = w, c, prev
-    p.marker = w
     p.rem_now = math.floor(limit - est + 1e-9)
     p.rem_after = math.floor(limit - est - hits + 1e-9)
     -- Fully recovered: a fixed window at its end; a sliding window once
@@ -106,14 +133,18 @@ for i = 1, n do
   if remaining < 0 then remaining = 0 end
   if applied and p.hits > 0 then
     if p.alg == 3 then
-      local ttl = math.ceil(p.new_tat - now) + 1000
-      redis.call('SET', KEYS[i], string.format('%.3f', p.new_tat), 'PX', ttl)
+      local px = math.ceil(p.new_tat - now) + 1000
+      redis.call('SET', KEYS[i], string.format('%.3f', p.new_tat), 'PX', px)
     else
       redis.call('HSET', KEYS[i], 'w', p.w, 'c', p.c + p.hits, 'p', p.prev)
       -- A sliding window still needs this window's count during the next one.
       local keep = p.period
       if p.alg == 2 then keep = 2 * p.period end
       redis.call('PEXPIRE', KEYS[i], math.ceil((p.w * p.period + keep) - now) + 1000)
+    end
+    if id ~= '' then
+      redis.call('ZADD', KEYS[n + i], math.floor(now), id)
+      redis.call('PEXPIRE', KEYS[n + i], ttl + 1000)
     end
   end
   local over = 0
@@ -127,6 +158,9 @@ for i = 1, n do
   out[#out + 1] = math.ceil(reset)
   out[#out + 1] = retry
   out[#out + 1] = retry1
-  out[#out + 1] = p.marker
+  local before = p.rem_now
+  if before < 0 then before = 0 end
+  out[#out + 1] = before
+  out[#out + 1] = math.ceil(p.reset_now)
 end
 return out

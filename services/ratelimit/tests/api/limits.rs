@@ -318,11 +318,19 @@ async fn keys_over_their_limit_are_refused_from_the_local_cache() {
     assert_eq!(cached.decided_by, "local-cache");
     let retry = cached.resp.statuses[0].retry_after.unwrap();
     assert!(retry.seconds > 60, "an hourly limit's retry_after, got {retry:?}");
-    // A call that also carries the hot key is refused whole, nothing consumed elsewhere.
-    let both =
-        check(&mut c, "t", vec![desc(&[("big", "cold")], None), desc(&[("small", "hot")], None)]).await;
+    // A call that also carries a key the cache does not know asks Redis once (to
+    // answer that descriptor too), is refused whole, nothing consumed elsewhere; the
+    // same call again comes from the cache with the same answer.
+    let pair = || vec![desc(&[("big", "cold")], None), desc(&[("small", "hot")], None)];
+    let both = check(&mut c, "t", pair()).await;
     assert!(!both.ok());
-    assert_eq!(both.decided_by, "local-cache");
+    assert_eq!(both.decided_by, "redis");
+    assert_eq!(both.resp.statuses[0].limit_remaining, 10);
+    let again = check(&mut c, "t", pair()).await;
+    assert!(!again.ok());
+    assert_eq!(again.decided_by, "local-cache");
+    assert_eq!(again.resp.statuses[0].limit_remaining, 10);
+    assert_eq!(again.resp.statuses[0].current_limit, both.resp.statuses[0].current_limit);
     let peek = check(&mut c, "t", vec![desc(&[("big", "cold")], Some(0))]).await;
     assert_eq!(peek.remaining(0), 10);
     assert_eq!(

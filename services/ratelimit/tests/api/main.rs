@@ -5,4 +5,8 @@ mod failover;
 mod helpers;
 mod lifecycle;
 mod limits;
+mod overload;
+mod paths;
+mod reshard;
 mod rules;
+mod saga;

@@ -15,6 +15,8 @@
 --   o        stream  audit outbox: events written with the change they record
 --   l        string  the outbox drain lease
 --   x        stream  audit events the audit service refused for good
+--   w        string  write fence: every revocation writes it (KEYS[2]), so
+--                    the WAIT after it covers an earlier attempt's deletion
 -- Channel `c` (sharded pub/sub): `r <nonce> <hex> ...` token hashes revoked
 -- (every subscriber answers `a <nonce>` once its cache has dropped them),
 -- `o` the outbox has events.
@@ -45,6 +47,15 @@ local function load(sid)
   if not v[1] then return nil end
   return { sid = sid, u = v[1], t = v[2], a = v[3], i = v[4], g = v[5], c = tonumber(v[6]),
            l = tonumber(v[7]), d = tonumber(v[8]), ie = tonumber(v[9]), ae = tonumber(v[10]) }
+end
+
+-- Every key a script may write, read before its first write: while the
+-- slot migrates, Redis refuses a key that has left this node (`Script
+-- attempted to access a non local key`), and a refusal before any write
+-- leaves nothing half-done, so store.rs may send the script again. (Scripts
+-- still name these keys from data, not in KEYS: see the README.)
+local function present(...)
+  for _, k in ipairs({ ... }) do redis.call('EXISTS', k) end
 end
 
 local function expiry(s) return math.min(s.ie, s.ae) end
@@ -83,6 +94,11 @@ local function audit(now, action, s, extra)
               r = ctx.r, tr = ctx.tr, ip = ctx.ip, ua = ctx.ua }
   if extra then for k, v in pairs(extra) do e[k] = v end end
   redis.call('XADD', OUTBOX, '*', 'e', cjson.encode(e))
+end
+
+-- Revocations write the fence first, whatever they find (store.rs, Durability).
+local function fence(now)
+  redis.call('SET', KEYS[2], fmt(now), 'PX', 60000)
 end
 
 -- Ends a session: its keys go, its token is announced as revoked.

@@ -5,6 +5,7 @@
 -- evicted sessions.
 local now = now_ms()
 local sid, th, uid = ARGV[3], ARGV[4], ARGV[5]
+present(tkey(th), OUTBOX)
 local existing = load(sid)
 if existing then
   -- The id is new for every call: this is a retry of this very call.
@@ -13,6 +14,7 @@ if existing then
 end
 local sessions = reindex(uid, now)
 local excess = #sessions - tonumber(ARGV[11]) + 1
+for n = 1, excess do present(tkey(sessions[n].t)) end
 for n = 1, excess do
   kill(sessions[n])
   audit(now, 'session.evict', sessions[n], { m = 'cap' })

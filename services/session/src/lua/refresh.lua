@@ -16,6 +16,7 @@ if string.sub(v, 1, 1) == '~' then
 end
 local s = load(v)
 if not live(s, now) or s.t ~= old then return done({ 0 }) end
+present(tkey(new), ukey(s.u), OUTBOX)
 s.t = new
 s.l = now
 s.ie = math.min(now + s.d, s.ae)

@@ -8,14 +8,14 @@ if not live(s, now) or tkey(s.t) ~= KEYS[1] then return { 0 } end
 if ARGV[3] == '1' then
   local interval = math.min(tonumber(ARGV[4]), math.floor(s.d / 16))
   if now - s.l >= interval then
+    local u = ukey(s.u)
+    local t = redis.call('PEXPIRETIME', u)
     s.l = now
     s.ie = math.min(now + s.d, s.ae)
     local x = fmt(expiry(s))
     redis.call('HSET', skey(sid), 'l', fmt(now), 'ie', fmt(s.ie))
     redis.call('PEXPIREAT', skey(sid), x)
     redis.call('PEXPIREAT', KEYS[1], x)
-    local u = ukey(s.u)
-    local t = redis.call('PEXPIRETIME', u)
     if t ~= -2 and t < expiry(s) then redis.call('PEXPIREAT', u, x) end
   end
 end

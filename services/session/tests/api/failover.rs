@@ -122,8 +122,11 @@ async fn a_master_failover_loses_no_session_and_no_revocation() {
         );
         assert_eq!(validate(&mut old, t, false).await, Err(Code::Unauthenticated));
     }
+    // Revocations on the failed-over shard stay UNAVAILABLE: its new master
+    // has no replica (the old one is dead), and a revocation is acknowledged
+    // only once a replica holds it. The other two shards keep acknowledging.
     assert!(
-        acked.live.len() >= 120 && acked.revoked.len() >= 60,
+        acked.live.len() >= 120 && acked.revoked.len() >= 40,
         "{} live, {} revoked",
         acked.live.len(),
         acked.revoked.len()

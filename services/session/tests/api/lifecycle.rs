@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use mesh_testkit::{Infra, PrivateInfra, conformance};
+use mesh_testkit::{
+    Infra, PrivateInfra,
+    conformance::{self, WhileDown},
+};
 
 use crate::helpers::{SERVED, config, spawn_app};
 
@@ -15,15 +18,19 @@ async fn serves_health_and_reflection() {
     app.stop().await.unwrap();
 }
 
+/// Without Redis no token can be validated: the pod cannot answer at all,
+/// so readiness follows the cluster, and `dependency:redis` reports it.
 #[tokio::test]
 async fn readiness_follows_the_redis_cluster() {
     let _t = mesh_testkit::init_telemetry();
     let private = PrivateInfra::new();
     private.start_redis().await.unwrap();
     let app = spawn_app(config(&private.infra)).await;
-    let took = conformance::assert_readiness_follows(
-        app.addr,
+    let took = conformance::assert_dependency_loss(
+        &app,
         SERVED,
+        "redis",
+        WhileDown::NotReady,
         Duration::from_secs(5),
         private.stop_redis(),
         private.start_redis(),
