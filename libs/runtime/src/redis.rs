@@ -204,7 +204,9 @@ pub fn connect(config: &RedisConfig) -> Result<Pool, ConfigError> {
     Ok(pool)
 }
 
-/// Readiness check: the cluster answers and reports `cluster_state:ok`.
+/// The `redis` dependency check: the cluster answers and reports
+/// `cluster_state:ok`. Whether it gates readiness is the service's choice
+/// (`Server::add_dependency`).
 pub fn check(pool: &Pool) -> Check {
     let pool = pool.clone();
     Check::new("redis", move || {
