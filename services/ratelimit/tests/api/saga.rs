@@ -64,6 +64,11 @@ async fn cross_slot_counters_equal_the_ok_answers_while_connections_are_killed()
     let rules = RulesFile::new(RULES);
     let mut config: Config = config_with(&private.infra, &rules);
     config.engine.redis_timeout = Duration::from_millis(500);
+    // What is under test is the give-back, not the breaker or admission: the
+    // kills would open the breaker (every call then fail_closed, nothing to
+    // count) and slow calls would be shed.
+    config.engine.breaker_min_requests = u32::MAX;
+    config.engine.max_in_flight = CALLERS;
     let prefix = config.redis.key_prefix.clone();
     let app = spawn_app(config).await;
     let c = client(&app).await;
