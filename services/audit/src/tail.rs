@@ -220,7 +220,9 @@ impl Hub {
 
 /// The hub's listener task.
 async fn listen(hub: Weak<HubInner>, pool: PgPool, channel: String, stop: CancellationToken) {
-    let mut backoff = Duration::from_millis(100);
+    let backoff = mesh_tower::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    // Failed attempts in a row.
+    let mut failed = 0;
     'connect: loop {
         let mut listener = match connect(&pool, &channel).await {
             Ok(l) => l,
@@ -228,13 +230,13 @@ async fn listen(hub: Weak<HubInner>, pool: PgPool, channel: String, stop: Cancel
                 tracing::warn!(error = %e, "tail listener cannot connect, retrying");
                 tokio::select! {
                     () = stop.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(backoff.delay(failed)) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                failed += 1;
                 continue;
             }
         };
-        backoff = Duration::from_millis(100);
+        failed = 0;
         // Anything committed while we were not listening.
         let mut target = head_or_zero(&pool, &hub).await;
         let mut poll = tokio::time::interval(POLL);
@@ -244,7 +246,7 @@ async fn listen(hub: Weak<HubInner>, pool: PgPool, channel: String, stop: Cancel
                 && let Err(e) = catch_up(&inner, &pool, target).await
             {
                 tracing::warn!(error = %e, "tail listener cannot read new events, reconnecting");
-                tokio::time::sleep(backoff).await;
+                tokio::time::sleep(backoff.delay(0)).await;
                 continue 'connect;
             }
             drop(inner);

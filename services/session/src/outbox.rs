@@ -21,8 +21,8 @@
 //!   died between Append and delete, or lost its lease) is still one row:
 //!   the audit service answers a repeated key with the first result.
 //! - **Failures.** The first failed Append stops the drain; the bucket is
-//!   retried after a jittered backoff (500 ms doubling up to
-//!   `MESH_SESSION_OUTBOX_RETRY_MAX_MS`), and the client stack's breaker
+//!   retried after a backoff (`mesh_tower::Backoff`: 500 ms doubling, plus
+//!   10–30 % jitter, up to `MESH_SESSION_OUTBOX_RETRY_MAX_MS`), and the client stack's breaker
 //!   stops calls to an audit service that is down. An event the audit
 //!   service refuses for good (INVALID_ARGUMENT) moves to the bucket's
 //!   dead-letter stream (`x`) with an error log, so it cannot block the
@@ -152,8 +152,7 @@ pub(crate) struct Drainer {
     lease: Duration,
     sweep: Duration,
     timeout: Duration,
-    retry_base: Duration,
-    retry_max: Duration,
+    retry: mesh_tower::Backoff,
     metrics: Arc<Metrics>,
 }
 
@@ -175,8 +174,7 @@ impl Drainer {
             lease: c.outbox_lease,
             sweep: c.outbox_sweep,
             timeout: c.audit_timeout,
-            retry_base: c.outbox_retry_base,
-            retry_max: c.outbox_retry_max,
+            retry: mesh_tower::Backoff::new(c.outbox_retry_base, c.outbox_retry_max),
             metrics,
         }
     }
@@ -186,8 +184,8 @@ impl Drainer {
         let mut pending: VecDeque<Bucket> = VecDeque::new();
         let mut queued: HashSet<Bucket> = HashSet::new();
         let mut active: HashSet<Bucket> = HashSet::new();
-        // Bucket -> (not before, next backoff).
-        let mut backoff: HashMap<Bucket, (Instant, Duration)> = HashMap::new();
+        // Bucket -> (not before, failed drains in a row).
+        let mut backoff: HashMap<Bucket, (Instant, u32)> = HashMap::new();
         let mut running: JoinSet<(Bucket, Drained)> = JoinSet::new();
         let mut sweep = tokio::time::interval(self.sweep);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -195,7 +193,7 @@ impl Drainer {
         let enqueue = |b: Bucket,
                        pending: &mut VecDeque<Bucket>,
                        queued: &mut HashSet<Bucket>,
-                       backoff: &HashMap<Bucket, (Instant, Duration)>| {
+                       backoff: &HashMap<Bucket, (Instant, u32)>| {
             let waiting = backoff.get(&b).is_some_and(|(t, _)| *t > Instant::now());
             if !waiting && queued.insert(b) {
                 pending.push_back(b);
@@ -231,9 +229,9 @@ impl Drainer {
                         }
                         Drained::Busy => {}
                         Drained::Failed => {
-                            let next = backoff.get(&b).map_or(self.retry_base, |(_, d)| *d);
-                            let wait = next.mul_f64(rand::random_range(0.8..1.2));
-                            backoff.insert(b, (Instant::now() + wait, (next * 2).min(self.retry_max)));
+                            let failed = backoff.get(&b).map_or(0, |(_, n)| *n);
+                            let wait = self.retry.delay(failed);
+                            backoff.insert(b, (Instant::now() + wait, failed.saturating_add(1)));
                         }
                     }
                 }
