@@ -92,12 +92,20 @@ pg_start() {
   local root; root=$(pg_root)
   local primary="$root/primary" replica="$root/replica" sock="$root/sock"
   as_pg mkdir -p "$sock"
+  # An initialisation that did not finish (e.g. the port was taken) is
+  # started over: its roles and database were never made.
+  if [ -f "$primary/mesh.initialising" ]; then
+    say "removing the unfinished postgres initialisation in $primary"
+    pg_running "$primary" && as_pg "$PG_BIN/pg_ctl" -D "$primary" -m immediate -w stop >/dev/null || true
+    rm -rf "$primary" "$replica"
+  fi
   if [ ! -f "$primary/PG_VERSION" ]; then
     say "initialising postgres primary in $primary"
     local pwfile; pwfile=$(mktemp); printf '%s\n' "$MESH_PG_PASSWORD" >"$pwfile"; chmod 644 "$pwfile"
     as_pg "$PG_BIN/initdb" -D "$primary" -U postgres --pwfile="$pwfile" --auth-local=trust \
       --auth-host=scram-sha-256 -E UTF8 --locale=C.UTF-8 >/dev/null
     rm -f "$pwfile"
+    as_pg touch "$primary/mesh.initialising"
     as_pg tee -a "$primary/postgresql.conf" >/dev/null <<CONF
 # mesh local primary
 listen_addresses = '127.0.0.1'
@@ -128,6 +136,7 @@ create role mesh with login createrole password :'pw';
 create database mesh owner mesh;
 select pg_create_physical_replication_slot('mesh_replica');
 SQL
+    as_pg rm -f "$primary/mesh.initialising"
   fi
   pg_start_dir "$primary" "$MESH_PG_PRIMARY_PORT"
   if [ ! -f "$replica/PG_VERSION" ]; then
