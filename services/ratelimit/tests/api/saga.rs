@@ -17,7 +17,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::helpers::{RulesFile, check, client, config_with, desc, spawn_app};
+use crate::helpers::{RulesFile, check, client, config_with, desc, metric, spawn_app};
 
 const RULES: &str = r#"
 domain: saga
@@ -147,7 +147,20 @@ async fn cross_slot_counters_equal_the_ok_answers_while_connections_are_killed()
     let count =
         |key: String| async move { redis_cli(port, &["HGET", &key, "c"]).await.parse::<u64>().unwrap_or(0) };
     let (a, b) = (count(key_a).await, count(key_b).await);
-    assert_eq!((a, b), (ok, ok), "each counter equals the OK answers");
+    // The README's guarantee, exactly: no allowed hit is ever given back;
+    // a refused call's hits are given back exactly once when that lands
+    // within the bound, and the ones that could not land (the kills can
+    // outlast it on a loaded machine) are counted as failed and stay.
+    let failed = metric(&app, "mesh_ratelimit_compensations_total", &[r#"result="failed""#]).await as u64;
+    eprintln!("counters a {a} b {b}, hits whose give-back failed {failed}");
+    assert!(a >= ok && b >= ok, "an allowed hit was given back: counters ({a}, {b}), {ok} OK answers");
+    assert!(
+        (a - ok) + (b - ok) <= failed,
+        "hits beyond the OK answers ({a}, {b} for {ok}) that no failed give-back accounts for ({failed})"
+    );
+    if failed == 0 {
+        assert_eq!((a, b), (ok, ok), "each counter equals the OK answers");
+    }
     assert!(ok <= 600, "the limit held");
     app.stop().await.unwrap();
 }
