@@ -287,12 +287,7 @@ pub(crate) fn check_command(
     if !call_id.is_empty() {
         keys.extend(items.iter().map(|it| record_key(it.key)));
     }
-    let mut args = Vec::with_capacity(3 + 6 * items.len());
-    args.extend([
-        call_id.to_owned(),
-        RECORD_TTL.as_millis().to_string(),
-        now_ms.map(|t| t.to_string()).unwrap_or_default(),
-    ]);
+    let mut args = args_head(call_id, now_ms, 6 * items.len());
     for it in items {
         args.extend([
             algorithm_code(it.params.algorithm).to_owned(),
@@ -306,6 +301,19 @@ pub(crate) fn check_command(
     (keys, args)
 }
 
+/// The ARGV head both scripts read the same way: the call id, the record
+/// TTL (ms) and the test clock (ms, empty: the server's), with room for
+/// `more` per-descriptor arguments after it.
+fn args_head(call_id: &str, now_ms: Option<f64>, more: usize) -> Vec<String> {
+    let mut args = Vec::with_capacity(3 + more);
+    args.extend([
+        call_id.to_owned(),
+        RECORD_TTL.as_millis().to_string(),
+        now_ms.map(|t| t.to_string()).unwrap_or_default(),
+    ]);
+    args
+}
+
 /// `undo.lua`'s KEYS and ARGV for one group of a call (`now_ms` as for
 /// [`check_command`]).
 pub(crate) fn undo_command(
@@ -315,12 +323,7 @@ pub(crate) fn undo_command(
 ) -> (Vec<String>, Vec<String>) {
     let mut keys: Vec<String> = items.iter().map(|it| it.key.to_owned()).collect();
     keys.extend(items.iter().map(|it| record_key(it.key)));
-    let mut args = Vec::with_capacity(3 + 4 * items.len());
-    args.extend([
-        call_id.to_owned(),
-        RECORD_TTL.as_millis().to_string(),
-        now_ms.map(|t| t.to_string()).unwrap_or_default(),
-    ]);
+    let mut args = args_head(call_id, now_ms, 4 * items.len());
     for it in items {
         args.extend([
             algorithm_code(it.params.algorithm).to_owned(),
