@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Validates the deploy deliverables with no Docker engine and no cluster:
 #
-#   shell    bash -n and shellcheck on deploy/docker/*.sh and this script
+#   shell    bash -n and shellcheck on deploy/docker/*.sh, .ci/buf-breaking.sh
+#            and this script
 #   docker   hadolint on deploy/docker/Dockerfile; the build targets compose uses exist
 #   compose  docker-compose.yml: `docker-compose config -q` (Compose v1, which
 #            checks interpolation, references and v1's schema without an engine),
@@ -11,8 +12,15 @@
 #   k8s      every kustomization (base, overlays/*) rendered with kustomize (the
 #            one built into kubectl), each render checked by kubernetes-validate
 #            --strict against pinned Kubernetes versions, and by policy checks
-#            (probe semantics, drain arithmetic, securityContext, Services, PDBs,
-#            HPAs, Secret references, per-overlay expectations)
+#            (probe semantics, preStop + drain + grace + span flush within the
+#            termination grace period, startup window above the migration
+#            timeout, the PostgreSQL connection budget at the HPA maxima,
+#            securityContext, Services, PDBs, HPAs, Secret references,
+#            per-overlay expectations)
+#   contract deploy/contract.py: the renders and docker-compose.yml against the
+#            code (env var names the binaries read, default ports, health
+#            names, the rate-limit domains and keys the services send present
+#            in every shipped rules set) and the Markdown's relative links
 #
 # Installs what it needs, pinned, under .local/tools (git-ignored); a second run
 # reuses it. Prints one line per check; exits non-zero if any check fails.
@@ -169,7 +177,7 @@ PY=$VENV/bin/python
 cd "$REPO"
 
 # ------------------------------------------------------------------ shell
-SCRIPTS=(deploy/docker/*.sh deploy/validate.sh)
+SCRIPTS=(deploy/docker/*.sh deploy/validate.sh .ci/buf-breaking.sh)
 bash_n_all() { local f; for f in "${SCRIPTS[@]}"; do bash -n "$f" || return 1; done; }
 check "shell: bash -n (${#SCRIPTS[@]} scripts)" bash_n_all
 check "shell: shellcheck (${#SCRIPTS[@]} scripts)" "$VENV/bin/shellcheck" -x "${SCRIPTS[@]}"
@@ -242,12 +250,26 @@ for name, svc in services.items():
             err(f"{name}: healthcheck does not probe readiness on its gRPC port {port}")
         if env.get("MESH_METRICS_ADDR", "").rsplit(":", 1)[-1] != str(int(port) + 1000):
             err(f"{name}: metrics port is not the gRPC port + 1000")
-        need = int(env.get("MESH_DRAIN_DELAY_MS", 0)) + int(env.get("MESH_SHUTDOWN_GRACE_MS", 20000))
+        # + 5000: the longest span flush (the OTLP exporter's timeout).
+        need = int(env.get("MESH_DRAIN_DELAY_MS", 0)) + int(env.get("MESH_SHUTDOWN_GRACE_MS", 20000)) + 5000
         have = seconds(svc.get("stop_grace_period", "10s")) * 1000
         if have <= need:
-            err(f"{name}: stop_grace_period {have} ms does not exceed drain + grace {need} ms")
+            err(f"{name}: stop_grace_period {have} ms does not exceed drain + grace + span flush {need} ms")
         if not svc.get("read_only") or "ALL" not in (svc.get("cap_drop") or []):
             err(f"{name}: not read_only with all capabilities dropped")
+session = services.get("session", {}).get("environment") or {}
+if "MESH_SESSION_AUDIT_HASH_KEY" not in session:
+    err("session: MESH_SESSION_AUDIT_HASH_KEY unset: each replica would hash tokens with a key of its own")
+else:
+    m = re.fullmatch(r"\$\{MESH_SESSION_AUDIT_HASH_KEY:-(.*)\}", str(session["MESH_SESSION_AUDIT_HASH_KEY"]))
+    if m and len(m.group(1).encode()) < 16:
+        err("session: the default MESH_SESSION_AUDIT_HASH_KEY is shorter than the 16 bytes mesh-session requires")
+# PostgreSQL connections per server, one replica of each service: (pool + 2
+# for polling) each, within the image's max_connections (100) less 10 reserved.
+used = sum(int((s.get("environment") or {}).get("MESH_DATABASE_MAX_CONNECTIONS", 50)) + 2
+           for s in services.values() if "MESH_DATABASE_WRITE_URL" in (s.get("environment") or {}))
+if used > 90:
+    err(f"PostgreSQL connections of the services' pools ({used}) exceed 90 (max_connections 100 less 10 reserved)")
 defaults = re.findall(r"\$\{MESH_PG_PASSWORD:-", text)
 if len(defaults) != 1:
     err(f"the password default ${{MESH_PG_PASSWORD:-...}} appears {len(defaults)} times, not once")
@@ -258,12 +280,12 @@ for e in errors:
 sys.exit(1 if errors else 0)
 PY
 }
-check "compose: policy (healthchecks, drain vs stop_grace_period, pins, one password default)" compose_policy
+check "compose: policy (healthchecks, drain + flush vs stop_grace_period, pins, one password default, hash key, pools)" compose_policy
 
 # ------------------------------------------------------------------ k8s
 k8s_policy() { # rendered.yaml overlay-name
   "$PY" - "$1" "$2" <<'PY'
-import sys, yaml
+import base64, sys, yaml
 path, overlay = sys.argv[1], sys.argv[2]
 docs = [d for d in yaml.safe_load_all(open(path)) if d]
 errors = []
@@ -276,7 +298,26 @@ cms = by_kind.get("ConfigMap", {})
 secrets = by_kind.get("Secret", {})
 hpas = {h["spec"]["scaleTargetRef"]["name"]: h for h in by_kind.get("HorizontalPodAutoscaler", {}).values()}
 # Secrets operators create themselves, and the keys the services read from them.
-EXTERNAL = {"mesh-database": {"write-url", "read-urls"}, "mesh-redis": {"urls"}}
+EXTERNAL = {"mesh-database": {"write-url", "read-urls"}, "mesh-redis": {"urls"},
+            "mesh-session": {"audit-hash-key"}}
+# Shutdown arithmetic: the longest span flush (the OTLP exporter's timeout,
+# libs/runtime/src/telemetry.rs) and the defaults of the two variables.
+FLUSH_MS = 5000
+DEFAULT_GRACE_MS = 20000
+# A headless Service's DNS answer reaches a client within the DNS TTL plus
+# its re-resolve period (MESH_CLIENT_DNS_REFRESH_MS, 5 s): drain for longer.
+MIN_DRAIN_MS = 10000
+# Start-up waits this long for the primary and migrations by default
+# (MESH_DATABASE_MIGRATE_TIMEOUT_MS, libs/db/src/config.rs).
+DEFAULT_MIGRATE_MS = 60000
+# Each audit/data pod's own lag and health polling connections per server.
+DB_MONITOR_CONNECTIONS = 2
+db_pods = []  # (deployment, pods at most, connections per pod)
+
+def surge(replicas, value):
+    if isinstance(value, str) and value.endswith("%"):
+        return -(-replicas * int(value[:-1]) // 100)  # Kubernetes rounds maxSurge up
+    return int(value)
 
 def matches(selector, labels):
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
@@ -356,16 +397,46 @@ for name, d in deps.items():
                         err(f"{cw}: {e['name']} reads key {key} absent from Secret {sname}")
                 elif key not in EXTERNAL.get(sname, ()):
                     err(f"{cw}: {e['name']} reads {sname}/{key}, neither rendered nor a documented Secret")
+        if c.get("command", [""])[0].endswith("/mesh-session"):
+            key = next((e for e in c.get("env", []) if e["name"] == "MESH_SESSION_AUDIT_HASH_KEY"), {})
+            ref = key.get("valueFrom", {}).get("secretKeyRef")
+            if not ref:
+                err(f"{cw}: MESH_SESSION_AUDIT_HASH_KEY not from a Secret: each replica would hash "
+                    "tokens in audit events with a random key of its own")
+            elif ref["name"] in secrets:
+                value = base64.b64decode(secrets[ref["name"]].get("data", {}).get(ref["key"], ""))
+                if len(value) < 16:
+                    err(f"{cw}: Secret {ref['name']}/{ref['key']} is shorter than the 16 bytes mesh-session requires")
         listen = env.get("MESH_LISTEN_ADDR", "")
         if listen.rsplit(":", 1)[-1] != str(ports["grpc"]):
             err(f"{cw}: MESH_LISTEN_ADDR {listen!r} does not match the grpc port")
         for mount in c.get("volumeMounts", []):
             if mount.get("subPath") and "configMap" in volumes.get(mount["name"], {}):
                 err(f"{cw}: ConfigMap {mount['name']} mounted with subPath is never updated")
-        need = int(env.get("MESH_DRAIN_DELAY_MS", 0)) + int(env.get("MESH_SHUTDOWN_GRACE_MS", 20000))
+        drain = int(env.get("MESH_DRAIN_DELAY_MS", 0))
+        if drain < MIN_DRAIN_MS:
+            err(f"{cw}: MESH_DRAIN_DELAY_MS {drain} is below {MIN_DRAIN_MS} (headless DNS propagation)")
+        pre_stop = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds")
+        if not pre_stop:
+            err(f"{cw}: no preStop sleep (endpoint removal must precede SIGTERM)")
+        need = (int(pre_stop or 0) * 1000 + drain
+                + int(env.get("MESH_SHUTDOWN_GRACE_MS", DEFAULT_GRACE_MS)) + FLUSH_MS)
         have = int(pod.get("terminationGracePeriodSeconds", 30)) * 1000
         if have <= need:
-            err(f"{where}: terminationGracePeriodSeconds {have} ms does not exceed drain + grace {need} ms")
+            err(f"{where}: terminationGracePeriodSeconds {have} ms does not exceed "
+                f"preStop + drain + grace + span flush {need} ms")
+        if "MESH_DATABASE_WRITE_URL" in env or any(
+                e["name"] == "MESH_DATABASE_WRITE_URL" for e in c.get("env", [])):
+            sp = c.get("startupProbe", {})
+            window = int(sp.get("periodSeconds", 10)) * int(sp.get("failureThreshold", 3)) * 1000
+            migrate = int(env.get("MESH_DATABASE_MIGRATE_TIMEOUT_MS", DEFAULT_MIGRATE_MS))
+            if window <= migrate:
+                err(f"{cw}: startupProbe window {window} ms does not exceed the migration timeout {migrate} ms")
+            pool = int(env.get("MESH_DATABASE_MAX_CONNECTIONS", 50))
+            h = hpas.get(name)
+            replicas = h["spec"]["maxReplicas"] if h else int(spec.get("replicas", 1))
+            extra = surge(replicas, spec.get("strategy", {}).get("rollingUpdate", {}).get("maxSurge", "25%"))
+            db_pods.append((name, replicas + extra, pool + DB_MONITOR_CONNECTIONS))
     svcs = [s for s in by_kind.get("Service", {}).values()
             if matches(s["spec"].get("selector"), labels)]
     heads = [s for s in svcs if s["spec"].get("clusterIP") == "None"]
@@ -397,12 +468,44 @@ for name, d in deps.items():
 for target in hpas:
     if target not in deps:
         err(f"an HPA targets missing Deployment {target}")
+# ServiceMonitors (a CRD: no Kubernetes schema checks them): each mesh
+# Deployment's pods are scraped through exactly one selected Service port.
+def selects(sel, labels):
+    ok = all(labels.get(k) == v for k, v in (sel.get("matchLabels") or {}).items())
+    for e in sel.get("matchExpressions") or []:
+        v = labels.get(e["key"])
+        op = e["operator"]
+        ok = ok and ((op == "In" and v in e["values"]) or (op == "NotIn" and v not in e["values"])
+                     or (op == "Exists" and v is not None) or (op == "DoesNotExist" and v is None))
+    return ok
+for sm in by_kind.get("ServiceMonitor", {}).values():
+    ports = {ep.get("port") for ep in sm["spec"].get("endpoints", [])}
+    for name, d in deps.items():
+        pod_labels = d["spec"]["template"]["metadata"].get("labels", {})
+        scraped = [s["metadata"]["name"] for s in by_kind.get("Service", {}).values()
+                   if selects(sm["spec"]["selector"], s["metadata"].get("labels", {}))
+                   and matches(s["spec"].get("selector"), pod_labels)
+                   and any(p.get("name") in ports for p in s["spec"]["ports"])]
+        if len(scraped) != 1:
+            err(f"ServiceMonitor {sm['metadata']['name']}: scrapes Deployment {name} through {scraped}, not exactly one Service")
+if overlay == "dev" and (by_kind.get("ServiceMonitor") or by_kind.get("PrometheusRule")):
+    err("the dev overlay renders Prometheus Operator kinds: a plain local cluster cannot apply them")
+budget = cms.get("mesh-postgres-budget", {}).get("data")
+if db_pods and not budget:
+    err("no ConfigMap mesh-postgres-budget stating the connection budget the pools are sized against")
+elif db_pods:
+    allowed = int(budget["max-connections"]) - int(budget["reserved"])
+    used = sum(pods * per_pod for _, pods, per_pod in db_pods)
+    if used > allowed:
+        detail = " + ".join(f"{n} {pods} x {per_pod}" for n, pods, per_pod in db_pods)
+        err(f"PostgreSQL connections at the HPA maxima plus surge: {detail} = {used}, "
+            f"over the budget max-connections - reserved = {allowed}")
 for cm in cms.values():
     if cm["metadata"]["name"].startswith("mesh-ratelimit-rules"):
         for key, value in cm.get("data", {}).items():
-            rules = yaml.safe_load(value)
-            if not (isinstance(rules, dict) and rules.get("domain") and rules.get("descriptors")):
-                err(f"ConfigMap {cm['metadata']['name']}: {key} is not a rules file with domain and descriptors")
+            for rules in yaml.safe_load_all(value):
+                if not (isinstance(rules, dict) and rules.get("domain") and rules.get("descriptors")):
+                    err(f"ConfigMap {cm['metadata']['name']}: {key} holds a document without domain and descriptors")
 for e in errors:
     print(e)
 sys.exit(1 if errors else 0)
@@ -422,6 +525,24 @@ for dir in deploy/k8s/base deploy/k8s/overlays/*/; do
   done
   check "k8s: $dir policy ($(grep -c '^kind:' "$out") objects)" k8s_policy "$out" "$name"
 done
+
+# ------------------------------------------------------------------ contract
+# The deploy files against the code (deploy/contract.py): what the binaries
+# read, listen on and register, and the rate-limit domains they send.
+RENDERED=()
+for f in "$WORK"/*.yaml; do
+  [ -s "$f" ] && RENDERED+=("$(basename "$f" .yaml)=$f")
+done
+check "contract: every env var set is one the binary reads (k8s, compose)" \
+  "$PY" deploy/contract.py env "$REPO" "${RENDERED[@]}"
+check "contract: ports are each service's default gRPC port and + 1000 for metrics" \
+  "$PY" deploy/contract.py ports "$REPO" "${RENDERED[@]}"
+check "contract: probe and healthcheck service names are the runtime's health names" \
+  "$PY" deploy/contract.py probes "$REPO" "${RENDERED[@]}"
+check "contract: every rate-limit domain and key a service sends is in every rules set (k8s, compose, local)" \
+  "$PY" deploy/contract.py rules "$REPO" "${RENDERED[@]}"
+check "docs: relative Markdown links resolve inside the repository" \
+  "$PY" deploy/contract.py links "$REPO"
 
 # ------------------------------------------------------------------ summary
 TOTAL=$((PASSED + FAILED))

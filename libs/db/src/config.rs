@@ -1,27 +1,13 @@
 use std::time::Duration;
 
-use mesh_runtime::{ConfigError, Lookup, LookupExt};
+use mesh_runtime::{
+    ConfigError, Lookup, LookupExt,
+    config::{Var, VarGroup},
+};
 use secrecy::SecretString;
 
-/// Keys read by [`DbConfig::from_lookup`].
-///
-/// | variable | default | meaning |
-/// | --- | --- | --- |
-/// | `MESH_DATABASE_WRITE_URL` | required | the primary (writes, migrations) |
-/// | `MESH_DATABASE_READ_URLS` | none | comma-separated replicas (reads); none: reads go to the primary |
-/// | `MESH_DATABASE_SCHEMA` | the service's | schema of the service's tables (`search_path`) |
-/// | `MESH_DATABASE_APPLICATION_NAME` | the binary's name | `application_name` of every connection (`pg_stat_activity`) |
-/// | `MESH_DATABASE_MIN_CONNECTIONS` | 20 | connections each pool keeps open (warm) |
-/// | `MESH_DATABASE_MAX_CONNECTIONS` | 50 | most connections of each pool |
-/// | `MESH_DATABASE_ACQUIRE_TIMEOUT_MS` | 30000 | longest a caller waits for a pooled connection (the call's own deadline may be shorter) |
-/// | `MESH_DATABASE_IDLE_TIMEOUT_MS` | 600000 | a connection idle this long is closed (down to the minimum) |
-/// | `MESH_DATABASE_MAX_LIFETIME_MS` | 1800000 | a connection is recycled after this long |
-/// | `MESH_DATABASE_STATEMENT_TIMEOUT_MS` | 10000 | server-side `statement_timeout` |
-/// | `MESH_DATABASE_MAX_REPLICA_LAG_BYTES` | 16777216 | a replica further behind the primary than this many WAL bytes gets no reads |
-/// | `MESH_DATABASE_MAX_REPLICA_DELAY_MS` | 5000 | a replica whose replay is this far behind in time gets no reads |
-/// | `MESH_DATABASE_READ_WAIT_MS` | 50 | longest a read with a consistency token waits for a replica to replay it before it goes to the primary |
-/// | `MESH_DATABASE_REPLICA_POLL_MS` | 250 | how often the primary and the replicas are polled (position, lag, health) |
-/// | `MESH_DATABASE_MIGRATE_TIMEOUT_MS` | 60000 | how long start-up waits for the primary to run migrations |
+/// Keys read by [`DbConfig::from_lookup`]; [`DbConfig::vars`] lists them
+/// with their defaults and meanings (`--help`, docs/CONFIGURATION.md).
 pub mod keys {
     /// URL of the primary (writes, migrations).
     pub const WRITE_URL: &str = "MESH_DATABASE_WRITE_URL";
@@ -53,6 +39,23 @@ pub mod keys {
     pub const REPLICA_POLL_MS: &str = "MESH_DATABASE_REPLICA_POLL_MS";
     /// How long start-up waits for the primary to run migrations (ms).
     pub const MIGRATE_TIMEOUT_MS: &str = "MESH_DATABASE_MIGRATE_TIMEOUT_MS";
+}
+
+/// Defaults of [`DbConfig::from_lookup`], shown by `--help`.
+mod defaults {
+    use std::time::Duration;
+
+    pub(super) const MIN_CONNECTIONS: u32 = 20;
+    pub(super) const MAX_CONNECTIONS: u32 = 50;
+    pub(super) const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+    pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+    pub(super) const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
+    pub(super) const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+    pub(super) const MAX_REPLICA_LAG_BYTES: u64 = 16 * 1024 * 1024;
+    pub(super) const MAX_REPLICA_DELAY: Duration = Duration::from_secs(5);
+    pub(super) const READ_WAIT: Duration = Duration::from_millis(50);
+    pub(super) const REPLICA_POLL: Duration = Duration::from_millis(250);
+    pub(super) const MIGRATE_TIMEOUT: Duration = Duration::from_secs(60);
 }
 
 /// How to reach PostgreSQL. URLs are secrets: they may carry passwords.
@@ -111,17 +114,17 @@ impl DbConfig {
             read_urls: l.secret_list(READ_URLS),
             schema: Some(schema),
             application_name,
-            min_connections: l.parse_or(MIN_CONNECTIONS, 20)?,
-            max_connections: l.parse_or(MAX_CONNECTIONS, 50)?,
-            acquire_timeout: l.millis_or(ACQUIRE_TIMEOUT_MS, Duration::from_secs(30))?,
-            idle_timeout: l.millis_or(IDLE_TIMEOUT_MS, Duration::from_secs(10 * 60))?,
-            max_lifetime: l.millis_or(MAX_LIFETIME_MS, Duration::from_secs(30 * 60))?,
-            statement_timeout: l.millis_or(STATEMENT_TIMEOUT_MS, Duration::from_secs(10))?,
-            max_replica_lag_bytes: l.parse_or(MAX_REPLICA_LAG_BYTES, 16 * 1024 * 1024)?,
-            max_replica_delay: l.millis_or(MAX_REPLICA_DELAY_MS, Duration::from_secs(5))?,
-            read_wait: l.millis_or(READ_WAIT_MS, Duration::from_millis(50))?,
-            replica_poll: l.millis_or(REPLICA_POLL_MS, Duration::from_millis(250))?,
-            migrate_timeout: l.millis_or(MIGRATE_TIMEOUT_MS, Duration::from_secs(60))?,
+            min_connections: l.parse_or(MIN_CONNECTIONS, defaults::MIN_CONNECTIONS)?,
+            max_connections: l.parse_or(MAX_CONNECTIONS, defaults::MAX_CONNECTIONS)?,
+            acquire_timeout: l.millis_or(ACQUIRE_TIMEOUT_MS, defaults::ACQUIRE_TIMEOUT)?,
+            idle_timeout: l.millis_or(IDLE_TIMEOUT_MS, defaults::IDLE_TIMEOUT)?,
+            max_lifetime: l.millis_or(MAX_LIFETIME_MS, defaults::MAX_LIFETIME)?,
+            statement_timeout: l.millis_or(STATEMENT_TIMEOUT_MS, defaults::STATEMENT_TIMEOUT)?,
+            max_replica_lag_bytes: l.parse_or(MAX_REPLICA_LAG_BYTES, defaults::MAX_REPLICA_LAG_BYTES)?,
+            max_replica_delay: l.millis_or(MAX_REPLICA_DELAY_MS, defaults::MAX_REPLICA_DELAY)?,
+            read_wait: l.millis_or(READ_WAIT_MS, defaults::READ_WAIT)?,
+            replica_poll: l.millis_or(REPLICA_POLL_MS, defaults::REPLICA_POLL)?,
+            migrate_timeout: l.millis_or(MIGRATE_TIMEOUT_MS, defaults::MIGRATE_TIMEOUT)?,
         };
         if c.max_connections == 0 {
             return Err(ConfigError::new(MAX_CONNECTIONS, "must be at least 1"));
@@ -138,6 +141,88 @@ impl DbConfig {
             }
         }
         Ok(c)
+    }
+
+    /// The variables [`Self::from_lookup`] reads, for `--help`;
+    /// `default_schema` as there.
+    pub fn vars(default_schema: &str) -> VarGroup {
+        use keys::*;
+        VarGroup::new(
+            "PostgreSQL",
+            vec![
+                Var::required(
+                    WRITE_URL,
+                    "URL of the primary: writes and migrations (a secret: never logged)",
+                ),
+                Var::unset(
+                    READ_URLS,
+                    "reads go to the primary",
+                    "comma-separated URLs of streaming replicas that serve reads (secrets: never logged)",
+                ),
+                Var::value(
+                    SCHEMA,
+                    default_schema,
+                    "schema of the service's tables (search_path); created by migrations",
+                ),
+                Var::unset(
+                    APPLICATION_NAME,
+                    "the binary's name",
+                    "application_name of every connection, as pg_stat_activity shows it (at most 63 ASCII characters)",
+                ),
+                Var::value(
+                    MIN_CONNECTIONS,
+                    defaults::MIN_CONNECTIONS,
+                    "connections each pool (the primary's, every replica's) keeps open",
+                ),
+                Var::value(MAX_CONNECTIONS, defaults::MAX_CONNECTIONS, "most connections of each pool"),
+                Var::millis(
+                    ACQUIRE_TIMEOUT_MS,
+                    defaults::ACQUIRE_TIMEOUT,
+                    "longest a call waits for a pooled connection (ms; the call's own deadline may be shorter)",
+                ),
+                Var::millis(
+                    IDLE_TIMEOUT_MS,
+                    defaults::IDLE_TIMEOUT,
+                    "a connection idle this long is closed, down to the minimum (ms)",
+                ),
+                Var::millis(
+                    MAX_LIFETIME_MS,
+                    defaults::MAX_LIFETIME,
+                    "a connection is recycled after this long (ms)",
+                ),
+                Var::millis(
+                    STATEMENT_TIMEOUT_MS,
+                    defaults::STATEMENT_TIMEOUT,
+                    "server-side statement_timeout of every connection (ms)",
+                ),
+                Var::value(
+                    MAX_REPLICA_LAG_BYTES,
+                    defaults::MAX_REPLICA_LAG_BYTES,
+                    "a replica further behind the primary than this many WAL bytes gets no reads",
+                ),
+                Var::millis(
+                    MAX_REPLICA_DELAY_MS,
+                    defaults::MAX_REPLICA_DELAY,
+                    "a replica whose replay is this far behind in time gets no reads (ms)",
+                ),
+                Var::millis(
+                    READ_WAIT_MS,
+                    defaults::READ_WAIT,
+                    "longest a read with a consistency token waits for a replica to replay it before it \
+                     goes to the primary (ms)",
+                ),
+                Var::millis(
+                    REPLICA_POLL_MS,
+                    defaults::REPLICA_POLL,
+                    "how often the primary and the replicas are polled: position, lag, health (ms)",
+                ),
+                Var::millis(
+                    MIGRATE_TIMEOUT_MS,
+                    defaults::MIGRATE_TIMEOUT,
+                    "how long start-up waits for the primary to run migrations (ms)",
+                ),
+            ],
+        )
     }
 
     /// Settings for the given URLs with defaults for the rest, sized for
@@ -219,6 +304,20 @@ mod tests {
             (Duration::from_millis(7), Duration::from_millis(900))
         );
         assert_eq!(c.application_name.as_deref(), Some("data-7f9c"));
+    }
+
+    #[test]
+    fn help_lists_every_variable_with_its_real_default() {
+        let help = mesh_runtime::config::Help {
+            binary: "mesh-test",
+            about: "a test",
+            groups: vec![DbConfig::vars("svc")],
+        };
+        let problems =
+            mesh_runtime::config::check_help(&help, &[(keys::WRITE_URL, "postgres://h/db")], |l| {
+                DbConfig::from_lookup(l, "svc")
+            });
+        assert_eq!(problems, Vec::<String>::new());
     }
 
     #[test]

@@ -57,3 +57,19 @@ pub fn span(operation: &'static str, table: &'static str, statement: &'static st
         server.port = tracing::field::Empty,
     )
 }
+
+/// [`span`] for a statement run on `pool`, with `server.address` and
+/// `server.port` of the server the pool connects to (for a statement run
+/// on a [`Conn`], use [`Conn::span`]).
+pub fn span_on(
+    pool: &sqlx::PgPool,
+    operation: &'static str,
+    table: &'static str,
+    statement: &'static str,
+) -> tracing::Span {
+    let span = span(operation, table, statement);
+    let options = pool.connect_options();
+    span.record("server.address", options.get_host());
+    span.record("server.port", i64::from(options.get_port()));
+    span
+}

@@ -5,7 +5,10 @@
 //! one series per pool (`db_client_connection_pool_name`: `primary@host:port`
 //! or `replica@host:port`):
 //!
-//! - `db_client_connection_count{db_client_connection_state="idle"|"used"}` (gauge, read at scrape time)
+//! - `db_client_connections_usage{db_client_connection_state="idle"|"used"}` (gauge, read at scrape
+//!   time; OpenTelemetry's `db.client.connection.count`, named as its older
+//!   `db.client.connections.usage`: a gauge ending in `_count` reads as a
+//!   histogram's count to Prometheus tooling, and `promtool check metrics` refuses it)
 //! - `db_client_connection_max`, `db_client_connection_idle_min` (gauges: the configured bounds)
 //! - `db_client_connection_pending_requests` (gauge: callers waiting for a connection)
 //! - `db_client_connection_wait_time_seconds` (histogram: time to get a connection)
@@ -13,7 +16,8 @@
 //!
 //! Routing and replicas:
 //!
-//! - `mesh_db_reads_total{served_by, reason}`: every routing decision
+//! - `mesh_db_reads_total{served_by, reason}`: every routing decision (every
+//!   pair at 0 from the start)
 //! - `mesh_db_replica_up{replica}`, `mesh_db_replica_lag_bytes{replica}`,
 //!   `mesh_db_replica_delay_seconds{replica}`
 //! - `mesh_db_primary_up`: 1 while the primary answers the monitor
@@ -84,6 +88,18 @@ impl Metrics {
             wait: Family::new_with_constructor(|| Histogram::new(mesh_runtime::latency_buckets())),
             timeouts: Family::default(),
         };
+        for (served_by, reason) in [
+            ("replica", "replica"),
+            ("replica", "replica_after_wait"),
+            ("primary", "token_needs_primary"),
+            ("primary", "replica_behind_token"),
+            ("primary", "replica_failed"),
+            ("primary", "replica_conflict"),
+            ("primary", "replicas_unhealthy"),
+            ("primary", "no_replicas"),
+        ] {
+            let _ = m.reads.get_or_create(&ReadLabels { served_by, reason });
+        }
         registry.register(
             "mesh_db_reads",
             "Read routing decisions by where the read was served and why",
@@ -169,7 +185,7 @@ impl Collector for PoolCollector {
             family.encode(encoder.encode_descriptor(name, help, None, family.metric_type())?)?;
         }
         count.encode(encoder.encode_descriptor(
-            "db_client_connection_count",
+            "db_client_connections_usage",
             "Connections of the pool by state (idle or used)",
             None,
             count.metric_type(),

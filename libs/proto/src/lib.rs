@@ -84,6 +84,15 @@ pub mod envoy {
     }
     /// `envoy.service.*`.
     pub mod service {
+        /// `envoy.service.auth`.
+        pub mod auth {
+            /// `envoy.service.auth.v3`.
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.auth.v3");
+                /// Fully-qualified service name, as used by health and reflection.
+                pub const SERVICE_NAME: &str = "envoy.service.auth.v3.Authorization";
+            }
+        }
         /// `envoy.service.ratelimit`.
         pub mod ratelimit {
             /// `envoy.service.ratelimit.v3`.
@@ -98,6 +107,9 @@ pub mod envoy {
 
 /// Envoy's rate-limit service API (`envoy.service.ratelimit.v3`).
 pub use envoy::service::ratelimit::v3 as envoy_rls;
+
+/// Envoy's external authorization API (`envoy.service.auth.v3`).
+pub use envoy::service::auth::v3 as envoy_authz;
 
 pub use mesh::{audit::v1 as audit, data::v1 as data, ratelimit::v1 as ratelimit, session::v1 as session};
 
@@ -124,6 +136,7 @@ mod tests {
             super::audit::SERVICE_NAME,
             super::data::SERVICE_NAME,
             super::envoy_rls::SERVICE_NAME,
+            super::envoy_authz::SERVICE_NAME,
         ] {
             assert!(services.iter().any(|s| s == name), "{name} missing from {services:?}");
         }

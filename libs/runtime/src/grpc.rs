@@ -21,7 +21,7 @@
 //! moved to another task keeps it with [`CallContext::scope`].
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll, ready},
@@ -204,13 +204,25 @@ pub struct GrpcServerLayer {
 #[derive(Debug)]
 struct Shared {
     metrics: ServerMetrics,
-    /// `/package.Service/Method` paths the server really serves; anything else
-    /// is labelled "unknown" so clients cannot blow up metric cardinality.
-    known: HashSet<String>,
+    /// `/package.Service/Method` paths the server really serves, with their
+    /// `grpc_type`; anything else is labelled "unknown" so clients cannot
+    /// blow up metric cardinality.
+    known: HashMap<String, &'static str>,
 }
 
 impl GrpcServerLayer {
-    pub(crate) fn new(metrics: ServerMetrics, known: HashSet<String>) -> Self {
+    /// Every known method starts at 0 in the call counters (see
+    /// [`ServerMetrics::initialize`]).
+    pub(crate) fn new(metrics: ServerMetrics, known: HashMap<String, &'static str>) -> Self {
+        for (path, kind) in &known {
+            if let Some((s, m)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) {
+                metrics.initialize(&MethodLabels {
+                    grpc_type: kind,
+                    grpc_service: s.into(),
+                    grpc_method: m.into(),
+                });
+            }
+        }
         Self { shared: Arc::new(Shared { metrics, known }) }
     }
 }
@@ -253,10 +265,10 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let start = std::time::Instant::now();
         let path = req.uri().path();
-        let (service, method): (Arc<str>, Arc<str>) =
-            match path.strip_prefix('/').and_then(|p| p.split_once('/')) {
-                Some((s, m)) if self.shared.known.contains(path) => (s.into(), m.into()),
-                _ => ("unknown".into(), "unknown".into()),
+        let (kind, service, method): (&'static str, Arc<str>, Arc<str>) =
+            match (path.strip_prefix('/').and_then(|p| p.split_once('/')), self.shared.known.get(path)) {
+                (Some((s, m)), Some(kind)) => (kind, s.into(), m.into()),
+                _ => ("unknown", "unknown".into(), "unknown".into()),
             };
         let rid: Arc<str> = match request_id(req.headers()) {
             Some(v) => v.into(),
@@ -288,7 +300,7 @@ where
         );
         let _ = span.set_parent(crate::trace_context::extract(req.headers()));
 
-        let labels = MethodLabels { grpc_service: service, grpc_method: method };
+        let labels = MethodLabels { grpc_type: kind, grpc_service: service, grpc_method: method };
         self.shared.metrics.started.get_or_create(&labels).inc();
         let fut = {
             let _entered = span.enter();
@@ -341,6 +353,7 @@ impl Recorder {
         m.seconds.get_or_create(&self.labels).observe(self.start.elapsed().as_secs_f64());
         m.handled
             .get_or_create(&CodeLabels {
+                grpc_type: self.labels.grpc_type,
                 grpc_service: self.labels.grpc_service.clone(),
                 grpc_method: self.labels.grpc_method.clone(),
                 grpc_code: code_name(code),

@@ -15,6 +15,14 @@
 //!
 //! Checks run periodically in one task; a dependency counts as down after
 //! `failure_threshold` consecutive failures and as up after one success.
+//!
+//! The service follows the `grpc.health.v1` spec (grpc/grpc
+//! `doc/health-checking.md`): Check of a name the server does not know is
+//! NOT_FOUND; Watch sends the current status at once, then one message per
+//! change of that name's status (never a repeat), and for an unknown name
+//! sends SERVICE_UNKNOWN and keeps the stream open, following the name if it
+//! appears later. Watch streams end with UNAVAILABLE once the server stops
+//! taking calls (after the drain delay), so they never hold up shutdown.
 
 use std::{
     collections::BTreeMap,
@@ -26,9 +34,14 @@ use std::{
     time::Duration,
 };
 
-use futures::{FutureExt, future::BoxFuture};
+use futures::{FutureExt, Stream, future::BoxFuture};
 use tokio::sync::watch;
-use tonic_health::{ServingStatus, server::HealthReporter};
+use tokio_util::sync::CancellationToken;
+use tonic_health::pb::{
+    HealthCheckRequest, HealthCheckResponse,
+    health_check_response::ServingStatus,
+    health_server::{self, HealthServer},
+};
 
 use crate::metrics::{DependencyLabels, HealthMetrics};
 
@@ -160,15 +173,25 @@ fn status(up: bool) -> ServingStatus {
     if up { ServingStatus::Serving } else { ServingStatus::NotServing }
 }
 
+/// The status of every known health name; a change wakes Watch streams.
+type Statuses = watch::Sender<BTreeMap<String, ServingStatus>>;
+
+/// Sets `name`'s status in `statuses`, waking watchers only on a change.
+fn set_status(statuses: &Statuses, name: &str, new: ServingStatus) {
+    statuses.send_if_modified(|m| m.insert(name.to_owned(), new) != Some(new));
+}
+
 /// Drives the health service. Cloneable; every clone controls the same state.
 #[derive(Clone)]
 pub struct Health {
-    reporter: HealthReporter,
+    statuses: Arc<Statuses>,
     names: Arc<Vec<String>>,
     draining: Arc<AtomicBool>,
     ready_tx: Arc<watch::Sender<bool>>,
     // Serialises publications so a check round can never overwrite a drain.
-    publish_lock: Arc<tokio::sync::Mutex<()>>,
+    publish_lock: Arc<std::sync::Mutex<()>>,
+    // Cancelled when the server stops taking calls: Watch streams end.
+    closed: CancellationToken,
     metrics: HealthMetrics,
 }
 
@@ -183,24 +206,38 @@ impl fmt::Debug for Health {
 }
 
 impl Health {
-    pub(crate) async fn new(
-        reporter: HealthReporter,
+    /// The health state, with `liveness` SERVING, readiness (and `""` and
+    /// `service_names`) NOT_SERVING and every dependency of `deps`
+    /// NOT_SERVING until checked, and the gRPC service that serves it.
+    pub(crate) fn new(
         service_names: Vec<String>,
+        deps: &[Dependency],
         metrics: HealthMetrics,
-    ) -> Self {
+    ) -> (Self, HealthServer<HealthService>) {
         let mut names = vec![READINESS.to_owned(), String::new()];
         names.extend(service_names);
         let health = Self {
-            reporter,
+            statuses: Arc::new(watch::channel(BTreeMap::new()).0),
             names: Arc::new(names),
             draining: Arc::new(AtomicBool::new(false)),
             ready_tx: Arc::new(watch::channel(false).0),
-            publish_lock: Arc::new(tokio::sync::Mutex::new(())),
+            publish_lock: Arc::new(std::sync::Mutex::new(())),
+            closed: CancellationToken::new(),
             metrics,
         };
-        health.reporter.set_service_status(LIVENESS, ServingStatus::Serving).await;
-        health.publish(false).await;
-        health
+        set_status(&health.statuses, LIVENESS, ServingStatus::Serving);
+        // Registered before serving starts, so no Check sees them unknown.
+        for d in deps {
+            set_status(&health.statuses, &dependency_name(&d.check.name), ServingStatus::NotServing);
+            health
+                .metrics
+                .dependency_up
+                .get_or_create(&DependencyLabels { dependency: d.check.name.clone() })
+                .set(0);
+        }
+        health.publish(false);
+        let service = HealthService { statuses: health.statuses.subscribe(), closed: health.closed.clone() };
+        (health, HealthServer::new(service))
     }
 
     /// A receiver that sees every readiness change.
@@ -216,15 +253,24 @@ impl Health {
     /// Marks the server draining: readiness goes NOT_SERVING for good.
     pub async fn drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
-        self.publish(false).await;
+        self.publish(false);
     }
 
-    async fn publish(&self, ready: bool) {
-        let _guard = self.publish_lock.lock().await;
+    /// Ends every Watch stream (UNAVAILABLE): the server takes no more calls.
+    pub(crate) fn close(&self) {
+        self.closed.cancel();
+    }
+
+    fn publish(&self, ready: bool) {
+        let _guard = self.publish_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let ready = ready && !self.draining.load(Ordering::SeqCst);
-        for name in self.names.iter() {
-            self.reporter.set_service_status(name, status(ready)).await;
-        }
+        self.statuses.send_if_modified(|m| {
+            let mut changed = false;
+            for name in self.names.iter() {
+                changed |= m.insert(name.clone(), status(ready)) != Some(status(ready));
+            }
+            changed
+        });
         self.metrics.ready.set(i64::from(ready));
         self.ready_tx.send_replace(ready);
     }
@@ -240,12 +286,9 @@ impl Health {
     ) {
         let names = || deps.iter().map(|d| d.check.name.clone());
         let mut failures: BTreeMap<String, u32> = names().map(|n| (n, 0)).collect();
-        // Dependencies start out unknown: down until their first check passes.
+        // Dependencies start out unknown: down until their first check passes
+        // (as `new` published them).
         let mut up: BTreeMap<String, bool> = names().map(|n| (n, false)).collect();
-        for name in names() {
-            self.reporter.set_service_status(dependency_name(&name), ServingStatus::NotServing).await;
-            self.metrics.dependency_up.get_or_create(&DependencyLabels { dependency: name }).set(0);
-        }
         let mut first = true;
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -278,9 +321,7 @@ impl Health {
                         Err(e) => tracing::warn!(dependency = %name, error = %e, "dependency down"),
                     }
                 }
-                if is_up != was_up {
-                    self.reporter.set_service_status(dependency_name(&name), status(is_up)).await;
-                }
+                set_status(&self.statuses, &dependency_name(&name), status(is_up));
                 up.insert(name.clone(), is_up);
                 self.metrics
                     .dependency_up
@@ -292,9 +333,90 @@ impl Health {
             if ready != self.is_ready() && !self.draining.load(Ordering::SeqCst) {
                 tracing::info!(ready, "readiness changed");
             }
-            self.publish(ready).await;
+            self.publish(ready);
         }
     }
+}
+
+/// The `grpc.health.v1.Health` service over a [`Health`]'s state (see the
+/// module docs for its semantics).
+#[derive(Debug)]
+pub struct HealthService {
+    statuses: watch::Receiver<BTreeMap<String, ServingStatus>>,
+    closed: CancellationToken,
+}
+
+fn response(status: ServingStatus) -> HealthCheckResponse {
+    HealthCheckResponse { status: status.into() }
+}
+
+#[tonic::async_trait]
+impl health_server::Health for HealthService {
+    async fn check(
+        &self,
+        request: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
+        let name = &request.get_ref().service;
+        match self.statuses.borrow().get(name) {
+            Some(s) => Ok(tonic::Response::new(response(*s))),
+            None => Err(tonic::Status::not_found(format!("unknown service name {name:?}"))),
+        }
+    }
+
+    type WatchStream =
+        std::pin::Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, tonic::Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        request: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        let name = request.into_inner().service;
+        Ok(tonic::Response::new(Box::pin(watch_stream(self.statuses.clone(), self.closed.clone(), name))))
+    }
+}
+
+/// The status of `name`, then each change of it, until `closed` (then
+/// UNAVAILABLE) or the state is dropped.
+fn watch_stream(
+    statuses: watch::Receiver<BTreeMap<String, ServingStatus>>,
+    closed: CancellationToken,
+    name: String,
+) -> impl Stream<Item = Result<HealthCheckResponse, tonic::Status>> + Send {
+    struct State {
+        statuses: watch::Receiver<BTreeMap<String, ServingStatus>>,
+        closed: CancellationToken,
+        name: String,
+        // The status last sent; `None` before the first message.
+        last: Option<ServingStatus>,
+        ended: bool,
+    }
+    let state = State { statuses, closed, name, last: None, ended: false };
+    futures::stream::unfold(state, |mut st| async move {
+        if st.ended {
+            return None;
+        }
+        loop {
+            let current = st.statuses.borrow_and_update().get(&st.name).copied();
+            let current = current.unwrap_or(ServingStatus::ServiceUnknown);
+            if st.last != Some(current) {
+                st.last = Some(current);
+                return Some((Ok(response(current)), st));
+            }
+            if st.closed.is_cancelled() {
+                st.ended = true;
+                return Some((Err(tonic::Status::unavailable("server stopping")), st));
+            }
+            tokio::select! {
+                biased;
+                changed = st.statuses.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                }
+                () = st.closed.cancelled() => {}
+            }
+        }
+    })
 }
 
 #[cfg(test)]
@@ -307,6 +429,116 @@ mod tests {
 
     fn up(states: &[(&str, bool)]) -> BTreeMap<String, bool> {
         states.iter().map(|(n, u)| ((*n).to_owned(), *u)).collect()
+    }
+
+    /// The health service of a fresh [`Health`] (names `liveness`,
+    /// `readiness`, `""`, `svc`), served over a real socket.
+    async fn serve_health()
+    -> (Health, tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>) {
+        let (health, service) = Health::new(vec!["svc".to_owned()], &[], HealthMetrics::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+        (health, tonic_health::pb::health_client::HealthClient::new(channel))
+    }
+
+    type Watch = tonic::Streaming<HealthCheckResponse>;
+
+    async fn watch(
+        client: &mut tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>,
+        name: &str,
+    ) -> Watch {
+        client.watch(HealthCheckRequest { service: name.to_owned() }).await.unwrap().into_inner()
+    }
+
+    /// The next message within a second.
+    async fn next(w: &mut Watch) -> ServingStatus {
+        let msg = tokio::time::timeout(Duration::from_secs(1), w.message()).await;
+        msg.expect("a message within 1 s").expect("no error").expect("stream open").status()
+    }
+
+    /// No message (and no end) arrives on `w` before the round trip of a
+    /// Check on the same server: every publication made before has been
+    /// applied by then, so a repeat would already be on its way.
+    async fn quiet(
+        w: &mut Watch,
+        client: &mut tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>,
+    ) {
+        for _ in 0..3 {
+            client.check(HealthCheckRequest { service: LIVENESS.to_owned() }).await.unwrap();
+        }
+        let got = tokio::time::timeout(Duration::from_millis(200), w.message()).await;
+        assert!(got.is_err(), "expected no message and an open stream, got {got:?}");
+    }
+
+    #[tokio::test]
+    async fn check_of_an_unknown_name_is_not_found() {
+        let (_health, mut client) = serve_health().await;
+        let got = client.check(HealthCheckRequest { service: "no.such.Service".to_owned() }).await;
+        assert_eq!(got.unwrap_err().code(), tonic::Code::NotFound);
+        let got = client.check(HealthCheckRequest { service: LIVENESS.to_owned() }).await.unwrap();
+        assert_eq!(got.into_inner().status(), ServingStatus::Serving);
+    }
+
+    #[tokio::test]
+    async fn watch_of_an_unknown_name_stays_open_and_follows_it_once_it_appears() {
+        let (health, mut client) = serve_health().await;
+        let mut w = watch(&mut client, "later").await;
+        assert_eq!(next(&mut w).await, ServingStatus::ServiceUnknown);
+        quiet(&mut w, &mut client).await;
+        set_status(&health.statuses, "later", ServingStatus::NotServing);
+        assert_eq!(next(&mut w).await, ServingStatus::NotServing);
+        set_status(&health.statuses, "later", ServingStatus::Serving);
+        assert_eq!(next(&mut w).await, ServingStatus::Serving);
+    }
+
+    #[tokio::test]
+    async fn watch_sends_only_changes() {
+        let (health, mut client) = serve_health().await;
+        let mut ready = watch(&mut client, READINESS).await;
+        let mut svc = watch(&mut client, "svc").await;
+        let mut live = watch(&mut client, LIVENESS).await;
+        assert_eq!(next(&mut ready).await, ServingStatus::NotServing);
+        assert_eq!(next(&mut svc).await, ServingStatus::NotServing);
+        assert_eq!(next(&mut live).await, ServingStatus::Serving);
+        // Every check round publishes; only the first of these is a change.
+        for _ in 0..5 {
+            health.publish(true);
+        }
+        assert_eq!(next(&mut ready).await, ServingStatus::Serving);
+        assert_eq!(next(&mut svc).await, ServingStatus::Serving);
+        quiet(&mut ready, &mut client).await;
+        quiet(&mut svc, &mut client).await;
+        quiet(&mut live, &mut client).await;
+        // A change of another name wakes nobody here.
+        set_status(&health.statuses, "dependency:x", ServingStatus::Serving);
+        quiet(&mut ready, &mut client).await;
+        health.drain().await;
+        assert_eq!(next(&mut ready).await, ServingStatus::NotServing);
+        health.publish(true);
+        quiet(&mut ready, &mut client).await;
+        assert!(!health.is_ready(), "a check round never overrides the drain");
+    }
+
+    #[tokio::test]
+    async fn watch_ends_unavailable_when_the_server_closes() {
+        let (health, mut client) = serve_health().await;
+        let mut w = watch(&mut client, LIVENESS).await;
+        assert_eq!(next(&mut w).await, ServingStatus::Serving);
+        let mut unknown = watch(&mut client, "never").await;
+        assert_eq!(next(&mut unknown).await, ServingStatus::ServiceUnknown);
+        health.close();
+        for w in [&mut w, &mut unknown] {
+            let end =
+                tokio::time::timeout(Duration::from_secs(1), w.message()).await.expect("ends within 1 s");
+            assert_eq!(end.unwrap_err().code(), tonic::Code::Unavailable);
+        }
     }
 
     #[test]

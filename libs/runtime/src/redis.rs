@@ -34,6 +34,9 @@ pub mod keys {
     pub const CONNECT_TIMEOUT_MS: &str = "MESH_REDIS_CONNECT_TIMEOUT_MS";
 }
 
+/// `MESH_REDIS_KEY_PREFIX` when unset.
+pub const DEFAULT_KEY_PREFIX: &str = "mesh:";
+
 /// How to reach the Redis Cluster.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
@@ -56,15 +59,48 @@ impl RedisConfig {
         if urls.is_empty() {
             return Err(ConfigError::new(keys::URLS, "is required"));
         }
+        let d = Self::new(Vec::<String>::new(), DEFAULT_KEY_PREFIX);
         let c = Self {
             urls,
-            key_prefix: l.string(keys::KEY_PREFIX).unwrap_or_else(|| "mesh:".to_owned()),
-            pool_size: l.parse_or(keys::POOL_SIZE, 4)?,
-            command_timeout: l.millis_or(keys::COMMAND_TIMEOUT_MS, Duration::from_millis(500))?,
-            connect_timeout: l.millis_or(keys::CONNECT_TIMEOUT_MS, Duration::from_millis(1000))?,
+            key_prefix: l.string(keys::KEY_PREFIX).unwrap_or(d.key_prefix),
+            pool_size: l.parse_or(keys::POOL_SIZE, d.pool_size)?,
+            command_timeout: l.millis_or(keys::COMMAND_TIMEOUT_MS, d.command_timeout)?,
+            connect_timeout: l.millis_or(keys::CONNECT_TIMEOUT_MS, d.connect_timeout)?,
         };
         c.fred_config()?;
         Ok(c)
+    }
+
+    /// The variables [`Self::from_lookup`] reads, for `--help`.
+    pub fn vars() -> crate::config::VarGroup {
+        use crate::config::{Var, VarGroup};
+        let d = Self::new(Vec::<String>::new(), DEFAULT_KEY_PREFIX);
+        VarGroup::new(
+            "Redis Cluster",
+            vec![
+                Var::required(
+                    keys::URLS,
+                    "comma-separated cluster seed nodes, host:port or redis://[user:pass@]host:port \
+                     (a secret: never logged)",
+                ),
+                Var::value(keys::KEY_PREFIX, d.key_prefix, "prefix of every key the service writes"),
+                Var::value(
+                    keys::POOL_SIZE,
+                    d.pool_size,
+                    "Redis clients, each pipelining every caller to every node",
+                ),
+                Var::millis(
+                    keys::COMMAND_TIMEOUT_MS,
+                    d.command_timeout,
+                    "default timeout of one command (ms)",
+                ),
+                Var::millis(
+                    keys::CONNECT_TIMEOUT_MS,
+                    d.connect_timeout,
+                    "timeout of one connection attempt (ms)",
+                ),
+            ],
+        )
     }
 
     /// Settings for the given seed nodes with defaults for the rest.
@@ -232,6 +268,8 @@ pub async fn wait_connected(pool: &Pool, timeout: Duration) -> bool {
 /// semantic-convention attributes: `db.system.name = "redis"`,
 /// `db.operation.name` (e.g. `EVALSHA`, `GET`) and, for scripts, the script's
 /// name (never its arguments: keys and values can carry user data).
+/// `server.address` / `server.port` are declared empty: [`span_at`] (or
+/// [`record_server`]) fills them with the node that serves the call.
 /// Instrument the future of the round trip with it.
 pub fn span(operation: &'static str, script: Option<&'static str>) -> tracing::Span {
     let name = match script {
@@ -247,7 +285,44 @@ pub fn span(operation: &'static str, script: Option<&'static str>) -> tracing::S
         db.system.name = "redis",
         db.operation.name = operation,
         db.redis.script = script.unwrap_or(""),
+        server.address = tracing::field::Empty,
+        server.port = tracing::field::Empty,
     )
+}
+
+/// [`span`] for a call on hash slot `slot` (see [`slot_of`]), with
+/// `server.address` / `server.port` of the node that owns the slot in
+/// `client`'s cached cluster state (the seed node for a centralized client;
+/// left empty while the client has no cluster state yet).
+pub fn span_at(
+    client: &impl ClusterInterface,
+    operation: &'static str,
+    script: Option<&'static str>,
+    slot: u16,
+) -> tracing::Span {
+    let span = span(operation, script);
+    record_server(&span, client, slot);
+    span
+}
+
+/// The cluster hash slot of `key` (its `{hash tag}` if it has one).
+pub fn slot_of(key: &str) -> u16 {
+    fred::types::cluster::ClusterRouting::hash_key(key.as_bytes())
+}
+
+/// Records on `span` (made by [`span`]) the node that serves `slot`.
+pub fn record_server(span: &tracing::Span, client: &impl ClusterInterface, slot: u16) {
+    let server = match client.cached_cluster_state() {
+        Some(routing) => routing.get_server(slot).map(|s| (s.host.to_string(), s.port)),
+        None => match &client.client_config().server {
+            ServerConfig::Centralized { server } => Some((server.host.to_string(), server.port)),
+            _ => None,
+        },
+    };
+    if let Some((host, port)) = server {
+        span.record("server.address", host.as_str());
+        span.record("server.port", i64::from(port));
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,12 @@
 //! shutdown drains: readiness NOT_SERVING at once, then in-flight calls get
 //! the grace period to finish.
 
-use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    sync::Arc,
+    time::Duration,
+};
 
 use prometheus_client::registry::Registry;
 use prost::Message;
@@ -72,7 +77,7 @@ impl Server {
             config,
             grpc,
             metrics_listener,
-            registry: Registry::default(),
+            registry: metrics::registry(),
             routes: RoutesBuilder::default(),
             service_names: Vec::new(),
             descriptor_sets: vec![mesh_proto::FILE_DESCRIPTOR_SET],
@@ -152,10 +157,11 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send,
         on_health: impl FnOnce(&Health),
     ) -> Result<(), ServeError> {
-        let (reporter, health_service) = tonic_health::server::health_reporter();
-        let health =
-            Health::new(reporter, self.service_names.clone(), HealthMetrics::register(&mut self.registry))
-                .await;
+        let (health, health_service) = Health::new(
+            self.service_names.clone(),
+            &self.checks,
+            HealthMetrics::register(&mut self.registry),
+        );
         on_health(&health);
 
         let mut served = self.service_names.clone();
@@ -167,10 +173,12 @@ impl Server {
             ]
             .map(String::from),
         );
+        let descriptor_sets = reflected_sets(&self.descriptor_sets);
         let reflection = || {
-            let mut b = tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-            for set in &self.descriptor_sets {
+            // Both versions serve the same files, so each can describe every
+            // listed service (the other version's included).
+            let mut b = tonic_reflection::server::Builder::configure().include_reflection_service(false);
+            for set in &descriptor_sets {
                 b = b.register_encoded_file_descriptor_set(set);
             }
             for name in &served {
@@ -181,12 +189,6 @@ impl Server {
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
-        let mut descriptor_sets = self.descriptor_sets.clone();
-        descriptor_sets.extend([
-            tonic_health::pb::FILE_DESCRIPTOR_SET,
-            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
-            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-        ]);
         let known = known_methods(&descriptor_sets, &served);
         let layer = GrpcServerLayer::new(ServerMetrics::register(&mut self.registry), known);
 
@@ -245,6 +247,8 @@ impl Server {
                 self.draining.cancel();
                 tokio::time::sleep(self.config.drain_delay).await;
                 let _ = stop_tx.send(true);
+                // Watch streams would otherwise hold the grace period open.
+                health.close();
                 match tokio::time::timeout(self.config.shutdown_grace, &mut server).await {
                     Ok(r) => r.map_err(ServeError::from),
                     Err(_) => {
@@ -266,10 +270,26 @@ impl Server {
     }
 }
 
-/// `/package.Service/Method` for every method of the served services.
-fn known_methods(sets: &[&[u8]], served: &[String]) -> HashSet<String> {
+/// Every descriptor set reflection serves: the service's own (`own`, which
+/// starts with `mesh-proto`'s), health, both reflection versions, and the
+/// `google.rpc` error details (`BadRequest`, `RetryInfo`, `ErrorInfo`, …)
+/// that errors carry, so a client can decode them.
+fn reflected_sets(own: &[&'static [u8]]) -> Vec<&'static [u8]> {
+    let mut sets = own.to_vec();
+    sets.extend([
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        tonic_types::pb::FILE_DESCRIPTOR_SET,
+    ]);
+    sets
+}
+
+/// `/package.Service/Method` of every method of the served services, with its
+/// `grpc_type` label.
+fn known_methods(sets: &[&[u8]], served: &[String]) -> HashMap<String, &'static str> {
     let served: HashSet<&str> = served.iter().map(String::as_str).collect();
-    let mut known = HashSet::new();
+    let mut known = HashMap::new();
     for set in sets {
         let Ok(fds) = prost_types::FileDescriptorSet::decode(*set) else { continue };
         for file in &fds.file {
@@ -279,7 +299,8 @@ fn known_methods(sets: &[&[u8]], served: &[String]) -> HashSet<String> {
                     continue;
                 }
                 for m in &svc.method {
-                    known.insert(format!("/{full}/{}", m.name()));
+                    let kind = metrics::grpc_type(m.client_streaming(), m.server_streaming());
+                    known.insert(format!("/{full}/{}", m.name()), kind);
                 }
             }
         }
@@ -300,4 +321,49 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use prost::Message as _;
+
+    use super::reflected_sets;
+
+    /// Reflection can resolve every file it serves: each import of each
+    /// file is served too (a client builds a file only with its imports),
+    /// and the error-detail types errors carry are among them.
+    #[test]
+    fn reflection_serves_every_import_and_the_error_details() {
+        let mut files = BTreeSet::new();
+        let mut imports = BTreeSet::new();
+        let mut symbols = BTreeSet::new();
+        for set in reflected_sets(&[mesh_proto::FILE_DESCRIPTOR_SET]) {
+            let fds = prost_types::FileDescriptorSet::decode(set).unwrap();
+            for f in fds.file {
+                imports.extend(f.dependency.iter().cloned());
+                for m in &f.message_type {
+                    symbols.insert(format!("{}.{}", f.package(), m.name()));
+                }
+                for s in &f.service {
+                    symbols.insert(format!("{}.{}", f.package(), s.name()));
+                }
+                files.insert(f.name().to_owned());
+            }
+        }
+        let missing: Vec<_> = imports.difference(&files).collect();
+        assert!(missing.is_empty(), "imported but not served: {missing:?}");
+        for symbol in [
+            "google.rpc.BadRequest",
+            "google.rpc.RetryInfo",
+            "google.rpc.ErrorInfo",
+            "google.rpc.Status",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ] {
+            assert!(symbols.contains(symbol), "{symbol} not served");
+        }
+    }
 }

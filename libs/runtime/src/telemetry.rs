@@ -1,23 +1,76 @@
-//! The one telemetry entry point: `tracing` logs to stdout and, when
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set, spans exported over OTLP/gRPC.
+//! The one telemetry entry point: `tracing` logs to stdout and spans
+//! exported as the OpenTelemetry SDK environment variables say
+//! (`OTEL_TRACES_EXPORTER`, `OTEL_EXPORTER_OTLP_ENDPOINT`,
+//! `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`).
 //!
 //! W3C trace context is always propagated (even without an exporter), so a
 //! service in the middle of a call chain never breaks the trace.
+//!
+//! The SDK (`opentelemetry_sdk`) reads the sampler variables itself, but an
+//! unknown or malformed value only becomes a warning and a silent fallback
+//! to `parentbased_always_on`; it never reads `OTEL_TRACES_EXPORTER`. Here
+//! all of them are read through a [`Lookup`] (tests pass a map) and a bad
+//! value is a startup error, so a typo cannot turn sampling on or off
+//! unnoticed.
+//!
+//! Logs: text (default) or JSON lines (`MESH_LOG_FORMAT=json`). In both an
+//! optional field shows its value (`3`, not `Some(3)`) and an absent one is
+//! left out; in JSON, a field whose `Debug` form is JSON (a list of strings
+//! or numbers) stays a JSON array, and each line carries the `trace_id` and
+//! `span_id` of the current span.
 
-use std::time::Duration;
+use std::{
+    fmt::{self, Write as _},
+    io::Write as _,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
-use opentelemetry::{global, trace::TracerProvider as _};
-use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
-use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
+use opentelemetry::{
+    global,
+    trace::{TraceContextExt as _, TracerProvider as _},
+};
+use opentelemetry_sdk::{
+    Resource,
+    error::OTelSdkResult,
+    propagation::TraceContextPropagator,
+    trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter},
+};
+use serde_json::{Map, Value};
+use tracing::{
+    Dispatch, Event, Subscriber,
+    dispatcher::WeakDispatch,
+    field::{Field, Visit},
+};
+use tracing_subscriber::{
+    EnvFilter, Layer,
+    field::RecordFields,
+    fmt::{
+        FmtContext, FormattedFields,
+        format::{FormatEvent, FormatFields, Writer},
+        time::FormatTime as _,
+    },
+    layer::SubscriberExt,
+    registry::LookupSpan,
+    util::SubscriberInitExt,
+};
 
 use crate::config::{ConfigError, Lookup, LookupExt};
 
 /// Keys read by [`TelemetryConfig::from_lookup`].
 pub mod keys {
-    /// OTLP/gRPC collector endpoint, e.g. `http://127.0.0.1:4317`. Unset: no export.
+    /// OTLP/gRPC collector endpoint, e.g. `http://127.0.0.1:4317`. Unset (and
+    /// `OTEL_TRACES_EXPORTER` unset): no export.
     pub const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
     /// Traces-only override of [`OTLP_ENDPOINT`].
     pub const OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
+    /// `otlp` (default), `console` (finished spans printed to stdout) or `none`.
+    pub const TRACES_EXPORTER: &str = "OTEL_TRACES_EXPORTER";
+    /// `always_on`, `always_off`, `traceidratio`, `parentbased_always_on`
+    /// (default), `parentbased_always_off` or `parentbased_traceidratio`.
+    pub const TRACES_SAMPLER: &str = "OTEL_TRACES_SAMPLER";
+    /// The ratio, 0.0 to 1.0, of the `*traceidratio` samplers (default 1.0).
+    pub const TRACES_SAMPLER_ARG: &str = "OTEL_TRACES_SAMPLER_ARG";
     /// The `service.name` resource attribute.
     pub const SERVICE_NAME: &str = "OTEL_SERVICE_NAME";
     /// Log filter, `tracing_subscriber::EnvFilter` syntax.
@@ -26,13 +79,110 @@ pub mod keys {
     pub const LOG_FORMAT: &str = "MESH_LOG_FORMAT";
 }
 
+/// The OTLP endpoint the OpenTelemetry specification defaults to, used when
+/// `OTEL_TRACES_EXPORTER=otlp` is set explicitly without an endpoint.
+pub const DEFAULT_OTLP_ENDPOINT: &str = "http://localhost:4317";
+
+/// Where finished spans go (`OTEL_TRACES_EXPORTER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TracesExporter {
+    /// OTLP/gRPC to [`TelemetryConfig::otlp_endpoint`]; no endpoint, no export.
+    #[default]
+    Otlp,
+    /// One line per finished span on stdout.
+    Console,
+    /// Nowhere (trace context is still propagated and logged).
+    None,
+}
+
+/// Which traces are recorded (`OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum SamplerConfig {
+    /// Every trace.
+    AlwaysOn,
+    /// No trace.
+    AlwaysOff,
+    /// A fraction (0.0–1.0) of traces, by trace id.
+    TraceIdRatio(f64),
+    /// The parent's decision; roots always.
+    #[default]
+    ParentBasedAlwaysOn,
+    /// The parent's decision; roots never.
+    ParentBasedAlwaysOff,
+    /// The parent's decision; a fraction (0.0–1.0) of roots, by trace id.
+    ParentBasedTraceIdRatio(f64),
+}
+
+impl SamplerConfig {
+    fn parse(l: &impl Lookup) -> Result<Self, ConfigError> {
+        let ratio = || -> Result<f64, ConfigError> {
+            match l.string(keys::TRACES_SAMPLER_ARG) {
+                None => Ok(1.0),
+                Some(v) => match v.parse::<f64>() {
+                    Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+                    _ => Err(ConfigError::new(
+                        keys::TRACES_SAMPLER_ARG,
+                        format!("expected a ratio from 0.0 to 1.0, got {v:?}"),
+                    )),
+                },
+            }
+        };
+        Ok(match l.string(keys::TRACES_SAMPLER).as_deref() {
+            None | Some("parentbased_always_on") => Self::ParentBasedAlwaysOn,
+            Some("always_on") => Self::AlwaysOn,
+            Some("always_off") => Self::AlwaysOff,
+            Some("traceidratio") => Self::TraceIdRatio(ratio()?),
+            Some("parentbased_always_off") => Self::ParentBasedAlwaysOff,
+            Some("parentbased_traceidratio") => Self::ParentBasedTraceIdRatio(ratio()?),
+            Some(other) => {
+                return Err(ConfigError::new(
+                    keys::TRACES_SAMPLER,
+                    format!(
+                        "expected always_on, always_off, traceidratio, parentbased_always_on, \
+                         parentbased_always_off or parentbased_traceidratio, got {other:?}"
+                    ),
+                ));
+            }
+        })
+    }
+
+    fn sampler(self) -> Sampler {
+        let parent = |root: Sampler| Sampler::ParentBased(Box::new(root));
+        match self {
+            Self::AlwaysOn => Sampler::AlwaysOn,
+            Self::AlwaysOff => Sampler::AlwaysOff,
+            Self::TraceIdRatio(r) => Sampler::TraceIdRatioBased(r),
+            Self::ParentBasedAlwaysOn => parent(Sampler::AlwaysOn),
+            Self::ParentBasedAlwaysOff => parent(Sampler::AlwaysOff),
+            Self::ParentBasedTraceIdRatio(r) => parent(Sampler::TraceIdRatioBased(r)),
+        }
+    }
+}
+
+impl fmt::Display for SamplerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::AlwaysOn => f.write_str("always_on"),
+            Self::AlwaysOff => f.write_str("always_off"),
+            Self::TraceIdRatio(r) => write!(f, "traceidratio {r}"),
+            Self::ParentBasedAlwaysOn => f.write_str("parentbased_always_on"),
+            Self::ParentBasedAlwaysOff => f.write_str("parentbased_always_off"),
+            Self::ParentBasedTraceIdRatio(r) => write!(f, "parentbased_traceidratio {r}"),
+        }
+    }
+}
+
 /// How telemetry is set up.
 #[derive(Debug, Clone)]
 pub struct TelemetryConfig {
     /// The `service.name` resource attribute.
     pub service_name: String,
-    /// Where spans are exported; `None` exports nothing.
+    /// Where [`TracesExporter::Otlp`] sends spans; `None` exports nothing.
     pub otlp_endpoint: Option<String>,
+    /// Where finished spans go.
+    pub exporter: TracesExporter,
+    /// Which traces are recorded.
+    pub sampler: SamplerConfig,
     /// Log filter directives.
     pub log_filter: String,
     /// Whether logs go to stdout at all (tests keep quiet unless `TEST_LOG` is set).
@@ -41,8 +191,28 @@ pub struct TelemetryConfig {
     pub json_logs: bool,
 }
 
+impl Default for TelemetryConfig {
+    /// No export, `parentbased_always_on`, `info` text logs on stdout.
+    fn default() -> Self {
+        Self {
+            service_name: "mesh".to_owned(),
+            otlp_endpoint: None,
+            exporter: TracesExporter::Otlp,
+            sampler: SamplerConfig::default(),
+            log_filter: "info".to_owned(),
+            log_to_stdout: true,
+            json_logs: false,
+        }
+    }
+}
+
 impl TelemetryConfig {
-    /// Reads the standard `OTEL_*` and `RUST_LOG` variables.
+    /// Reads the standard `OTEL_*` and `RUST_LOG` variables, and `MESH_LOG_FORMAT`.
+    ///
+    /// # Errors
+    /// An unknown `OTEL_TRACES_EXPORTER`, `OTEL_TRACES_SAMPLER` or
+    /// `MESH_LOG_FORMAT`, or an `OTEL_TRACES_SAMPLER_ARG` that is not a ratio
+    /// from 0.0 to 1.0 (for the ratio samplers).
     pub fn from_lookup(l: &impl Lookup, default_service_name: &str) -> Result<Self, ConfigError> {
         let json_logs = match l.string(keys::LOG_FORMAT).as_deref() {
             None | Some("text") => false,
@@ -54,15 +224,50 @@ impl TelemetryConfig {
                 ));
             }
         };
+        let exporter_set = l.string(keys::TRACES_EXPORTER);
+        let exporter = match exporter_set.as_deref() {
+            None | Some("otlp") => TracesExporter::Otlp,
+            Some("console") => TracesExporter::Console,
+            Some("none") => TracesExporter::None,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    keys::TRACES_EXPORTER,
+                    format!("expected otlp, console or none, got {other:?}"),
+                ));
+            }
+        };
+        let mut otlp_endpoint =
+            l.string(keys::OTLP_TRACES_ENDPOINT).or_else(|| l.string(keys::OTLP_ENDPOINT));
+        // Asked for by name: the specification's default endpoint. Not asked
+        // for: no endpoint means no export (and no error).
+        if otlp_endpoint.is_none() && exporter_set.is_some() && exporter == TracesExporter::Otlp {
+            otlp_endpoint = Some(DEFAULT_OTLP_ENDPOINT.to_owned());
+        }
         Ok(Self {
             service_name: l.string(keys::SERVICE_NAME).unwrap_or_else(|| default_service_name.to_owned()),
-            otlp_endpoint: l.string(keys::OTLP_TRACES_ENDPOINT).or_else(|| l.string(keys::OTLP_ENDPOINT)),
+            otlp_endpoint,
+            exporter,
+            sampler: SamplerConfig::parse(l)?,
             log_filter: l
                 .string(keys::RUST_LOG)
                 .unwrap_or_else(|| "info,sqlx=warn,fred=warn,h2=warn".to_owned()),
             log_to_stdout: true,
             json_logs,
         })
+    }
+
+    /// Whether and where spans are exported, in words (logged at start), e.g.
+    /// `otlp/grpc to http://127.0.0.1:4317, sampler parentbased_always_on`.
+    pub fn describe_export(&self) -> String {
+        let sampler = &self.sampler;
+        match (self.exporter, &self.otlp_endpoint) {
+            (TracesExporter::Otlp, Some(e)) => format!("otlp/grpc to {e}, sampler {sampler}"),
+            (TracesExporter::Otlp, None) => {
+                format!("not exported ({} is unset)", keys::OTLP_ENDPOINT)
+            }
+            (TracesExporter::Console, _) => format!("printed to stdout (console), sampler {sampler}"),
+            (TracesExporter::None, _) => format!("not exported ({}=none)", keys::TRACES_EXPORTER),
+        }
     }
 }
 
@@ -74,57 +279,34 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Installs the global subscriber, tracer provider and propagator.
-    /// A second call in the same process (tests) leaves the first in place.
+    /// Installs the global subscriber, tracer provider and propagator, then
+    /// logs (info, target `mesh_runtime::telemetry`) whether and where
+    /// spans are exported. A second call in the same process (tests) leaves
+    /// the first subscriber in place.
     pub fn init(config: &TelemetryConfig) -> Self {
         global::set_text_map_propagator(TraceContextPropagator::new());
-        let resource = Resource::builder().with_service_name(config.service_name.clone()).build();
-        let mut builder = SdkTracerProvider::builder().with_resource(resource);
-        if let Some(endpoint) = &config.otlp_endpoint {
-            use opentelemetry_otlp::WithExportConfig;
-            match opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint.clone())
-                .with_timeout(Duration::from_secs(5))
-                .build()
-            {
-                Ok(exporter) => builder = builder.with_batch_exporter(exporter),
-                // Telemetry must never stop a service from starting.
-                Err(e) => eprintln!("otlp exporter disabled: {e}"),
-            }
-        }
-        let provider = builder.build();
+        let provider = tracer_provider(config);
         global::set_tracer_provider(provider.clone());
         let tracer = provider.tracer("mesh");
 
         let filter = EnvFilter::try_new(&config.log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
-        let fmt = config.log_to_stdout.then(|| {
-            let layer = tracing_subscriber::fmt::layer()
-                .with_target(true)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
-            if config.json_logs {
-                layer.json().flatten_event(true).with_current_span(true).boxed()
-            } else {
-                layer.boxed()
-            }
-        });
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        let slot = DispatchSlot::default();
+        let fmt = config.log_to_stdout.then(|| fmt_layer(config.json_logs, ansi, std::io::stdout, &slot));
         // Spans are created for every level the filter lets through; the otel
         // layer turns them into OpenTelemetry spans for propagation and export.
         // Off: source location, thread and busy/idle-time attributes. They are
         // not part of the RPC / database conventions, and the busy/idle times
         // cost two clock reads per poll of every instrumented future, on every
         // hop of every call.
-        let _ = tracing_subscriber::registry()
-            .with(fmt.with_filter(filter))
-            .with(
-                tracing_opentelemetry::layer()
-                    .with_tracer(tracer)
-                    .with_location(false)
-                    .with_threads(false)
-                    .with_tracked_inactivity(false)
-                    .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
-            )
-            .try_init();
+        let dispatch = Dispatch::new(
+            tracing_subscriber::registry().with(fmt.with_filter(filter)).with(otel_layer(tracer)),
+        );
+        let _ = slot.set(dispatch.downgrade());
+        let installed = dispatch.try_init().is_ok();
+        if installed {
+            tracing::info!(service = %config.service_name, traces = %config.describe_export(), "telemetry ready");
+        }
         Self { provider }
     }
 
@@ -146,6 +328,63 @@ impl Telemetry {
     }
 }
 
+fn tracer_provider(config: &TelemetryConfig) -> SdkTracerProvider {
+    let resource = Resource::builder().with_service_name(config.service_name.clone()).build();
+    let mut builder =
+        SdkTracerProvider::builder().with_resource(resource).with_sampler(config.sampler.sampler());
+    match (config.exporter, &config.otlp_endpoint) {
+        (TracesExporter::Otlp, Some(endpoint)) => {
+            use opentelemetry_otlp::WithExportConfig;
+            match opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint.clone())
+                .with_timeout(Duration::from_secs(5))
+                .build()
+            {
+                Ok(exporter) => builder = builder.with_batch_exporter(exporter),
+                // Telemetry must never stop a service from starting.
+                Err(e) => eprintln!("otlp exporter disabled: {e}"),
+            }
+        }
+        (TracesExporter::Console, _) => builder = builder.with_batch_exporter(ConsoleExporter),
+        (TracesExporter::Otlp, None) | (TracesExporter::None, _) => {}
+    }
+    builder.build()
+}
+
+fn otel_layer<S>(tracer: opentelemetry_sdk::trace::Tracer) -> impl Layer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_location(false)
+        .with_threads(false)
+        .with_tracked_inactivity(false)
+        .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+}
+
+/// The subscriber the JSON formatter asks for the spans' OpenTelemetry ids
+/// (while an event is being handled, `tracing`'s default dispatcher is
+/// unavailable; a weak handle, so the subscriber does not own itself).
+type DispatchSlot = Arc<OnceLock<WeakDispatch>>;
+
+/// The log layer: text or JSON lines to `writer`; JSON lines carry the ids
+/// of the spans of the subscriber later put in `slot`.
+fn fmt_layer<S, W>(json: bool, ansi: bool, writer: W, slot: &DispatchSlot) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let layer = tracing_subscriber::fmt::layer().with_writer(writer);
+    if json {
+        let format = JsonFormat { dispatch: slot.clone() };
+        layer.with_ansi(false).fmt_fields(JsonFields).event_format(format).boxed()
+    } else {
+        layer.with_target(true).with_ansi(ansi).fmt_fields(TextFields).boxed()
+    }
+}
+
 /// Telemetry for tests: quiet unless `TEST_LOG` is set (then `RUST_LOG` or
 /// `debug`), spans exported to `otlp_endpoint` when given.
 pub fn init_for_tests(service_name: &str, otlp_endpoint: Option<String>) -> Telemetry {
@@ -156,6 +395,455 @@ pub fn init_for_tests(service_name: &str, otlp_endpoint: Option<String>) -> Tele
         log_filter: std::env::var("RUST_LOG")
             .unwrap_or_else(|_| "debug,h2=info,hyper=info,tower=info".into()),
         log_to_stdout: log,
-        json_logs: false,
+        ..TelemetryConfig::default()
     })
+}
+
+// ------------------------------------------------------------ console exporter
+
+/// `OTEL_TRACES_EXPORTER=console`: one line per finished span on stdout.
+#[derive(Debug)]
+struct ConsoleExporter;
+
+impl SpanExporter for ConsoleExporter {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let mut out = std::io::stdout().lock();
+        for s in batch {
+            let ms = s.end_time.duration_since(s.start_time).unwrap_or_default().as_secs_f64() * 1e3;
+            let _ = write!(
+                out,
+                "span {:?} trace_id={} span_id={} parent_span_id={} kind={:?} duration_ms={ms:.3} status={:?}",
+                s.name,
+                s.span_context.trace_id(),
+                s.span_context.span_id(),
+                s.parent_span_id,
+                s.span_kind,
+                s.status,
+            );
+            for kv in &s.attributes {
+                let _ = write!(out, " {}={:?}", kv.key, kv.value.as_str());
+            }
+            let _ = writeln!(out);
+        }
+        Ok(())
+    }
+}
+
+// ------------------------------------------------------------ log fields
+
+/// A field's `Debug` text as it should be logged: `Some(x)` is `x`, `None`
+/// is no field at all.
+fn unwrap_option(debug: &str) -> Option<&str> {
+    if debug == "None" {
+        return None;
+    }
+    Some(debug.strip_prefix("Some(").and_then(|s| s.strip_suffix(')')).unwrap_or(debug))
+}
+
+/// Text fields: `name=value` separated by spaces, the message bare.
+#[derive(Debug)]
+struct TextFields;
+
+impl<'w> FormatFields<'w> for TextFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> fmt::Result {
+        let mut v = TextVisitor { writer, first: true, result: Ok(()) };
+        fields.record(&mut v);
+        v.result
+    }
+}
+
+struct TextVisitor<'w> {
+    writer: Writer<'w>,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl TextVisitor<'_> {
+    fn write(&mut self, name: &str, value: &str) {
+        if self.result.is_err() || name.starts_with("log.") {
+            return;
+        }
+        let sep = if self.first { "" } else { " " };
+        self.first = false;
+        self.result = if name == "message" {
+            write!(self.writer, "{sep}{value}")
+        } else {
+            write!(self.writer, "{sep}{}={value}", name.strip_prefix("r#").unwrap_or(name))
+        };
+    }
+}
+
+impl Visit for TextVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.write("message", value);
+        } else {
+            self.write(field.name(), &format!("{value:?}"));
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let text = format!("{value:?}");
+        if field.name() == "message" {
+            self.write("message", &text);
+        } else if let Some(v) = unwrap_option(&text) {
+            self.write(field.name(), v);
+        }
+    }
+}
+
+/// A JSON value for a field recorded with `Debug`: unwrapped from `Some`,
+/// and kept as JSON when its `Debug` text is a JSON list, object or string
+/// (`["a", "b"]`, `[1, 2]`), else the text itself.
+fn json_of_debug(text: &str) -> Option<Value> {
+    let text = unwrap_option(text)?;
+    if text.starts_with(['[', '{', '"'])
+        && let Ok(v) = serde_json::from_str::<Value>(text)
+    {
+        return Some(v);
+    }
+    Some(Value::String(text.to_owned()))
+}
+
+struct JsonVisitor<'a>(&'a mut Map<String, Value>);
+
+impl JsonVisitor<'_> {
+    fn put(&mut self, field: &Field, value: Value) {
+        let name = field.name();
+        if !name.starts_with("log.") {
+            self.0.insert(name.strip_prefix("r#").unwrap_or(name).to_owned(), value);
+        }
+    }
+}
+
+impl Visit for JsonVisitor<'_> {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.put(field, serde_json::json!(value));
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.put(field, value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.put(field, value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.put(field, value.into());
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.put(field, value.into());
+    }
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.put(field, value.to_string().into());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let text = format!("{value:?}");
+        if field.name() == "message" {
+            self.put(field, text.into());
+        } else if let Some(v) = json_of_debug(&text) {
+            self.put(field, v);
+        }
+    }
+}
+
+/// Span fields as a JSON object (stored per span by the fmt layer).
+#[derive(Debug)]
+struct JsonFields;
+
+impl<'w> FormatFields<'w> for JsonFields {
+    fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
+        let mut map = Map::new();
+        fields.record(&mut JsonVisitor(&mut map));
+        write!(writer, "{}", Value::Object(map))
+    }
+
+    fn add_fields(
+        &self,
+        current: &'w mut FormattedFields<Self>,
+        fields: &tracing::span::Record<'_>,
+    ) -> fmt::Result {
+        let mut map = match serde_json::from_str::<Value>(&current.fields) {
+            Ok(Value::Object(m)) => m,
+            _ => Map::new(),
+        };
+        fields.record(&mut JsonVisitor(&mut map));
+        current.fields = Value::Object(map).to_string();
+        Ok(())
+    }
+}
+
+/// One JSON object per line: `timestamp`, `level`, `target`, the event's
+/// fields, `span` (the current span's name and fields), `spans` (its
+/// ancestors' names, root first), and the current span's `trace_id` and
+/// `span_id` (hex, as trace viewers show them).
+#[derive(Debug)]
+struct JsonFormat {
+    dispatch: DispatchSlot,
+}
+
+impl<S> FormatEvent<S, JsonFields> for JsonFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, JsonFields>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        let mut timestamp = String::new();
+        tracing_subscriber::fmt::time::SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
+        let mut obj = Map::new();
+        event.record(&mut JsonVisitor(&mut obj));
+
+        // The ids first: the otel layer reads the spans' extensions.
+        let dispatch = self.dispatch.get().and_then(WeakDispatch::upgrade);
+        let ids = ctx.event_scope().zip(dispatch).and_then(|(scope, dispatch)| {
+            let ids: Vec<_> = scope.map(|s| s.id()).collect();
+            ids.iter().find_map(|id| {
+                let cx = tracing_opentelemetry::get_otel_context(id, &dispatch)?;
+                let sc = cx.span().span_context().clone();
+                sc.is_valid().then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
+            })
+        });
+        if let Some(scope) = ctx.event_scope() {
+            let mut names = Vec::new();
+            for (i, span) in scope.enumerate() {
+                if i == 0 {
+                    let mut current = Map::new();
+                    current.insert("name".into(), span.name().into());
+                    if let Some(f) = span.extensions().get::<FormattedFields<JsonFields>>()
+                        && let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(&f.fields)
+                    {
+                        current.extend(fields);
+                    }
+                    obj.insert("span".into(), Value::Object(current));
+                }
+                names.push(Value::from(span.name()));
+            }
+            names.reverse();
+            obj.insert("spans".into(), Value::Array(names));
+        }
+        if let Some((trace_id, span_id)) = ids {
+            obj.insert("trace_id".into(), trace_id.into());
+            obj.insert("span_id".into(), span_id.into());
+        }
+        // timestamp, level, target and message first (a reader's eye goes
+        // there), then the rest by name.
+        let message = obj.remove("message");
+        let mut line = format!(
+            "{{\"timestamp\":{},\"level\":{},\"target\":{}",
+            Value::from(timestamp),
+            Value::from(meta.level().as_str()),
+            Value::from(meta.target())
+        );
+        for (k, v) in message.iter().map(|m| ("message", m)).chain(obj.iter().map(|(k, v)| (k.as_str(), v))) {
+            let _ = write!(line, ",{}:{v}", Value::from(k));
+        }
+        writeln!(writer, "{line}}}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::HashMap,
+        sync::{Arc, Mutex},
+    };
+
+    use opentelemetry::trace::{SpanContext, SpanId, SpanKind, TraceFlags, TraceId, TraceState};
+    use opentelemetry_sdk::trace::{SamplingDecision, ShouldSample as _};
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+    use super::*;
+
+    fn config(vars: &[(&'static str, &str)]) -> Result<TelemetryConfig, ConfigError> {
+        let map: HashMap<&'static str, String> = vars.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
+        TelemetryConfig::from_lookup(&map, "svc")
+    }
+
+    #[test]
+    fn the_exporter_is_read_as_the_sdk_environment_spec_names_it() {
+        let c = config(&[]).unwrap();
+        assert_eq!((c.exporter, c.otlp_endpoint.as_deref()), (TracesExporter::Otlp, None));
+        assert_eq!(c.describe_export(), "not exported (OTEL_EXPORTER_OTLP_ENDPOINT is unset)");
+
+        let c = config(&[(keys::OTLP_ENDPOINT, "http://127.0.0.1:4317")]).unwrap();
+        assert_eq!(c.describe_export(), "otlp/grpc to http://127.0.0.1:4317, sampler parentbased_always_on");
+        let c = config(&[(keys::OTLP_ENDPOINT, "http://a:1"), (keys::OTLP_TRACES_ENDPOINT, "http://b:2")])
+            .unwrap();
+        assert_eq!(c.otlp_endpoint.as_deref(), Some("http://b:2"));
+
+        // Asked for by name without an endpoint: the specification's default.
+        let c = config(&[(keys::TRACES_EXPORTER, "otlp")]).unwrap();
+        assert_eq!(c.otlp_endpoint.as_deref(), Some(DEFAULT_OTLP_ENDPOINT));
+
+        let c = config(&[(keys::TRACES_EXPORTER, "console")]).unwrap();
+        assert_eq!(c.exporter, TracesExporter::Console);
+        assert_eq!(c.describe_export(), "printed to stdout (console), sampler parentbased_always_on");
+
+        let c = config(&[(keys::TRACES_EXPORTER, "none"), (keys::OTLP_ENDPOINT, "http://127.0.0.1:4317")])
+            .unwrap();
+        assert_eq!(c.exporter, TracesExporter::None);
+        assert_eq!(c.describe_export(), "not exported (OTEL_TRACES_EXPORTER=none)");
+
+        let e = config(&[(keys::TRACES_EXPORTER, "jaeger")]).unwrap_err();
+        assert_eq!(e.to_string(), "OTEL_TRACES_EXPORTER: expected otlp, console or none, got \"jaeger\"");
+    }
+
+    #[test]
+    fn every_sampler_of_the_spec_is_read_and_a_bad_one_is_refused() {
+        let cases = [
+            (None, None, SamplerConfig::ParentBasedAlwaysOn),
+            (Some("always_on"), None, SamplerConfig::AlwaysOn),
+            (Some("always_off"), None, SamplerConfig::AlwaysOff),
+            (Some("traceidratio"), Some("0.25"), SamplerConfig::TraceIdRatio(0.25)),
+            (Some("traceidratio"), None, SamplerConfig::TraceIdRatio(1.0)),
+            (Some("parentbased_always_on"), None, SamplerConfig::ParentBasedAlwaysOn),
+            (Some("parentbased_always_off"), None, SamplerConfig::ParentBasedAlwaysOff),
+            (Some("parentbased_traceidratio"), Some("0.1"), SamplerConfig::ParentBasedTraceIdRatio(0.1)),
+        ];
+        for (sampler, arg, want) in cases {
+            let mut vars = Vec::new();
+            vars.extend(sampler.map(|s| (keys::TRACES_SAMPLER, s)));
+            vars.extend(arg.map(|a| (keys::TRACES_SAMPLER_ARG, a)));
+            assert_eq!(config(&vars).unwrap().sampler, want, "{sampler:?} {arg:?}");
+        }
+        let e = config(&[(keys::TRACES_SAMPLER, "sometimes")]).unwrap_err();
+        assert_eq!(e.key, keys::TRACES_SAMPLER);
+        for bad in ["1.5", "-0.1", "half"] {
+            let e = config(&[
+                (keys::TRACES_SAMPLER, "parentbased_traceidratio"),
+                (keys::TRACES_SAMPLER_ARG, bad),
+            ])
+            .unwrap_err();
+            assert_eq!(e.key, keys::TRACES_SAMPLER_ARG, "{bad}");
+        }
+        // The argument of a sampler that takes none is not read.
+        assert!(config(&[(keys::TRACES_SAMPLER, "always_on"), (keys::TRACES_SAMPLER_ARG, "x")]).is_ok());
+    }
+
+    #[test]
+    fn parent_based_ratio_follows_the_parent_and_samples_roots_by_ratio() {
+        let decide = |sampler: SamplerConfig, parent: Option<bool>| {
+            let cx = match parent {
+                None => opentelemetry::Context::new(),
+                Some(sampled) => opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
+                    TraceId::from_bytes(7u128.to_be_bytes()),
+                    SpanId::from_bytes(7u64.to_be_bytes()),
+                    if sampled { TraceFlags::SAMPLED } else { TraceFlags::default() },
+                    true,
+                    TraceState::default(),
+                )),
+            };
+            let r = sampler.sampler().should_sample(
+                Some(&cx),
+                TraceId::from_bytes((u128::MAX / 3).to_be_bytes()),
+                "x",
+                &SpanKind::Server,
+                &[],
+                &[],
+            );
+            r.decision == SamplingDecision::RecordAndSample
+        };
+        let zero = SamplerConfig::ParentBasedTraceIdRatio(0.0);
+        assert!(!decide(zero, None), "a root at ratio 0 is dropped");
+        assert!(decide(zero, Some(true)), "a sampled parent wins over the ratio");
+        assert!(!decide(SamplerConfig::ParentBasedTraceIdRatio(1.0), Some(false)));
+        assert!(decide(SamplerConfig::ParentBasedTraceIdRatio(1.0), None));
+        assert!(!decide(SamplerConfig::TraceIdRatio(0.0), Some(true)), "traceidratio ignores the parent");
+        assert!(!decide(SamplerConfig::AlwaysOff, None));
+        assert!(!decide(SamplerConfig::ParentBasedAlwaysOff, None));
+        assert!(decide(SamplerConfig::default(), None));
+    }
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Runs `f` under a subscriber made as [`Telemetry::init`] makes it,
+    /// logging to a buffer; returns the log.
+    fn logged(json: bool, f: impl FnOnce()) -> String {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let provider = SdkTracerProvider::builder().build();
+        let slot = DispatchSlot::default();
+        let dispatch = Dispatch::new(
+            tracing_subscriber::registry()
+                .with(fmt_layer(json, false, move || writer.clone(), &slot))
+                .with(otel_layer(provider.tracer("test"))),
+        );
+        let _ = slot.set(dispatch.downgrade());
+        tracing::dispatcher::with_default(&dispatch, f);
+        String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn json_logs_carry_the_span_ids_keep_arrays_and_unwrap_options() {
+        let mut ids = None;
+        let out = logged(true, || {
+            let span = tracing::info_span!("call", rpc.method = "Check", peer = ?Some("10.0.0.1"));
+            let _g = span.enter();
+            let sc = span.context().span().span_context().clone();
+            ids = Some((sc.trace_id().to_string(), sc.span_id().to_string()));
+            tracing::info!(
+                domains = ?vec!["a", "b"],
+                counts = ?[1, 2],
+                limit = ?Some(5),
+                missing = ?None::<u32>,
+                reason = ?Some("over limit"),
+                "decided [1]"
+            );
+        });
+        let line: Value = serde_json::from_str(out.trim()).unwrap();
+        assert!(out.starts_with(r#"{"timestamp":""#), "{out}");
+        assert!(
+            out.contains(
+                r#","level":"INFO","target":"mesh_runtime::telemetry::tests","message":"decided [1]","#
+            ),
+            "{out}"
+        );
+        let (trace_id, span_id) = ids.unwrap();
+        assert_eq!(line["trace_id"], trace_id.as_str(), "{out}");
+        assert_eq!(line["span_id"], span_id.as_str(), "{out}");
+        assert_eq!(trace_id.len(), 32);
+        assert_eq!(line["domains"], serde_json::json!(["a", "b"]), "{out}");
+        assert_eq!(line["counts"], serde_json::json!([1, 2]), "{out}");
+        assert_eq!(line["limit"], "5", "{out}");
+        assert_eq!(line["reason"], "over limit", "{out}");
+        assert_eq!(line["message"], "decided [1]", "{out}");
+        assert!(line.get("missing").is_none(), "{out}");
+        assert_eq!(line["span"]["name"], "call", "{out}");
+        assert_eq!(line["span"]["rpc.method"], "Check", "{out}");
+        assert_eq!(line["span"]["peer"], "10.0.0.1", "{out}");
+        assert_eq!(line["spans"], serde_json::json!(["call"]), "{out}");
+        assert_eq!(line["level"], "INFO");
+        assert!(!out.contains("Some("), "{out}");
+
+        // Outside any span: no ids.
+        let out = logged(true, || tracing::info!("alone"));
+        let line: Value = serde_json::from_str(out.trim()).unwrap();
+        assert!(line.get("trace_id").is_none() && line.get("span").is_none(), "{out}");
+    }
+
+    #[test]
+    fn text_logs_show_optional_values_without_some_and_leave_absent_ones_out() {
+        let out = logged(false, || {
+            let span = tracing::info_span!("call", peer = ?Some("10.0.0.1"));
+            let _g = span.enter();
+            tracing::info!(limit = ?Some(5), missing = ?None::<u32>, name = "x", "decided");
+        });
+        assert!(out.contains("decided limit=5 name=\"x\""), "{out}");
+        assert!(out.contains("call{peer=\"10.0.0.1\"}"), "{out}");
+        assert!(!out.contains("Some(") && !out.contains("missing"), "{out}");
+    }
 }

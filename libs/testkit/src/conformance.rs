@@ -1,7 +1,7 @@
 //! Checks every mesh service must pass, shared so each service's test binary
 //! runs the same assertions against its own server.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, bail, ensure};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -9,6 +9,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use crate::{
     Process, channel,
     grpc::{health_status, run_grpcurl, wait_for_health},
+    repo_root,
 };
 
 /// `liveness`, `readiness`, `""` and every full service name answer SERVING
@@ -25,11 +26,73 @@ pub async fn assert_serving(addr: SocketAddr, full_names: &[&str], timeout: Dura
         matches!(&unknown, Err(s) if s.code() == tonic::Code::NotFound),
         "an unknown service name must be NOT_FOUND, got {unknown:?}"
     );
+    assert_watch_follows_the_spec(&ch, WATCH_WINDOW).await
+}
+
+/// How long [`assert_serving`] watches for repeated health messages: several
+/// health intervals of a test server (`ServerConfig::for_tests`, 200 ms).
+const WATCH_WINDOW: Duration = Duration::from_millis(700);
+
+/// Health Watch as the grpc.health.v1 spec says: `readiness` and `liveness`
+/// send their status once and nothing more while it holds (no repeat each
+/// check round); an unknown name sends SERVICE_UNKNOWN and the stream stays
+/// open. Each is watched for `window`.
+async fn assert_watch_follows_the_spec(
+    ch: &tonic::transport::Channel,
+    window: Duration,
+) -> anyhow::Result<()> {
+    let expected = [
+        ("readiness", ServingStatus::Serving),
+        ("liveness", ServingStatus::Serving),
+        ("no.such.Service", ServingStatus::ServiceUnknown),
+    ];
+    let watches = expected.iter().map(|(name, _)| async move {
+        let mut stream = tonic_health::pb::health_client::HealthClient::new(ch.clone())
+            .watch(tonic_health::pb::HealthCheckRequest { service: (*name).into() })
+            .await
+            .with_context(|| format!("Watch {name:?}"))?
+            .into_inner();
+        let deadline = tokio::time::Instant::now() + window;
+        let mut got = Vec::new();
+        loop {
+            match tokio::time::timeout_at(deadline, stream.message()).await {
+                Err(_) => return anyhow::Ok(got),
+                Ok(Ok(Some(m))) => got.push(m.status()),
+                Ok(end) => bail!("Watch {name:?} ended within {window:?} ({end:?}) after {got:?}"),
+            }
+        }
+    });
+    let got = futures::future::try_join_all(watches).await?;
+    for ((name, want), got) in expected.iter().zip(got) {
+        ensure!(got == [*want], "Watch {name:?} sent {got:?} within {window:?}, want just [{want:?}]");
+    }
     Ok(())
 }
 
-/// grpcurl 1.8.6 (reflection v1alpha) lists exactly the served services plus
-/// health and reflection, and can describe each served service.
+/// The `google.rpc` error-detail messages (`google/rpc/error_details.proto`,
+/// all of them, whichever a service sends: `BadRequest`, `RetryInfo`,
+/// `ErrorInfo`, …) and `google.rpc.Status`: every service's reflection must
+/// resolve them so clients such as grpcurl print an error's details.
+pub const ERROR_DETAIL_TYPES: &[&str] = &[
+    "google.rpc.Status",
+    "google.rpc.ErrorInfo",
+    "google.rpc.RetryInfo",
+    "google.rpc.DebugInfo",
+    "google.rpc.QuotaFailure",
+    "google.rpc.PreconditionFailure",
+    "google.rpc.BadRequest",
+    "google.rpc.RequestInfo",
+    "google.rpc.ResourceInfo",
+    "google.rpc.Help",
+    "google.rpc.LocalizedMessage",
+];
+
+/// Reflection is complete: grpcurl 1.8.6 (reflection v1alpha) lists exactly
+/// the served services plus health and reflection, and describes every
+/// listed service, each of its methods and their request and response types,
+/// and every [`ERROR_DETAIL_TYPES`] message; Python grpcio builds the same
+/// services and messages, with every file they import, over reflection v1
+/// and v1alpha.
 pub async fn assert_reflection(addr: SocketAddr, full_names: &[&str]) -> anyhow::Result<()> {
     let target = addr.to_string();
     let (ok, out, err) = run_grpcurl(&["-plaintext", &target, "list"]).await?;
@@ -44,9 +107,41 @@ pub async fn assert_reflection(addr: SocketAddr, full_names: &[&str]) -> anyhow:
     ]);
     want.sort_unstable();
     ensure!(listed == want, "grpcurl list: got {listed:?}, want {want:?}");
-    for name in full_names {
-        let (ok, out, err) = run_grpcurl(&["-plaintext", &target, "describe", name]).await?;
-        ensure!(ok && out.contains("service"), "grpcurl describe {name} failed: {err}");
+    let describe = |symbol: String| {
+        let target = target.clone();
+        async move {
+            let (ok, out, err) = run_grpcurl(&["-plaintext", &target, "describe", &symbol]).await?;
+            ensure!(ok, "grpcurl describe {symbol} failed: {err}");
+            anyhow::Ok((symbol, out))
+        }
+    };
+    let services = futures::future::try_join_all(listed.iter().map(|s| describe((*s).to_owned()))).await?;
+    let mut symbols = BTreeSet::new();
+    for (service, out) in &services {
+        ensure!(out.contains(&format!("{service} is a service:")), "grpcurl describe {service}: {out}");
+        // `rpc Name ( [stream] .pkg.Request ) returns ( [stream] .pkg.Response );`
+        for line in out.lines().map(str::trim).filter(|l| l.starts_with("rpc ")) {
+            let method = line[4..].split([' ', '(']).next().unwrap_or_default();
+            symbols.insert(format!("{service}.{method}"));
+            let types = line.split_whitespace().filter_map(|w| w.strip_prefix('.'));
+            symbols.extend(types.map(|t| t.trim_end_matches([')', ';']).to_owned()));
+        }
+    }
+    symbols.extend(ERROR_DETAIL_TYPES.iter().map(|t| (*t).to_owned()));
+    let described = futures::future::try_join_all(symbols.iter().map(|s| describe(s.clone()))).await?;
+    for (symbol, out) in described {
+        ensure!(
+            out.contains(&format!("{symbol} is a message:"))
+                || out.contains(&format!("{symbol} is a method:")),
+            "grpcurl describe {symbol}: {out}"
+        );
+    }
+    let versions = ["v1", "v1alpha"];
+    let resolved = futures::future::try_join_all(versions.map(|v| python_reflection(&target, v))).await?;
+    for (version, resolved) in versions.iter().zip(resolved) {
+        let mut got: Vec<&str> = resolved.lines().filter_map(|l| l.strip_prefix("service ")).collect();
+        got.sort_unstable();
+        ensure!(got == listed, "grpcio over reflection {version} built {got:?}, listed {listed:?}");
     }
     let (ok, out, err) = run_grpcurl(&[
         "-plaintext",
@@ -58,6 +153,41 @@ pub async fn assert_reflection(addr: SocketAddr, full_names: &[&str]) -> anyhow:
     .await?;
     ensure!(ok && out.contains("SERVING"), "grpcurl health check failed: {out}{err}");
     Ok(())
+}
+
+/// Runs `libs/testkit/python/reflect.py` (Python grpcio) against `target`
+/// over reflection `version` with [`ERROR_DETAIL_TYPES`]: every listed
+/// service and its methods' types, and each detail type, must build with all
+/// their imports. Returns its output (`service <name>` lines, …).
+async fn python_reflection(target: &str, version: &str) -> anyhow::Result<String> {
+    let python = repo_root().join(".local/tools/venv/bin/python");
+    let has_grpcio = tokio::process::Command::new(&python)
+        .args(["-c", "import grpc, grpc_reflection"])
+        .output()
+        .await
+        .is_ok_and(|o| o.status.success());
+    if !has_grpcio {
+        let out = tokio::process::Command::new("bash")
+            .arg(repo_root().join("deploy/local/tools.sh"))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await?;
+        ensure!(out.status.success(), "tools.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = tokio::process::Command::new(&python)
+        .arg(repo_root().join("libs/testkit/python/reflect.py"))
+        .args([target, version])
+        .args(ERROR_DETAIL_TYPES)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "grpcio over reflection {version} failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
 }
 
 /// Sends SIGTERM to a running service binary: readiness must go NOT_SERVING

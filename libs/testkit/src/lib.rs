@@ -12,20 +12,24 @@
 //! - [`otlp`]: an in-process OTLP trace receiver collecting exported spans.
 //! - [`conformance`]: what every mesh service must do (health, reflection, SIGTERM).
 //! - [`echo`]: a plain tonic echo service (benchmark baseline, runtime tests).
+//! - [`help`]: what every binary's command line must do (`--help`, unknown arguments, docs).
 
 pub mod bin;
 pub mod conformance;
 pub mod echo;
 pub mod grpc;
+pub mod help;
 pub mod infra;
 pub mod isolate;
 pub mod json;
+pub mod logs;
 pub mod otlp;
 pub mod spawn;
 
 pub use grpc::{channel, grpcurl, health_status, scrape_metrics, wait_for_health};
 pub use infra::{Infra, PrivateInfra, repo_root};
 pub use isolate::{TestDb, redis_prefix};
+pub use logs::LogBuffer;
 pub use spawn::{Process, Running, free_addr, spawn};
 
 /// Polls `check` until it returns `Some`, for at most `timeout`, and

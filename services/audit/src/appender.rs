@@ -108,6 +108,10 @@ impl Metrics {
             flush_seconds: Histogram::new(mesh_runtime::latency_buckets()),
             queued: Gauge::default(),
         };
+        // Every result at 0 from the start: alerts on failures read 0, not "no data".
+        for result in ["committed", "deduplicated", "failed", "refused"] {
+            let _ = m.appends.get_or_create(&ResultLabels { result });
+        }
         registry.register(
             "mesh_audit_appends",
             "Appends by result: committed, deduplicated, failed, refused (queue full)",

@@ -1,16 +1,10 @@
 //! Configuration from the environment.
 //!
 //! Besides the shared server (`MESH_LISTEN_ADDR`, …) and database
-//! (`MESH_DATABASE_*`) settings, the audit service reads:
-//!
-//! | variable | default | meaning |
-//! | --- | --- | --- |
-//! | `MESH_AUDIT_BATCH_MAX` | 512 | most events one group commit writes |
-//! | `MESH_AUDIT_BATCH_LINGER_US` | 0 | how long a batch waits for more events after its first (µs); batches also form on their own while the previous one commits |
-//! | `MESH_AUDIT_QUEUE_CAPACITY` | 20000 | appends waiting for a batch; beyond it Append answers UNAVAILABLE |
-//! | `MESH_AUDIT_TAIL_BUFFER` | 8192 | recent events kept in memory for live Tail subscribers |
-//! | `MESH_AUDIT_TAIL_SUBSCRIBER_BUFFER` | 256 | events queued for one Tail subscriber before it counts as slow |
-//! | `MESH_AUDIT_MAX_FUTURE_SKEW_MS` | 300000 | how far in the future `occurred_at` may be |
+//! (`MESH_DATABASE_*`) settings, the audit service reads `MESH_AUDIT_*`;
+//! [`AuditConfig::vars`] lists each with its default and meaning, and
+//! [`Config::help`] every variable the process reads (`mesh-audit --help`,
+//! docs/CONFIGURATION.md).
 
 use std::{
     sync::{Arc, Mutex},
@@ -19,10 +13,16 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use mesh_db::DbConfig;
-use mesh_runtime::{ConfigError, Lookup, LookupExt, ServerConfig};
+use mesh_runtime::{
+    ConfigError, Lookup, LookupExt, ServerConfig, TelemetryConfig,
+    config::{Help, Var, VarGroup},
+};
 
 /// Default gRPC port.
 pub const DEFAULT_PORT: u16 = 50053;
+
+/// Default schema of the service's tables (`MESH_DATABASE_SCHEMA`).
+pub(crate) const SCHEMA: &str = "audit";
 
 /// Keys read by [`Config::from_lookup`] beyond the server and database ones.
 pub mod keys {
@@ -85,6 +85,20 @@ impl Default for AuditConfig {
 }
 
 impl Config {
+    /// `mesh-audit --help` (without a command): every variable the service reads.
+    pub fn help() -> Help {
+        Help {
+            binary: "mesh-audit",
+            about: "the audit-log service (mesh.audit.v1.AuditService, gRPC)",
+            groups: vec![
+                ServerConfig::vars(DEFAULT_PORT),
+                TelemetryConfig::vars("mesh-audit"),
+                DbConfig::vars(SCHEMA),
+                AuditConfig::vars(),
+            ],
+        }
+    }
+
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(&mesh_runtime::Env)
@@ -94,13 +108,51 @@ impl Config {
     pub fn from_lookup(l: &impl Lookup) -> Result<Self, ConfigError> {
         Ok(Self {
             server: ServerConfig::from_lookup(l, DEFAULT_PORT)?,
-            db: DbConfig::from_lookup(l, "audit")?,
+            db: DbConfig::from_lookup(l, SCHEMA)?,
             audit: AuditConfig::from_lookup(l)?,
         })
     }
 }
 
 impl AuditConfig {
+    /// The `MESH_AUDIT_*` variables [`Self::from_lookup`] reads, for `--help`.
+    pub fn vars() -> VarGroup {
+        use keys::*;
+        let d = Self::default();
+        VarGroup::new(
+            "Audit log",
+            vec![
+                Var::value(BATCH_MAX, d.batch_max, "most events one group commit writes (1 to 10000)"),
+                Var::value(
+                    BATCH_LINGER_US,
+                    d.batch_linger.as_micros(),
+                    "how long a batch waits for more events after its first (microseconds); batches also \
+                     form on their own while the previous one commits",
+                ),
+                Var::value(
+                    QUEUE_CAPACITY,
+                    d.queue_capacity,
+                    "appends waiting for a batch; beyond it Append answers UNAVAILABLE",
+                ),
+                Var::value(
+                    TAIL_BUFFER,
+                    d.tail_buffer,
+                    "recent events kept in memory for live Tail subscribers",
+                ),
+                Var::value(
+                    TAIL_SUBSCRIBER_BUFFER,
+                    d.tail_subscriber_buffer,
+                    "events queued for one Tail subscriber before it counts as slow",
+                ),
+                Var::millis(
+                    MAX_FUTURE_SKEW_MS,
+                    d.max_future_skew,
+                    "how far in the future occurred_at may be (ms)",
+                ),
+            ],
+        )
+    }
+
     /// Reads the `MESH_AUDIT_*` settings.
     pub fn from_lookup(l: &impl Lookup) -> Result<Self, ConfigError> {
         let d = Self::default();
@@ -123,7 +175,9 @@ impl AuditConfig {
         }
         Ok(Self {
             batch_max,
-            batch_linger: Duration::from_micros(l.parse_or(keys::BATCH_LINGER_US, 0u64)?),
+            batch_linger: Duration::from_micros(
+                l.parse_or(keys::BATCH_LINGER_US, d.batch_linger.as_micros() as u64)?,
+            ),
             queue_capacity,
             tail_buffer,
             tail_subscriber_buffer,
@@ -193,6 +247,16 @@ mod tests {
             .unwrap();
         assert_eq!(c.batch_max, 64);
         assert_eq!(c.batch_linger, Duration::from_micros(250));
+    }
+
+    #[test]
+    fn help_lists_every_variable_the_service_reads_with_its_real_default() {
+        let problems = mesh_runtime::config::check_help(
+            &Config::help(),
+            &[("MESH_DATABASE_WRITE_URL", "postgres://h/db")],
+            |l| Ok((TelemetryConfig::from_lookup(l, "mesh-audit")?, Config::from_lookup(l)?)),
+        );
+        assert_eq!(problems, Vec::<String>::new());
     }
 
     #[test]

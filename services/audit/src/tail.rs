@@ -169,6 +169,9 @@ impl Hub {
             capacity,
         });
         let metrics = Metrics::default();
+        for reason in ["slow", "draining", "error"] {
+            let _ = metrics.ended.get_or_create(&EndLabels { reason });
+        }
         registry.register("mesh_audit_tail_subscribers", "Open Tail streams", metrics.subscribers.clone());
         registry.register(
             "mesh_audit_tail_ended",

@@ -3,23 +3,9 @@
 //! Besides the shared server (`MESH_LISTEN_ADDR`, …), database
 //! (`MESH_DATABASE_*`, see `mesh_db::keys`) and client (`MESH_SESSION_ADDR`,
 //! `MESH_RATELIMIT_ADDR`, `MESH_AUDIT_ADDR`, `MESH_CLIENT_*`) settings, the
-//! data service reads:
-//!
-//! | variable | default | meaning |
-//! | --- | --- | --- |
-//! | `MESH_DATA_MAX_BATCH_OPS` | 500 | most operations in one Batch |
-//! | `MESH_DATA_SESSION_TIMEOUT_MS` | 1000 | longest a call waits for the session service to validate its token |
-//! | `MESH_DATA_SESSION_TOUCH` | `true` | whether a call slides its session's idle expiry (ValidateSession `touch`) |
-//! | `MESH_DATA_RATELIMIT_DOMAIN` | `data` | rate-limit domain (descriptors `user_id` and `user_id` + `collection`) |
-//! | `MESH_DATA_RATELIMIT_FAILURE_MODE` | `fail_open` | `fail_open`: calls go on unlimited while the rate-limit service cannot decide; `fail_closed`: they answer UNAVAILABLE |
-//! | `MESH_DATA_RATELIMIT_TIMEOUT_MS` | 250 | longest a call waits for the rate-limit service |
-//! | `MESH_DATA_AUDIT_TIMEOUT_MS` | 5000 | deadline of one audit Append from the outbox |
-//! | `MESH_DATA_OUTBOX_CONCURRENCY` | 32 | audit Appends in flight at once per instance |
-//! | `MESH_DATA_OUTBOX_GRACE_MS` | 10000 | how long an event is left to the instance that wrote it before any instance's sweep takes it |
-//! | `MESH_DATA_OUTBOX_SWEEP_MS` | 1000 | how often the outbox is swept for events not delivered at once (failed, or written by an instance that died) |
-//! | `MESH_DATA_OUTBOX_BATCH` | 100 | most events one sweep claims |
-//! | `MESH_DATA_OUTBOX_LEASE_MS` | 60000 | a sweep's claim on its events; after it another sweep may take them (at least `MESH_DATA_AUDIT_TIMEOUT_MS`; a claim of a full batch may take batch ÷ concurrency × that timeout while the audit service hangs) |
-//! | `MESH_DATA_OUTBOX_RETRY_MAX_MS` | 60000 | longest backoff between failed deliveries of an event (from 1 s, doubling, jittered) |
+//! data service reads `MESH_DATA_*`; [`DataConfig::vars`] lists each with its
+//! default and meaning, and [`Config::help`] every variable the process
+//! reads (`mesh-data --help`, docs/CONFIGURATION.md).
 //!
 //! `MESH_SESSION_ADDR` is required: every call is authenticated. Without
 //! `MESH_RATELIMIT_ADDR` calls are not rate limited; without
@@ -30,10 +16,16 @@ use std::time::Duration;
 
 use mesh_client::{ClientConfig, FailureMode, config::keys as client_keys};
 use mesh_db::DbConfig;
-use mesh_runtime::{ConfigError, Lookup, LookupExt, ServerConfig};
+use mesh_runtime::{
+    ConfigError, Lookup, LookupExt, ServerConfig, TelemetryConfig,
+    config::{Help, Var, VarGroup},
+};
 
 /// Default gRPC port.
 pub const DEFAULT_PORT: u16 = 50054;
+
+/// Default schema of the service's tables (`MESH_DATABASE_SCHEMA`).
+pub const SCHEMA: &str = "data";
 
 /// Keys read by [`DataConfig::from_lookup`].
 pub mod keys {
@@ -120,6 +112,78 @@ impl Default for DataConfig {
 }
 
 impl DataConfig {
+    /// The `MESH_DATA_*` variables [`Self::from_lookup`] reads, for `--help`.
+    pub fn vars() -> VarGroup {
+        use keys::*;
+        let d = Self::default();
+        VarGroup::new(
+            "Data",
+            vec![
+                Var::value(MAX_BATCH_OPS, d.max_batch_ops, "most operations in one Batch (at most 10000)"),
+                Var::millis(
+                    SESSION_TIMEOUT_MS,
+                    d.session_timeout,
+                    "longest a call waits for the session service to validate its token (ms)",
+                ),
+                Var::value(
+                    SESSION_TOUCH,
+                    d.session_touch,
+                    "whether a call slides its session's idle expiry (ValidateSession touch): true or false",
+                ),
+                Var::value(
+                    RATELIMIT_DOMAIN,
+                    &d.ratelimit_domain,
+                    "rate-limit domain (descriptors user_id, and user_id + collection)",
+                ),
+                Var::value(
+                    RATELIMIT_FAILURE_MODE,
+                    d.ratelimit_failure_mode.label(),
+                    "fail_open: calls go on unlimited while the rate-limit service cannot decide; \
+                     fail_closed: they answer UNAVAILABLE",
+                ),
+                Var::millis(
+                    RATELIMIT_TIMEOUT_MS,
+                    d.ratelimit_timeout,
+                    "longest a call waits for the rate-limit service (ms)",
+                ),
+                Var::millis(
+                    AUDIT_TIMEOUT_MS,
+                    d.audit_timeout,
+                    "deadline of one audit Append from the outbox (ms)",
+                ),
+                Var::value(
+                    OUTBOX_CONCURRENCY,
+                    d.outbox_concurrency,
+                    "audit Appends in flight at once per instance",
+                ),
+                Var::millis(
+                    OUTBOX_GRACE_MS,
+                    d.outbox_grace,
+                    "how long an event is left to the instance that wrote it before any instance's sweep \
+                     takes it (ms)",
+                ),
+                Var::millis(
+                    OUTBOX_SWEEP_MS,
+                    d.outbox_sweep,
+                    "how often the outbox is swept for events not delivered at once: failed, or written by \
+                     an instance that died (ms)",
+                ),
+                Var::value(OUTBOX_BATCH, d.outbox_batch, "most events one sweep claims"),
+                Var::millis(
+                    OUTBOX_LEASE_MS,
+                    d.outbox_lease,
+                    "a sweep's claim on its events (ms), after which another sweep may take them; at least \
+                     MESH_DATA_AUDIT_TIMEOUT_MS",
+                ),
+                Var::millis(
+                    OUTBOX_RETRY_MAX_MS,
+                    d.outbox_retry_max,
+                    "longest backoff between failed deliveries of an event (ms; from 1 s, doubling, jittered)",
+                ),
+            ],
+        )
+    }
+
     /// Reads the `MESH_DATA_*` keys.
     pub fn from_lookup(l: &impl Lookup) -> Result<Self, ConfigError> {
         use keys::*;
@@ -208,6 +272,28 @@ pub struct Config {
 }
 
 impl Config {
+    /// `mesh-data --help`: every variable the process reads.
+    pub fn help() -> Help {
+        Help {
+            binary: "mesh-data",
+            about: "the data service, a JSON document store (mesh.data.v1.DataService, gRPC)",
+            groups: vec![
+                ServerConfig::vars(DEFAULT_PORT),
+                TelemetryConfig::vars("mesh-data"),
+                DbConfig::vars(SCHEMA),
+                // Required: every call is authenticated by the session service.
+                ClientConfig::vars([
+                    None,
+                    Some("calls are not rate limited (logged at start)"),
+                    Some("audit events wait in the outbox for an instance that has it (logged at start)"),
+                    None,
+                ])
+                .with_required(client_keys::SESSION_ADDR),
+                DataConfig::vars(),
+            ],
+        }
+    }
+
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(&mesh_runtime::Env)
@@ -224,7 +310,7 @@ impl Config {
         }
         Ok(Self {
             server: ServerConfig::from_lookup(l, DEFAULT_PORT)?,
-            db: DbConfig::from_lookup(l, "data")?,
+            db: DbConfig::from_lookup(l, SCHEMA)?,
             clients,
             data: DataConfig::from_lookup(l)?,
         })
@@ -263,6 +349,16 @@ mod tests {
         assert_eq!(c.data.ratelimit_failure_mode, FailureMode::FailClosed);
         assert!(!c.data.session_touch);
         assert_eq!(c.data.outbox_sweep, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn help_lists_every_variable_the_process_reads_with_its_real_default() {
+        let problems = mesh_runtime::config::check_help(
+            &Config::help(),
+            &[("MESH_DATABASE_WRITE_URL", "postgres://h/db"), ("MESH_SESSION_ADDR", "127.0.0.1:50051")],
+            |l| Ok((TelemetryConfig::from_lookup(l, "mesh-data")?, Config::from_lookup(l)?)),
+        );
+        assert_eq!(problems, Vec::<String>::new());
     }
 
     #[test]

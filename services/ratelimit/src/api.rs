@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status, metadata::MetadataValue};
 use crate::{
     engine::{Decision, Engine},
     request::{self, CheckCall},
-    rules::{Algorithm, FailureMode, Level, Unit},
+    rules::{Algorithm, FailureMode, Level, RateLimitHeaders, Unit},
 };
 
 /// Response metadata naming what decided a Check: `redis`, `local-cache`,
@@ -26,12 +26,63 @@ pub const DECIDED_BY: &str = "x-mesh-ratelimit-decided-by";
 #[derive(Debug, Clone)]
 pub(crate) struct Api {
     engine: Arc<Engine>,
+    /// RateLimit headers of domains whose rules do not say.
+    rate_limit_headers: RateLimitHeaders,
 }
 
 impl Api {
-    pub(crate) fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+    pub(crate) fn new(engine: Arc<Engine>, rate_limit_headers: RateLimitHeaders) -> Self {
+        Self { engine, rate_limit_headers }
     }
+}
+
+/// Seconds in a rate-limit unit, as Envoy's RateLimit headers count them
+/// (a month is 30 days, a year 365).
+fn unit_seconds(u: rate_limit_response::rate_limit::Unit) -> u64 {
+    use rate_limit_response::rate_limit::Unit as U;
+    match u {
+        U::Unknown | U::Second => 1,
+        U::Minute => 60,
+        U::Hour => 3600,
+        U::Day => 86_400,
+        U::Week => 604_800,
+        U::Month => 2_592_000,
+        U::Year => 31_536_000,
+    }
+}
+
+/// RateLimit headers for the client (draft-polli-ratelimit-headers-03, as
+/// Envoy's `enable_x_ratelimit_headers: DRAFT_VERSION_03` and limitador
+/// write them), from the statuses of one answer: the closest limit (the
+/// fewest remaining) leads `x-ratelimit-limit`, followed by every limit's
+/// quota policy (`<n>;w=<seconds>`, `;name="<name>"` when named);
+/// `x-ratelimit-remaining` and `x-ratelimit-reset` (whole seconds, rounded
+/// up) are the closest limit's. No headers when no descriptor had a limit.
+fn rate_limit_headers(
+    statuses: &[rate_limit_response::DescriptorStatus],
+) -> Vec<mesh_proto::envoy::config::core::v3::HeaderValue> {
+    use mesh_proto::envoy::config::core::v3::HeaderValue;
+    let limited: Vec<_> = statuses.iter().filter_map(|s| Some((s, s.current_limit.as_ref()?))).collect();
+    let Some((closest, closest_limit)) = limited.iter().min_by_key(|(s, _)| s.limit_remaining) else {
+        return Vec::new();
+    };
+    let mut limit = closest_limit.requests_per_unit.to_string();
+    for (_, l) in &limited {
+        limit.push_str(&format!(", {};w={}", l.requests_per_unit, unit_seconds(l.unit())));
+        if !l.name.is_empty() {
+            limit.push_str(&format!(";name=\"{}\"", l.name));
+        }
+    }
+    let header = |key: &str, value: String| HeaderValue { key: key.to_owned(), value, raw_value: Vec::new() };
+    let mut out = vec![
+        header("x-ratelimit-limit", limit),
+        header("x-ratelimit-remaining", closest.limit_remaining.to_string()),
+    ];
+    if let Some(reset) = &closest.duration_until_reset {
+        let secs = reset.seconds.max(0) as u64 + u64::from(reset.nanos > 0);
+        out.push(header("x-ratelimit-reset", secs.to_string()));
+    }
+    out
 }
 
 fn duration(d: Duration) -> prost_types::Duration {
@@ -157,8 +208,15 @@ impl envoy_rls::rate_limit_service_server::RateLimitService for Api {
         use rate_limit_response::{Code, DescriptorStatus, RateLimit, rate_limit::Unit as EUnit};
         let call = CheckCall::from_envoy(req.into_inner())?;
         let decision = self.engine.check(&call).await;
+        let headers = self
+            .engine
+            .rules()
+            .domain(&call.domain)
+            .and_then(|d| d.rate_limit_headers)
+            .unwrap_or(self.rate_limit_headers)
+            == RateLimitHeaders::DraftVersion03;
         let code = |over: bool| if over { Code::OverLimit } else { Code::Ok };
-        let statuses = decision
+        let statuses: Vec<DescriptorStatus> = decision
             .statuses
             .iter()
             .map(|s| DescriptorStatus {
@@ -185,6 +243,7 @@ impl envoy_rls::rate_limit_service_server::RateLimitService for Api {
             .collect();
         let body = RateLimitResponse {
             overall_code: code(decision.over).into(),
+            response_headers_to_add: if headers { rate_limit_headers(&statuses) } else { Vec::new() },
             statuses,
             ..RateLimitResponse::default()
         };

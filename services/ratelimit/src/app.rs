@@ -103,9 +103,7 @@ impl App {
         let mut server = Server::bind(config.server).await?;
         let metrics = Metrics::register(server.registry());
         metrics.domains.set(initial.domains.len() as i64);
-        // Both series exist from the start, so alerts on increase() see the first error.
-        let _ = metrics.reloads.get_or_create(&ResultLabels { result: "ok" });
-        let _ = metrics.reloads.get_or_create(&ResultLabels { result: "error" });
+        metrics.initialize(&initial);
         let handle = RulesHandle::new(initial);
 
         let redis = mesh_runtime::redis::connect(&config.redis)?;
@@ -132,6 +130,7 @@ impl App {
                     Reload::Loaded => {
                         engine.rules_changed();
                         metrics.domains.set(rules.domains.len() as i64);
+                        metrics.initialize(rules);
                         "ok"
                     }
                     Reload::Failed => "error",
@@ -141,7 +140,7 @@ impl App {
         }
 
         let gate = Gate::register(e, server.registry());
-        let api = Api::new(engine);
+        let api = Api::new(engine, config.engine.rate_limit_headers);
         server.add_service(Admit { inner: RateLimitServiceServer::new(api.clone()), gate: gate.clone() });
         server.add_service(Admit { inner: EnvoyServer::new(api), gate });
         // So grpcurl can print the google.rpc.BadRequest details of INVALID_ARGUMENT.

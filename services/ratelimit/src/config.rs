@@ -1,6 +1,12 @@
 use std::{path::PathBuf, time::Duration};
 
-use mesh_runtime::{ConfigError, Lookup, LookupExt, ServerConfig, redis::RedisConfig};
+pub use crate::rules::RateLimitHeaders;
+
+use mesh_runtime::{
+    ConfigError, Lookup, LookupExt, ServerConfig, TelemetryConfig,
+    config::{Help, Var, VarGroup},
+    redis::RedisConfig,
+};
 
 /// Default gRPC port.
 pub const DEFAULT_PORT: u16 = 50052;
@@ -41,6 +47,9 @@ pub mod keys {
     /// Longest a Check waits for a slot (ms) before it is shed with
     /// RESOURCE_EXHAUSTED (shorter when the caller's deadline is).
     pub const QUEUE_WAIT_MS: &str = "MESH_RATELIMIT_QUEUE_WAIT_MS";
+    /// RateLimit headers on Envoy RLS answers of domains whose rules do not
+    /// say (`NONE` or `DRAFT_VERSION_03`).
+    pub const RATE_LIMIT_HEADERS: &str = "MESH_RATELIMIT_RATE_LIMIT_HEADERS";
 }
 
 /// Tuning of the rate-limit engine.
@@ -86,6 +95,9 @@ pub struct EngineConfig {
     /// come straight back starves the admitted calls). The wait does not
     /// count against [`Self::redis_timeout`].
     pub queue_wait: Duration,
+    /// RateLimit headers on Envoy RLS answers (`response_headers_to_add`) of
+    /// domains whose rules have no `rate_limit_headers` (default: none).
+    pub rate_limit_headers: RateLimitHeaders,
 }
 
 impl Default for EngineConfig {
@@ -102,7 +114,91 @@ impl Default for EngineConfig {
             rules_poll: Duration::from_millis(1000),
             max_in_flight: 32,
             queue_wait: Duration::from_millis(250),
+            rate_limit_headers: RateLimitHeaders::None,
         }
+    }
+}
+
+impl EngineConfig {
+    /// The `MESH_RATELIMIT_*` variables [`Config::from_lookup`] reads, for `--help`.
+    pub fn vars() -> VarGroup {
+        use keys::*;
+        let d = Self::default();
+        VarGroup::new(
+            "Rate limiting",
+            vec![
+                Var::unset(
+                    RULES,
+                    "no rules: every descriptor is allowed (warned at start)",
+                    "rules file, or directory of files, in the Envoy ratelimit YAML format (several domains \
+                     as documents separated by ---); hot-reloaded",
+                ),
+                Var::millis(
+                    RULES_POLL_MS,
+                    d.rules_poll,
+                    "how often the rules path is checked for changes (ms)",
+                ),
+                Var::millis(
+                    REDIS_TIMEOUT_MS,
+                    d.redis_timeout,
+                    "hard deadline of the Redis part of one Check (ms); then the domain's failure mode decides",
+                ),
+                Var::value(
+                    BREAKER_SUCCESS_RATE,
+                    d.breaker_success_rate,
+                    "the Redis circuit breaker opens when fewer than this share (0.0 to 1.0) of Redis calls \
+                     succeeded within the window",
+                ),
+                Var::value(
+                    BREAKER_MIN_REQUESTS,
+                    d.breaker_min_requests,
+                    "calls the window must hold before the breaker may open",
+                ),
+                Var::millis(
+                    BREAKER_WINDOW_MS,
+                    d.breaker_window,
+                    "the window the success rate is measured over (ms, whole seconds, at least 1000)",
+                ),
+                Var::millis(
+                    BREAKER_OPEN_MS,
+                    d.breaker_open,
+                    "how long the breaker first stays open (ms); repeated trips back off up to 8x",
+                ),
+                Var::value(
+                    LOCAL_CACHE_SIZE,
+                    d.local_cache_size,
+                    "entries of the local cache of keys already over their limit (0: off)",
+                ),
+                Var::millis(
+                    LOCAL_CACHE_RECHECK_MS,
+                    d.local_cache_recheck,
+                    "longest a key in the over-limit cache is refused without asking Redis (ms): bounds how \
+                     long another instance's Reset goes unnoticed",
+                ),
+                Var::value(
+                    FALLBACK_SIZE,
+                    d.fallback_size,
+                    "keys the in-memory fallback limiter tracks at most",
+                ),
+                Var::value(
+                    MAX_IN_FLIGHT,
+                    d.max_in_flight,
+                    "Checks (both APIs together) decided at once; more wait for a slot",
+                ),
+                Var::millis(
+                    QUEUE_WAIT_MS,
+                    d.queue_wait,
+                    "longest a Check waits for a slot (ms; shorter when the caller's deadline is) before it is \
+                     shed with RESOURCE_EXHAUSTED",
+                ),
+                Var::value(
+                    RATE_LIMIT_HEADERS,
+                    d.rate_limit_headers.as_str(),
+                    "RateLimit headers (x-ratelimit-limit, -remaining, -reset) on Envoy RLS answers: NONE or \
+                     DRAFT_VERSION_03; a domain's rate_limit_headers in the rules overrides it",
+                ),
+            ],
+        )
     }
 }
 
@@ -120,6 +216,22 @@ pub struct Config {
 }
 
 impl Config {
+    /// `mesh-ratelimit --help`: every variable the process reads.
+    pub fn help() -> Help {
+        Help {
+            binary: "mesh-ratelimit",
+            about: "the rate-limit service (mesh.ratelimit.v1.RateLimitService and Envoy's \
+                    envoy.service.ratelimit.v3.RateLimitService, gRPC)",
+            groups: vec![
+                ServerConfig::vars(DEFAULT_PORT),
+                TelemetryConfig::vars("mesh-ratelimit"),
+                RedisConfig::vars()
+                    .with_default(mesh_runtime::redis::keys::POOL_SIZE, DEFAULT_REDIS_POOL_SIZE),
+                EngineConfig::vars(),
+            ],
+        }
+    }
+
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(&mesh_runtime::Env)
@@ -140,6 +252,12 @@ impl Config {
             rules_poll: l.millis_or(keys::RULES_POLL_MS, d.rules_poll)?,
             max_in_flight: l.parse_or(keys::MAX_IN_FLIGHT, d.max_in_flight)?,
             queue_wait: l.millis_or(keys::QUEUE_WAIT_MS, d.queue_wait)?,
+            rate_limit_headers: match l.string(keys::RATE_LIMIT_HEADERS) {
+                None => d.rate_limit_headers,
+                Some(v) => RateLimitHeaders::parse(&v).ok_or_else(|| {
+                    ConfigError::new(keys::RATE_LIMIT_HEADERS, "must be NONE or DRAFT_VERSION_03")
+                })?,
+            },
         };
         if engine.max_in_flight == 0 {
             return Err(ConfigError::new(keys::MAX_IN_FLIGHT, "must be at least 1"));
@@ -201,6 +319,16 @@ mod tests {
         assert_eq!(c.engine.redis_timeout, Duration::from_millis(25));
         assert_eq!(c.engine.local_cache_size, 0);
         assert_eq!(c.rules.as_deref(), Some(std::path::Path::new("/etc/rules")));
+    }
+
+    #[test]
+    fn help_lists_every_variable_the_process_reads_with_its_real_default() {
+        let problems = mesh_runtime::config::check_help(
+            &Config::help(),
+            &[("MESH_REDIS_URLS", "127.0.0.1:7000")],
+            |l| Ok((TelemetryConfig::from_lookup(l, "mesh-ratelimit")?, Config::from_lookup(l)?)),
+        );
+        assert_eq!(problems, Vec::<String>::new());
     }
 
     #[test]

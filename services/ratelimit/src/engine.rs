@@ -185,6 +185,7 @@ impl Engine {
         let n = call.descriptors.len();
         let mut statuses = vec![Status::default(); n];
         let Some(domain) = rules.domain(&call.domain) else {
+            self.metrics.count_unknown_domain(&call.domain);
             return Decision { over: false, statuses, decided_by: DecidedBy::Rules };
         };
 
@@ -235,13 +236,6 @@ impl Engine {
         if items.is_empty() {
             return Decision { over: false, statuses, decided_by: DecidedBy::Rules };
         }
-        for it in &items {
-            self.metrics
-                .total_hits
-                .get_or_create(&Self::labels(&domain.name, &it.rule))
-                .inc_by(u64::from(it.hits));
-        }
-
         // A call with a key known to be over, whose every key's answer is
         // known: refused without a round trip, answering what Redis did.
         let cached: Option<Vec<Outcome>> = items.iter().map(|it| self.cache.get(&it.key)).collect();
@@ -350,6 +344,10 @@ impl Engine {
             let s = &statuses[it.index];
             let labels = Self::labels(domain, &it.rule);
             let hits = u64::from(it.hits);
+            // total_hits = within_limit + over_limit (see the metrics module).
+            if s.over || !over {
+                self.metrics.total_hits.get_or_create(&labels).inc_by(hits);
+            }
             if s.over {
                 self.metrics.over_limit.get_or_create(&labels).inc_by(hits);
                 if it.rule.shadow_mode {

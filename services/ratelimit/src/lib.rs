@@ -37,4 +37,4 @@ mod store;
 
 pub use api::DECIDED_BY;
 pub use app::{App, StartError};
-pub use config::{Config, DEFAULT_PORT, DEFAULT_REDIS_POOL_SIZE, EngineConfig, keys};
+pub use config::{Config, DEFAULT_PORT, DEFAULT_REDIS_POOL_SIZE, EngineConfig, RateLimitHeaders, keys};

@@ -448,7 +448,12 @@ impl Store {
             async move {
                 let call = eval_once(&client, script, *slot, keys, args, left);
                 let raw = match timeout_at(deadline, call)
-                    .instrument(mesh_runtime::redis::span("EVALSHA", Some("ratelimit_check")))
+                    .instrument(mesh_runtime::redis::span_at(
+                        &client,
+                        "EVALSHA",
+                        Some("ratelimit_check"),
+                        *slot,
+                    ))
                     .await
                 {
                     Err(_) => return Err(StoreError::Timeout(timeout)),
@@ -531,7 +536,7 @@ impl Store {
             self.timeout * 10,
             client.del::<i64, _>(vec![key.to_owned(), record_key(key)]),
         )
-        .instrument(mesh_runtime::redis::span("DEL", None))
+        .instrument(mesh_runtime::redis::span_at(&client, "DEL", None, mesh_runtime::redis::slot_of(key)))
         .await;
         let r = match r {
             Err(_) => Err(StoreError::Timeout(self.timeout * 10)),
@@ -590,9 +595,15 @@ impl Compensation {
                     mesh_tower::Backoff::new(COMPENSATION_BACKOFF.0, COMPENSATION_BACKOFF.1).iter();
                 loop {
                     let until = (Instant::now() + attempt).min(bound);
-                    let call = eval_once(pool.next(), &undo, g.slot, g.keys.clone(), g.args.clone(), attempt);
+                    let client = pool.next();
+                    let call = eval_once(client, &undo, g.slot, g.keys.clone(), g.args.clone(), attempt);
                     let r = timeout_at(until, call)
-                        .instrument(mesh_runtime::redis::span("EVALSHA", Some("ratelimit_undo")))
+                        .instrument(mesh_runtime::redis::span_at(
+                            client,
+                            "EVALSHA",
+                            Some("ratelimit_undo"),
+                            g.slot,
+                        ))
                         .await;
                     match r {
                         Ok(Ok(given)) => return (Some(given.as_i64().unwrap_or(0)), g.hits),

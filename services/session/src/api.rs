@@ -114,6 +114,19 @@ impl Api {
     }
 }
 
+impl Api {
+    /// Validates (and with `touch` slides the idle expiry of) a token: the
+    /// one validation path, for ValidateSession and Envoy's ext_authz Check
+    /// (`authz`). UNAUTHENTICATED for a malformed, unknown, expired or
+    /// revoked token, UNAVAILABLE while Redis cannot answer.
+    pub(crate) async fn validate_token(&self, token: &str, touch: bool) -> Result<Arc<pb::Session>, Error> {
+        Ok(match self.inner.validate_locally(token, touch)? {
+            Local::Hit(s) => s,
+            Local::Miss(bucket, h) => Arc::new(Box::pin(self.inner.validate(bucket, h, touch)).await?),
+        })
+    }
+}
+
 impl Inner {
     fn touch_interval(&self, idle_timeout_ms: i64) -> Duration {
         self.config.touch_interval.min(millis(idle_timeout_ms / 16))
@@ -218,11 +231,8 @@ impl SessionService for Api {
         req: Request<ValidateSessionRequest>,
     ) -> Result<Response<ValidateSessionResponse>, Status> {
         let r = req.into_inner();
-        let s = match self.inner.validate_locally(&r.token, r.touch)? {
-            Local::Hit(s) => Arc::unwrap_or_clone(s),
-            Local::Miss(bucket, h) => Box::pin(self.inner.validate(bucket, h, r.touch)).await?,
-        };
-        Ok(Response::new(ValidateSessionResponse { session: Some(s) }))
+        let s = self.validate_token(&r.token, r.touch).await?;
+        Ok(Response::new(ValidateSessionResponse { session: Some(Arc::unwrap_or_clone(s)) }))
     }
 
     async fn refresh_session(

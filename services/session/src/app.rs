@@ -2,7 +2,10 @@ use std::{net::SocketAddr, sync::Arc};
 
 use fred::{clients::Pool, interfaces::ClientLike as _};
 use mesh_client::{AuditClient, ClientMetrics, RateLimitClient, config::keys as client_keys};
-use mesh_proto::session::session_service_server::SessionServiceServer;
+use mesh_proto::{
+    envoy_authz::authorization_server::AuthorizationServer,
+    session::session_service_server::SessionServiceServer,
+};
 use mesh_runtime::{ConfigError, ServeError, Server, redis::RedisConfig};
 use secrecy::ExposeSecret;
 use tokio::task::JoinHandle;
@@ -10,6 +13,7 @@ use tokio::task::JoinHandle;
 use crate::{
     Config,
     api::Api,
+    authz::Authz,
     cache::Cache,
     config::keys,
     limiter::Limiter,
@@ -151,6 +155,7 @@ impl App {
 
         let limiter = Limiter::new(ratelimit, c, metrics.clone());
         let api = Api::new(store, cache, limiter, c.clone(), metrics);
+        server.add_service(AuthorizationServer::new(Authz::new(api.clone(), c.ext_authz.clone())));
         server.add_service(SessionServiceServer::new(api));
         // So grpcurl can show the google.rpc details (BadRequest, RetryInfo).
         server.add_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET);

@@ -2,34 +2,10 @@
 //!
 //! Besides the shared server (`MESH_LISTEN_ADDR`, …), Redis (`MESH_REDIS_*`)
 //! and client (`MESH_RATELIMIT_ADDR`, `MESH_AUDIT_ADDR`, `MESH_CLIENT_*`)
-//! settings, the session service reads:
-//!
-//! | variable | default | meaning |
-//! | --- | --- | --- |
-//! | `MESH_SESSION_IDLE_TIMEOUT_MS` | 1800000 (30 min) | idle timeout of a session that asks for none |
-//! | `MESH_SESSION_ABSOLUTE_TIMEOUT_MS` | 43200000 (12 h) | absolute lifetime of a session that asks for none |
-//! | `MESH_SESSION_MAX_IDLE_TIMEOUT_MS` | 86400000 (24 h) | largest idle timeout a call may ask for |
-//! | `MESH_SESSION_MAX_ABSOLUTE_TIMEOUT_MS` | 2592000000 (30 days) | largest absolute lifetime a call may ask for |
-//! | `MESH_SESSION_MAX_PER_USER` | 10 | live sessions per user; creating one more evicts the oldest |
-//! | `MESH_SESSION_TOUCH_INTERVAL_MS` | 60000 | a touch is written only when the session was last seen longer ago than this (or a sixteenth of its idle timeout, if smaller) |
-//! | `MESH_SESSION_CACHE_MAX_BYTES` | 67108864 (64 MiB) | validation cache size (0: no cache) |
-//! | `MESH_SESSION_CACHE_TTL_MS` | 30000 | longest a validation is served from the cache (a backstop; revocations invalidate at once) |
-//! | `MESH_SESSION_INVALIDATION_TIMEOUT_MS` | 250 | longest a revocation waits for every instance to confirm its cache dropped the token |
-//! | `MESH_SESSION_WAIT_REPLICAS` | 1 | replicas a change must reach (`WAIT`) before the call returns (0: don't wait) |
-//! | `MESH_SESSION_WAIT_TIMEOUT_MS` | 100 | longest a change waits for them; then it returns anyway and counts it |
-//! | `MESH_SESSION_WRITE_POOL_SIZE` | 2 | Redis clients for changes; each carries one change (script + `WAIT`) per master at a time, apart from validation's |
-//! | `MESH_REDIS_POOL_SIZE` | 1 (this service's default) | Redis clients for validations ([`DEFAULT_REDIS_POOL_SIZE`]) |
-//! | `MESH_SESSION_RATELIMIT_DOMAIN` | `session` | rate-limit domain of CreateSession (descriptors `user_id`, `client_ip`) |
-//! | `MESH_SESSION_RATELIMIT_FAILURE_MODE` | `fail_closed` | `fail_closed`: CreateSession answers UNAVAILABLE while the rate-limit service cannot decide; `fail_open`: creates go on unlimited |
-//! | `MESH_SESSION_RATELIMIT_TIMEOUT_MS` | 250 | longest CreateSession waits for the rate-limit service |
-//! | `MESH_SESSION_AUDIT_HASH_KEY` | random per process (warned) | secret key of the salted token hashes in audit events; set the same on every instance |
-//! | `MESH_SESSION_AUDIT_TIMEOUT_MS` | 5000 | deadline of one audit Append from the outbox |
-//! | `MESH_SESSION_OUTBOX_SWEEP_MS` | 10000 | how often every bucket's outbox is checked (depth and age metrics, missed notifications, retries) |
-//! | `MESH_SESSION_OUTBOX_BATCH` | 100 | most events one drain of one bucket delivers |
-//! | `MESH_SESSION_OUTBOX_CONCURRENCY` | 8 | buckets drained at once per instance |
-//! | `MESH_SESSION_OUTBOX_LEASE_MS` | 15000 | a drain's claim on a bucket; another instance takes over after it |
-//! | `MESH_SESSION_OUTBOX_RETRY_MAX_MS` | 30000 | longest backoff between failed deliveries (from 500 ms, doubling, jittered) |
-//! | `MESH_SESSION_OUTBOX_TTL_MS` | 604800000 (7 days) | an outbox nobody drains expires after this |
+//! settings, the session service reads `MESH_SESSION_*`.
+//! [`SessionConfig::vars`] lists each with its default and meaning, and
+//! [`Config::help`] every variable the process reads (`mesh-session --help`,
+//! docs/CONFIGURATION.md).
 //!
 //! Without `MESH_RATELIMIT_ADDR`, CreateSession is not rate limited; without
 //! `MESH_AUDIT_ADDR`, audit events wait in the outbox (up to its TTL) for an
@@ -38,8 +14,14 @@
 use std::time::Duration;
 
 use mesh_client::{ClientConfig, FailureMode};
-use mesh_runtime::{ConfigError, Lookup, LookupExt, ServerConfig, redis::RedisConfig};
+use mesh_runtime::{
+    ConfigError, Lookup, LookupExt, ServerConfig, TelemetryConfig,
+    config::{Help, Var, VarGroup},
+    redis::RedisConfig,
+};
 use secrecy::{ExposeSecret, SecretString};
+
+use crate::authz::AuthzConfig;
 
 /// Default gRPC port.
 pub const DEFAULT_PORT: u16 = 50051;
@@ -99,6 +81,16 @@ pub mod keys {
     pub const OUTBOX_RETRY_MAX_MS: &str = "MESH_SESSION_OUTBOX_RETRY_MAX_MS";
     /// Outbox expiry (ms).
     pub const OUTBOX_TTL_MS: &str = "MESH_SESSION_OUTBOX_TTL_MS";
+    /// ext_authz: header carrying the user id upstream.
+    pub const EXT_AUTHZ_USER_HEADER: &str = "MESH_SESSION_EXT_AUTHZ_USER_HEADER";
+    /// ext_authz: header carrying the session id upstream.
+    pub const EXT_AUTHZ_SESSION_HEADER: &str = "MESH_SESSION_EXT_AUTHZ_SESSION_HEADER";
+    /// ext_authz: header carrying a denial's reason to the client.
+    pub const EXT_AUTHZ_REASON_HEADER: &str = "MESH_SESSION_EXT_AUTHZ_REASON_HEADER";
+    /// ext_authz: cookie holding the token when there is no bearer token.
+    pub const EXT_AUTHZ_COOKIE: &str = "MESH_SESSION_EXT_AUTHZ_COOKIE";
+    /// ext_authz: whether a check slides the idle expiry.
+    pub const EXT_AUTHZ_TOUCH: &str = "MESH_SESSION_EXT_AUTHZ_TOUCH";
 }
 
 /// Shortest idle timeout or lifetime a call may ask for.
@@ -155,6 +147,8 @@ pub struct SessionConfig {
     pub outbox_retry_max: Duration,
     /// Outbox expiry.
     pub outbox_ttl: Duration,
+    /// Envoy ext_authz answers (`crate::authz`).
+    pub ext_authz: AuthzConfig,
 }
 
 impl std::fmt::Debug for SessionConfig {
@@ -162,12 +156,30 @@ impl std::fmt::Debug for SessionConfig {
         f.debug_struct("SessionConfig")
             .field("idle_timeout", &self.idle_timeout)
             .field("absolute_timeout", &self.absolute_timeout)
+            .field("max_idle_timeout", &self.max_idle_timeout)
+            .field("max_absolute_timeout", &self.max_absolute_timeout)
             .field("max_per_user", &self.max_per_user)
+            .field("touch_interval", &self.touch_interval)
             .field("cache_max_bytes", &self.cache_max_bytes)
+            .field("cache_ttl", &self.cache_ttl)
+            .field("invalidation_timeout", &self.invalidation_timeout)
             .field("wait_replicas", &self.wait_replicas)
+            .field("wait_timeout", &self.wait_timeout)
+            .field("write_pool_size", &self.write_pool_size)
+            .field("ratelimit_domain", &self.ratelimit_domain)
             .field("ratelimit_failure_mode", &self.ratelimit_failure_mode)
+            .field("ratelimit_timeout", &self.ratelimit_timeout)
             .field("audit_hash_key", &self.audit_hash_key.as_ref().map(|_| "[redacted]"))
-            .finish_non_exhaustive()
+            .field("audit_timeout", &self.audit_timeout)
+            .field("outbox_sweep", &self.outbox_sweep)
+            .field("outbox_batch", &self.outbox_batch)
+            .field("outbox_concurrency", &self.outbox_concurrency)
+            .field("outbox_lease", &self.outbox_lease)
+            .field("outbox_retry_base", &self.outbox_retry_base)
+            .field("outbox_retry_max", &self.outbox_retry_max)
+            .field("outbox_ttl", &self.outbox_ttl)
+            .field("ext_authz", &self.ext_authz)
+            .finish()
     }
 }
 
@@ -198,11 +210,155 @@ impl Default for SessionConfig {
             outbox_retry_base: Duration::from_millis(500),
             outbox_retry_max: Duration::from_secs(30),
             outbox_ttl: Duration::from_secs(7 * 24 * 3600),
+            ext_authz: AuthzConfig::default(),
         }
     }
 }
 
 impl SessionConfig {
+    /// The `MESH_SESSION_*` variables [`Self::from_lookup`] reads, for `--help`.
+    pub fn vars() -> VarGroup {
+        use keys::*;
+        let d = Self::default();
+        VarGroup::new(
+            "Sessions",
+            vec![
+                Var::millis(
+                    IDLE_TIMEOUT_MS,
+                    d.idle_timeout,
+                    "idle timeout of a session that asks for none (ms)",
+                ),
+                Var::millis(
+                    ABSOLUTE_TIMEOUT_MS,
+                    d.absolute_timeout,
+                    "absolute lifetime of a session that asks for none (ms)",
+                ),
+                Var::millis(
+                    MAX_IDLE_TIMEOUT_MS,
+                    d.max_idle_timeout,
+                    "largest idle timeout a call may ask for (ms)",
+                ),
+                Var::millis(
+                    MAX_ABSOLUTE_TIMEOUT_MS,
+                    d.max_absolute_timeout,
+                    "largest absolute lifetime a call may ask for (ms)",
+                ),
+                Var::value(
+                    MAX_PER_USER,
+                    d.max_per_user,
+                    "live sessions per user; creating one more evicts the oldest",
+                ),
+                Var::millis(
+                    TOUCH_INTERVAL_MS,
+                    d.touch_interval,
+                    "a touch is written only when the session was last seen longer ago than this, or a \
+                     sixteenth of its idle timeout if smaller (ms)",
+                ),
+                Var::value(CACHE_MAX_BYTES, d.cache_max_bytes, "validation cache size (bytes; 0: no cache)"),
+                Var::millis(
+                    CACHE_TTL_MS,
+                    d.cache_ttl,
+                    "longest a validation is served from the cache (ms; a backstop: revocations invalidate \
+                     at once)",
+                ),
+                Var::millis(
+                    INVALIDATION_TIMEOUT_MS,
+                    d.invalidation_timeout,
+                    "longest a revocation waits for every instance to confirm its cache dropped the token (ms)",
+                ),
+                Var::value(
+                    WAIT_REPLICAS,
+                    d.wait_replicas,
+                    "Redis replicas a change must reach (WAIT) before the call returns (0: don't wait)",
+                ),
+                Var::millis(
+                    WAIT_TIMEOUT_MS,
+                    d.wait_timeout,
+                    "longest a change waits for them (ms); then it returns anyway and counts it",
+                ),
+                Var::value(
+                    WRITE_POOL_SIZE,
+                    d.write_pool_size,
+                    "Redis clients for changes; each carries one change (script + WAIT) per master at a time",
+                ),
+                Var::value(
+                    RATELIMIT_DOMAIN,
+                    &d.ratelimit_domain,
+                    "rate-limit domain of CreateSession (descriptors user_id, client_ip)",
+                ),
+                Var::value(
+                    RATELIMIT_FAILURE_MODE,
+                    d.ratelimit_failure_mode.label(),
+                    "fail_closed: CreateSession answers UNAVAILABLE while the rate-limit service cannot \
+                     decide; fail_open: creates go on unlimited",
+                ),
+                Var::millis(
+                    RATELIMIT_TIMEOUT_MS,
+                    d.ratelimit_timeout,
+                    "longest CreateSession waits for the rate-limit service (ms)",
+                ),
+                Var::unset(
+                    AUDIT_HASH_KEY,
+                    "a random key per process (warned at start)",
+                    "secret key (at least 16 bytes) of the salted token hashes in audit events; set the same \
+                     on every instance so events correlate (a secret: never logged)",
+                ),
+                Var::millis(
+                    AUDIT_TIMEOUT_MS,
+                    d.audit_timeout,
+                    "deadline of one audit Append from the outbox (ms)",
+                ),
+                Var::millis(
+                    OUTBOX_SWEEP_MS,
+                    d.outbox_sweep,
+                    "how often every bucket's outbox is checked: depth and age metrics, missed \
+                     notifications, retries (ms)",
+                ),
+                Var::value(OUTBOX_BATCH, d.outbox_batch, "most events one drain of one bucket delivers"),
+                Var::value(OUTBOX_CONCURRENCY, d.outbox_concurrency, "buckets drained at once per instance"),
+                Var::millis(
+                    OUTBOX_LEASE_MS,
+                    d.outbox_lease,
+                    "a drain's claim on a bucket (ms); another instance takes over after it",
+                ),
+                Var::millis(
+                    OUTBOX_RETRY_MAX_MS,
+                    d.outbox_retry_max,
+                    "longest backoff between failed deliveries (ms; from 500 ms, doubling, jittered)",
+                ),
+                Var::millis(OUTBOX_TTL_MS, d.outbox_ttl, "an outbox nobody drains expires after this (ms)"),
+                Var::value(
+                    EXT_AUTHZ_USER_HEADER,
+                    &d.ext_authz.user_header,
+                    "Envoy ext_authz: request header that carries the user id to the upstream (set over any \
+                     copy the client sent)",
+                ),
+                Var::value(
+                    EXT_AUTHZ_SESSION_HEADER,
+                    &d.ext_authz.session_header,
+                    "Envoy ext_authz: request header that carries the session id to the upstream (set over \
+                     any copy the client sent)",
+                ),
+                Var::value(
+                    EXT_AUTHZ_REASON_HEADER,
+                    &d.ext_authz.reason_header,
+                    "Envoy ext_authz: response header of a 401 saying why (missing_token, invalid_token)",
+                ),
+                Var::unset(
+                    EXT_AUTHZ_COOKIE,
+                    "no cookie: only Authorization: Bearer",
+                    "Envoy ext_authz: cookie holding the token when the request has no bearer token",
+                ),
+                Var::value(
+                    EXT_AUTHZ_TOUCH,
+                    d.ext_authz.touch,
+                    "Envoy ext_authz: whether a check slides the idle expiry (true/false; a route's \
+                     context extension touch overrides it)",
+                ),
+            ],
+        )
+    }
+
     /// Reads the `MESH_SESSION_*` keys.
     pub fn from_lookup(l: &impl Lookup) -> Result<Self, ConfigError> {
         use keys::*;
@@ -233,6 +389,22 @@ impl SessionConfig {
             outbox_retry_base: d.outbox_retry_base,
             outbox_retry_max: l.millis_or(OUTBOX_RETRY_MAX_MS, d.outbox_retry_max)?,
             outbox_ttl: l.millis_or(OUTBOX_TTL_MS, d.outbox_ttl)?,
+            ext_authz: AuthzConfig {
+                user_header: header_name(l, EXT_AUTHZ_USER_HEADER, d.ext_authz.user_header)?,
+                session_header: header_name(l, EXT_AUTHZ_SESSION_HEADER, d.ext_authz.session_header)?,
+                reason_header: header_name(l, EXT_AUTHZ_REASON_HEADER, d.ext_authz.reason_header)?,
+                cookie: match l.string(EXT_AUTHZ_COOKIE) {
+                    None => None,
+                    Some(c) if is_token(&c) => Some(c),
+                    Some(_) => {
+                        return Err(ConfigError::new(
+                            EXT_AUTHZ_COOKIE,
+                            "must be a cookie name (RFC 6265 token)",
+                        ));
+                    }
+                },
+                touch: l.parse_or(EXT_AUTHZ_TOUCH, d.ext_authz.touch)?,
+            },
         };
         c.validate()?;
         Ok(c)
@@ -290,6 +462,20 @@ impl SessionConfig {
     }
 }
 
+/// An RFC 9110 token (header and cookie names).
+fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// A header name, lowercased (Envoy's header maps are lowercase).
+fn header_name(l: &impl Lookup, key: &'static str, default: String) -> Result<String, ConfigError> {
+    match l.string(key) {
+        None => Ok(default),
+        Some(v) if is_token(&v) => Ok(v.to_ascii_lowercase()),
+        Some(_) => Err(ConfigError::new(key, "must be an HTTP header name (RFC 9110 token)")),
+    }
+}
+
 /// The session service's configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -304,6 +490,27 @@ pub struct Config {
 }
 
 impl Config {
+    /// `mesh-session --help`: every variable the process reads.
+    pub fn help() -> Help {
+        Help {
+            binary: "mesh-session",
+            about: "the session service (mesh.session.v1.SessionService and Envoy ext_authz, gRPC)",
+            groups: vec![
+                ServerConfig::vars(DEFAULT_PORT),
+                TelemetryConfig::vars("mesh-session"),
+                RedisConfig::vars()
+                    .with_default(mesh_runtime::redis::keys::POOL_SIZE, DEFAULT_REDIS_POOL_SIZE),
+                ClientConfig::vars([
+                    None,
+                    Some("CreateSession is not rate limited (logged at start)"),
+                    Some("audit events wait in the outbox, up to its TTL, for an instance that has it"),
+                    None,
+                ]),
+                SessionConfig::vars(),
+            ],
+        }
+    }
+
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(&mesh_runtime::Env)
@@ -348,6 +555,16 @@ mod tests {
         assert_eq!(c.redis.pool_size, DEFAULT_REDIS_POOL_SIZE);
         let c = Config::from_lookup(&map(&[("MESH_REDIS_POOL_SIZE", "3")])).unwrap();
         assert_eq!(c.redis.pool_size, 3);
+    }
+
+    #[test]
+    fn help_lists_every_variable_the_process_reads_with_its_real_default() {
+        let problems = mesh_runtime::config::check_help(
+            &Config::help(),
+            &[("MESH_REDIS_URLS", "127.0.0.1:7000")],
+            |l| Ok((TelemetryConfig::from_lookup(l, "mesh-session")?, Config::from_lookup(l)?)),
+        );
+        assert_eq!(problems, Vec::<String>::new());
     }
 
     #[test]

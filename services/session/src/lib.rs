@@ -29,6 +29,7 @@
 //! - [`config`]: [`Config`] from the environment.
 //! - `app`: [`App`]: connects to the Redis Cluster and the other services, serves.
 //! - `api`: the gRPC service.
+//! - [`authz`]: Envoy's external authorization API (ext_authz) on the same validation path.
 //! - `request`: requests validated into domain types.
 //! - `error`: the service's errors and their mapping to gRPC statuses.
 //! - [`token`]: tokens, session ids, buckets, the audit hash.
@@ -41,6 +42,7 @@
 
 mod api;
 mod app;
+pub mod authz;
 mod cache;
 pub mod config;
 mod error;

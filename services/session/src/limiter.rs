@@ -35,6 +35,9 @@ fn descriptor(key: &str, value: &str) -> Descriptor {
 impl Limiter {
     /// `client` `None`: no rate limiting.
     pub(crate) fn new(client: Option<RateLimitClient>, c: &SessionConfig, metrics: Arc<Metrics>) -> Self {
+        let _ = metrics
+            .ratelimit_unavailable
+            .get_or_create(&ModeLabels { mode: c.ratelimit_failure_mode.label() });
         Self {
             client,
             domain: c.ratelimit_domain.clone(),

@@ -6,6 +6,9 @@ use mesh_session::{App, Config};
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    if let Some(code) = mesh_runtime::config::handle_args(Config::help) {
+        return code;
+    }
     mesh_runtime::run_service("mesh-session", Config::from_env, App::build, |app, shutdown| {
         app.serve(shutdown)
     })

@@ -1,5 +1,6 @@
 //! The service's Prometheus metrics. Labels are fixed words, never user ids,
-//! session ids or tokens.
+//! session ids or tokens. Every family has series at 0 from the start, so
+//! alerts read 0, not "no data", until it first moves.
 
 use std::sync::Arc;
 
@@ -84,6 +85,33 @@ impl Metrics {
             outbox_oldest_seconds: Gauge::default(),
             audit_events: Family::default(),
         };
+        for (result, source) in [
+            ("invalid", "format"),
+            ("valid", "cache"),
+            ("valid", "redis"),
+            ("invalid", "redis"),
+            ("unavailable", "redis"),
+        ] {
+            let _ = m.validations.get_or_create(&ValidationLabels { result, source });
+        }
+        for reason in ["revoke", "revoke_all", "refresh", "evict"] {
+            let _ = m.ended.get_or_create(&ReasonLabels { reason });
+        }
+        // Other operations' series appear with their first round trip.
+        let _ = m.redis_seconds.get_or_create(&OpLabels { op: "wait" });
+        let _ = m.redis_errors.get_or_create(&OpLabels { op: "wait" });
+        for result in ["ok", "timeout", "error"] {
+            let _ = m.replica_waits.get_or_create(&ResultLabels { result });
+        }
+        for result in ["complete", "timeout"] {
+            let _ = m.revocation_acks.get_or_create(&ResultLabels { result });
+        }
+        for reason in ["missed_messages", "unconfirmed"] {
+            let _ = m.cache_resets.get_or_create(&ReasonLabels { reason });
+        }
+        for result in ["delivered", "failed", "dead_lettered"] {
+            let _ = m.audit_events.get_or_create(&ResultLabels { result });
+        }
         r.register(
             "mesh_session_validations",
             "ValidateSession answers, by result and by what answered (format: refused on its shape, cache, redis)",

@@ -43,14 +43,20 @@
 //! was not counted and has its cache off, see `pubsub`).
 //!
 //! # Slot migrations
-//! The pool follows no `MOVED`/`ASK` (`mesh_runtime::redis::REDIRECTIONS`
-//! says why), and every script reads each key it will write before its
-//! first write (`present`, lua/common.lua), so a script whose slot is
-//! moving is refused either before it runs or before it writes: it is sent
-//! again for up to [`REDIRECTED_RETRY`], then the call is UNAVAILABLE. It
-//! never runs on a node holding only part of the bucket's keys, so it never
-//! takes a migrated key for a missing one. Scripts still name keys from
-//! data (a token's session, a user's sessions) rather than in `KEYS`.
+//! Every key a script touches is in its `KEYS` (lua/common.lua `key`), as
+//! Redis Cluster requires, so a node refuses a script whose slot is moving
+//! before it runs whenever it lacks one of its keys (`ASK`, `TRYAGAIN`); it
+//! never runs on part of a bucket and never takes a migrated key for a
+//! missing one. The pool follows no `MOVED`/`ASK`
+//! (`mesh_runtime::redis::REDIRECTIONS` says why): a refused script is sent
+//! again for up to [`REDIRECTED_RETRY`], then the call is UNAVAILABLE.
+//!
+//! Keys learnt from data (a token's session, a user's sessions) are asked
+//! for: the script stops before its first write with `NEEDKEYS <keys>` and
+//! [`Store::eval`] sends it again with them added, at most [`KEY_ROUNDS`]
+//! times. The keys a script needed last time for the same first key are
+//! remembered ([`KEY_HINTS`] entries) and declared up front, so a repeated
+//! call takes one round trip.
 //!
 //! Session ids and new token hashes are chosen before a script runs, so a
 //! script repeated after a lost reply (fred resends once on a broken
@@ -81,6 +87,22 @@ use crate::{
     request::{Client as CallClient, NewSession, UserId},
     token::{Bucket, SessionId, TokenHash},
 };
+
+/// How many times a script is sent with more keys before the call fails:
+/// each round adds the keys one step of data named (token → session → user
+/// index → its sessions → their tokens), and data changing between rounds
+/// may need one more.
+const KEY_ROUNDS: usize = 6;
+
+/// How many scripts' learnt keys are remembered (see the module docs).
+const KEY_HINTS: usize = 16_384;
+
+/// The keys a `NEEDKEYS` refusal asks for (lua/common.lua `need`), or `None`
+/// for any other error.
+fn needed_keys(e: &FredError) -> Option<Vec<String>> {
+    let (_, rest) = e.details().split_once("NEEDKEYS ")?;
+    serde_json::Deserializer::from_str(rest).into_iter::<Vec<String>>().next()?.ok()
+}
 
 macro_rules! script {
     ($name:literal) => {
@@ -326,6 +348,8 @@ struct Inner {
     acks: Arc<Acks>,
     ack_timeout: Duration,
     ack_warnings: Throttle,
+    /// `(op, KEYS[1])` → the keys the script learnt last time.
+    key_hints: quick_cache::sync::Cache<(&'static str, String), Arc<[String]>>,
 }
 
 /// The result of a change: the session (if any) and the tokens it revoked.
@@ -376,6 +400,7 @@ impl Store {
                 acks,
                 ack_timeout,
                 ack_warnings: Throttle::new(WARN_EVERY),
+                key_hints: quick_cache::sync::Cache::new(KEY_HINTS),
             }),
         }
     }
@@ -412,34 +437,63 @@ impl Store {
         .to_string()
     }
 
-    /// Runs `script` on `client`, timed, traced and counted.
+    /// Runs `script` on `client`, timed, traced and counted, declaring the
+    /// keys it asks for (module docs, "Slot migrations").
     async fn eval(
         &self,
         client: &Client,
         op: &'static str,
         script: &Script,
-        keys: Vec<String>,
+        mut keys: Vec<String>,
         args: Vec<String>,
     ) -> Result<Value, StoreError> {
         let start = Instant::now();
-        let span = mesh_runtime::redis::span("EVALSHA", Some(op));
-        // A script on a slot in motion is refused before it runs (a
-        // redirection, mesh_runtime::redis::REDIRECTIONS), or before its
-        // first write (every script reads each key it writes first,
-        // lua/common.lua `present`): either way nothing was done, so it is
-        // sent again until the slot has settled.
-        let refused_before_writing = |e: &FredError| e.details().contains("non local key");
-        let r = mesh_runtime::redis::retry_redirected_or(REDIRECTED_RETRY, refused_before_writing, || {
-            script.evalsha_with_reload::<Value, _, _>(client, keys.clone(), args.clone())
-        })
-        .instrument(span.clone())
-        .await;
+        let slot = mesh_runtime::redis::slot_of(&keys[0]);
+        let span = mesh_runtime::redis::span_at(client, "EVALSHA", Some(op), slot);
+        let hint = (op, keys[0].clone());
+        let given = keys.len();
+        let mut hinted = false;
+        if let Some(learnt) = self.inner.key_hints.get(&hint) {
+            keys.extend(learnt.iter().cloned());
+            hinted = true;
+        }
+        let mut rounds = 0;
+        let r = loop {
+            // A script on a slot in motion is refused before it runs (a
+            // redirection, mesh_runtime::redis::REDIRECTIONS): nothing was
+            // done, so it is sent again until the slot has settled.
+            let r = mesh_runtime::redis::retry_redirected(REDIRECTED_RETRY, || {
+                script.evalsha_with_reload::<Value, _, _>(client, keys.clone(), args.clone())
+            })
+            .instrument(span.clone())
+            .await;
+            rounds += 1;
+            match r.as_ref().err().and_then(needed_keys) {
+                Some(more) if rounds < KEY_ROUNDS => {
+                    // The data changed since the hint: learn the keys anew,
+                    // so hints never hold more than one learning's keys.
+                    if std::mem::take(&mut hinted) {
+                        keys.truncate(given);
+                    }
+                    keys.extend(more);
+                }
+                Some(_) => {
+                    break Err(StoreError {
+                        op,
+                        details: format!("keys still unknown after {rounds} rounds"),
+                    });
+                }
+                None => break r.map_err(|e| StoreError { op, details: e.details().to_owned() }),
+            }
+        };
+        if r.is_ok() && keys.len() > given {
+            self.inner.key_hints.insert(hint, keys.split_off(given).into());
+        }
         let m = &self.inner.metrics;
         m.redis_seconds.get_or_create(&OpLabels { op }).observe(start.elapsed().as_secs_f64());
-        r.map_err(|e: FredError| {
+        r.inspect_err(|_| {
             span.record("otel.status_code", "ERROR");
             m.redis_errors.get_or_create(&OpLabels { op }).inc();
-            StoreError { op, details: e.details().to_owned() }
         })
     }
 
@@ -511,7 +565,7 @@ impl Store {
         let start = Instant::now();
         let r: Result<i64, FredError> = client
             .custom(cmd, vec![i64::from(replicas), timeout.as_millis() as i64])
-            .instrument(mesh_runtime::redis::span("WAIT", None))
+            .instrument(mesh_runtime::redis::span_at(client, "WAIT", None, slot))
             .await;
         let m = &self.inner.metrics;
         m.redis_seconds.get_or_create(&OpLabels { op: "wait" }).observe(start.elapsed().as_secs_f64());
@@ -540,7 +594,9 @@ impl Store {
         result == "ok"
     }
 
-    /// Validates (and touches) a token: one round trip.
+    /// Validates (and touches) a token: one round trip when the token's
+    /// session (and, to touch, the user's index) is known from an earlier
+    /// call, else two or three (module docs, "Slot migrations").
     pub(crate) async fn validate(
         &self,
         b: Bucket,
@@ -582,7 +638,12 @@ impl Store {
             .change(
                 "session_create",
                 &self.inner.scripts.create,
-                vec![format!("{base}u:{}", new.user_id.as_str())],
+                vec![
+                    format!("{base}u:{}", new.user_id.as_str()),
+                    format!("{base}s:{}", id.as_str()),
+                    format!("{base}t:{}", h.hex()),
+                    format!("{base}o"),
+                ],
                 base,
                 ctx,
                 vec![
@@ -618,7 +679,7 @@ impl Store {
             .change(
                 "session_refresh",
                 &self.inner.scripts.refresh,
-                vec![self.token_key(b, old)],
+                vec![self.token_key(b, old), self.token_key(b, new), format!("{}o", self.base(b))],
                 self.base(b),
                 ctx,
                 vec![old.hex(), new.hex(), ROTATION_MEMORY.as_millis().to_string()],
@@ -635,7 +696,8 @@ impl Store {
         ctx: &AuditContext,
     ) -> Result<Option<TokenHash>, StoreError> {
         let base = self.base(id.bucket());
-        self.revoke(vec![format!("{base}s:{}", id.as_str()), format!("{base}w")], base, "s", ctx).await
+        let keys = vec![format!("{base}s:{}", id.as_str()), format!("{base}w"), format!("{base}o")];
+        self.revoke(keys, base, "s", ctx).await
     }
 
     /// Revokes one session by token.
@@ -646,7 +708,7 @@ impl Store {
         ctx: &AuditContext,
     ) -> Result<Option<TokenHash>, StoreError> {
         let base = self.base(b);
-        self.revoke(vec![self.token_key(b, h), format!("{base}w")], base, "t", ctx).await
+        self.revoke(vec![self.token_key(b, h), format!("{base}w"), format!("{base}o")], base, "t", ctx).await
     }
 
     async fn revoke(
@@ -682,7 +744,7 @@ impl Store {
             .change(
                 "session_revoke_user",
                 &self.inner.scripts.revoke_user,
-                vec![format!("{base}u:{}", user.as_str()), format!("{base}w")],
+                vec![format!("{base}u:{}", user.as_str()), format!("{base}w"), format!("{base}o")],
                 base,
                 ctx,
                 vec![user.as_str().to_owned(), except.map(|e| e.as_str().to_owned()).unwrap_or_default()],
@@ -829,5 +891,20 @@ mod tests {
         assert_eq!(r.token_hash, Some(h));
         assert_eq!(hashes(&v[13..]), vec![TokenHash([9; 32])]);
         assert!(record(&[Value::Integer(0)]).is_none());
+    }
+
+    #[test]
+    fn needkeys_refusals_name_their_keys() {
+        use fred::error::ErrorKind;
+        // As Redis 7 words an error table raised by a script.
+        let e = FredError::new(
+            ErrorKind::Unknown,
+            r#"NEEDKEYS ["p{session:0a1}:u:a \"b\" c","p{session:0a1}:s:x"] script: 3e3a, on @user_script:1."#,
+        );
+        assert_eq!(
+            needed_keys(&e),
+            Some(vec![r#"p{session:0a1}:u:a "b" c"#.to_owned(), "p{session:0a1}:s:x".to_owned()])
+        );
+        assert_eq!(needed_keys(&FredError::new(ErrorKind::Unknown, "ERR something else")), None);
     }
 }

@@ -329,6 +329,7 @@ fn main() -> anyhow::Result<()> {
         log_filter: "info".into(),
         log_to_stdout: false,
         json_logs: false,
+        ..TelemetryConfig::default()
     });
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = ClientMetrics::register(&mut registry);

@@ -4,6 +4,7 @@
 mod idle;
 mod metrics;
 mod routing;
+mod spans;
 
 use mesh_db::{Db, DbConfig, Lsn, Read, ServedBy};
 use prometheus_client::registry::Registry;

@@ -30,7 +30,7 @@ async fn pools_report_their_connections_waiters_and_wait_times() {
 
     // Kept warm without any call.
     eventually(Duration::from_secs(10), "two warm connections", || async {
-        (value(&text(), "db_client_connection_count", &[&primary, "state=\"idle\""]) == 2.0).then_some(())
+        (value(&text(), "db_client_connections_usage", &[&primary, "state=\"idle\""]) == 2.0).then_some(())
     })
     .await;
     let t = text();
@@ -40,7 +40,7 @@ async fn pools_report_their_connections_waiters_and_wait_times() {
     // Three in use, a fourth caller waits and times out.
     let held = [db.write().await.unwrap(), db.write().await.unwrap(), db.write().await.unwrap()];
     let t = text();
-    assert_eq!(value(&t, "db_client_connection_count", &[&primary, "state=\"used\""]), 3.0);
+    assert_eq!(value(&t, "db_client_connections_usage", &[&primary, "state=\"used\""]), 3.0);
     let waiter = tokio::spawn({
         let db = db.clone();
         async move { db.write().await.map(|_| ()) }

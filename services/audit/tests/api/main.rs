@@ -1,6 +1,7 @@
 //! Integration tests of the audit service against the real PostgreSQL primary and replica.
 
 mod append;
+mod command_line;
 mod export;
 mod helpers;
 mod lifecycle;

@@ -4,9 +4,11 @@
 mod audit;
 mod auth;
 mod cancel;
+mod command_line;
 mod crud;
 mod helpers;
 mod lifecycle;
+mod metrics;
 mod query;
 mod routing;
 mod trace;

@@ -82,6 +82,38 @@ impl Algorithm {
     }
 }
 
+/// Whether Envoy RLS answers of a domain carry RateLimit headers for the
+/// client (`response_headers_to_add`): Envoy's `enable_x_ratelimit_headers`
+/// and limitador's `--rate-limit-headers` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RateLimitHeaders {
+    /// None (the default).
+    #[default]
+    None,
+    /// `x-ratelimit-limit`, `x-ratelimit-remaining`, `x-ratelimit-reset` as
+    /// draft-polli-ratelimit-headers-03 defines them.
+    DraftVersion03,
+}
+
+impl RateLimitHeaders {
+    /// `NONE` or `DRAFT_VERSION_03`, as Envoy and limitador spell them.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "NONE" => Some(Self::None),
+            "DRAFT_VERSION_03" => Some(Self::DraftVersion03),
+            _ => None,
+        }
+    }
+
+    /// The name [`Self::parse`] reads.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "NONE",
+            Self::DraftVersion03 => "DRAFT_VERSION_03",
+        }
+    }
+}
+
 /// What a domain does when Redis cannot answer in time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) enum FailureMode {
@@ -204,6 +236,9 @@ fn glob_match(parts: &[String], value: &str) -> bool {
 pub(crate) struct DomainRules {
     pub(crate) name: String,
     pub(crate) failure_mode: FailureMode,
+    /// `rate_limit_headers` (domain level); `None`: the service's default
+    /// (`MESH_RATELIMIT_RATE_LIMIT_HEADERS`).
+    pub(crate) rate_limit_headers: Option<RateLimitHeaders>,
     pub(crate) root: Level,
     /// The file the domain came from.
     pub(crate) source: String,

@@ -1,13 +1,13 @@
 //! YAML → [`DomainRules`], validated. The format is Envoy ratelimit's, with
-//! mesh's `failure_mode` (domain level), `algorithm` and `burst` (inside
-//! `rate_limit`). Unknown keys are errors, as in Envoy, so a typo never
+//! mesh's `failure_mode` and `rate_limit_headers` (domain level), `algorithm`
+//! and `burst` (inside `rate_limit`). Unknown keys are errors, as in Envoy, so a typo never
 //! silently drops a limit; Envoy's metrics-only keys are accepted and ignored.
 
 use std::{collections::HashMap, sync::Arc};
 
 use serde::{Deserialize, Deserializer};
 
-use super::{Algorithm, DomainRules, FailureMode, Level, Limit, Node, Rule, Unit};
+use super::{Algorithm, DomainRules, FailureMode, Level, Limit, Node, RateLimitHeaders, Rule, Unit};
 
 /// Why a rules file was refused (names the file, document and rule path).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,6 +33,8 @@ struct YamlDomain {
     domain: Option<String>,
     #[serde(default)]
     failure_mode: Option<String>,
+    #[serde(default)]
+    rate_limit_headers: Option<String>,
     #[serde(default)]
     descriptors: Vec<YamlDescriptor>,
 }
@@ -125,9 +127,21 @@ pub(crate) fn parse_documents(
                 )));
             }
         };
+        let rate_limit_headers = match parsed.rate_limit_headers.as_deref() {
+            None => None,
+            Some(v) => Some(RateLimitHeaders::parse(v).ok_or_else(|| {
+                RulesError(format!("{at}: rate_limit_headers {v:?} is not NONE or DRAFT_VERSION_03"))
+            })?),
+        };
         let root = level(&at, "", &parsed.descriptors)?;
         seen.insert(domain.clone(), source.to_owned());
-        out.push(Arc::new(DomainRules { name: domain, failure_mode, root, source: source.to_owned() }));
+        out.push(Arc::new(DomainRules {
+            name: domain,
+            failure_mode,
+            rate_limit_headers,
+            root,
+            source: source.to_owned(),
+        }));
     }
     Ok(out)
 }
@@ -302,6 +316,7 @@ descriptors:
         let cases = [
             ("descriptors: []", "domain is missing"),
             ("domain: a\nfailure_mode: maybe", "failure_mode"),
+            ("domain: a\nrate_limit_headers: draft", "rate_limit_headers"),
             (
                 "domain: a\ndescriptors:\n  - key: k\n    rate_limit: { unit: minutes, requests_per_unit: 1 }",
                 "invalid unit \"minutes\"",

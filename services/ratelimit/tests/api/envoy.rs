@@ -119,3 +119,78 @@ async fn a_descriptor_limit_override_applies_as_in_envoy() {
     assert_eq!(envoy.should_rate_limit(r).await.unwrap().into_inner().overall_code(), C::Ok);
     app.stop().await.unwrap();
 }
+
+/// The response headers of an answer, by name.
+fn header_map(r: &mesh_proto::envoy_rls::RateLimitResponse) -> std::collections::HashMap<String, String> {
+    r.response_headers_to_add.iter().map(|h| (h.key.clone(), h.value.clone())).collect()
+}
+
+#[tokio::test]
+async fn ratelimit_headers_are_sent_when_the_domain_asks_for_them() {
+    let _t = mesh_testkit::init_telemetry();
+    let rules = RulesFile::new(
+        r#"
+domain: headers
+rate_limit_headers: DRAFT_VERSION_03
+descriptors:
+  - key: remote_address
+    rate_limit: { unit: minute, requests_per_unit: 3, name: per_ip }
+  - key: route
+    rate_limit: { unit: hour, requests_per_unit: 100 }
+---
+domain: quiet
+descriptors:
+  - key: remote_address
+    rate_limit: { unit: minute, requests_per_unit: 3 }
+---
+domain: silenced
+rate_limit_headers: NONE
+descriptors:
+  - key: remote_address
+    rate_limit: { unit: minute, requests_per_unit: 3 }
+"#,
+    );
+    let app = spawn_app(config_with(Infra::shared(), &rules)).await;
+    drop(client(&app).await);
+    let mut envoy = RateLimitServiceClient::new(mesh_testkit::channel(app.addr).await);
+    let ip = format!("10.9.{}.{}", std::process::id() % 250, rand_octet());
+    let req = |domain: &str| {
+        let mut r = envoy_req(domain, &[("remote_address", &ip)], None);
+        r.descriptors.push(envoy_req(domain, &[("route", "orders")], None).descriptors.remove(0));
+        r
+    };
+    for (i, remaining) in [2, 1, 0, 0].into_iter().enumerate() {
+        let r = envoy.should_rate_limit(req("headers")).await.unwrap().into_inner();
+        let over = i == 3;
+        assert_eq!(r.overall_code() == rate_limit_response::Code::OverLimit, over, "call {i}");
+        let h = header_map(&r);
+        // The closest limit (per ip) leads, then every limit's policy.
+        assert_eq!(h["x-ratelimit-limit"], r#"3, 3;w=60;name="per_ip", 100;w=3600"#, "call {i}");
+        assert_eq!(h["x-ratelimit-remaining"], remaining.to_string(), "call {i}");
+        // The closest limit's own reset, in whole seconds rounded up.
+        let until = r.statuses[0].duration_until_reset.unwrap();
+        let want = until.seconds as u64 + u64::from(until.nanos > 0);
+        assert_eq!(h["x-ratelimit-reset"], want.to_string(), "call {i}");
+        assert!(want >= 1, "call {i}");
+    }
+    // Off by default.
+    let r = envoy.should_rate_limit(req("quiet")).await.unwrap().into_inner();
+    assert!(r.response_headers_to_add.is_empty(), "{:?}", r.response_headers_to_add);
+    app.stop().await.unwrap();
+
+    // On for the whole service, unless a domain says NONE.
+    let mut config = config_with(Infra::shared(), &rules);
+    config.engine.rate_limit_headers = mesh_ratelimit::RateLimitHeaders::DraftVersion03;
+    let app = spawn_app(config).await;
+    drop(client(&app).await);
+    let mut envoy = RateLimitServiceClient::new(mesh_testkit::channel(app.addr).await);
+    let r = envoy.should_rate_limit(req("quiet")).await.unwrap().into_inner();
+    assert_eq!(header_map(&r).get("x-ratelimit-limit").map(String::as_str), Some("3, 3;w=60"));
+    let r = envoy.should_rate_limit(req("silenced")).await.unwrap().into_inner();
+    assert!(r.response_headers_to_add.is_empty(), "{:?}", r.response_headers_to_add);
+    app.stop().await.unwrap();
+}
+
+fn rand_octet() -> u8 {
+    (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() % 250) as u8
+}

@@ -1,10 +1,12 @@
 //! Integration tests of the rate-limit service against the real Redis Cluster.
 
+mod command_line;
 mod envoy;
 mod failover;
 mod helpers;
 mod lifecycle;
 mod limits;
+mod metrics;
 mod overload;
 mod paths;
 mod reshard;

@@ -18,7 +18,8 @@ use prost_types::value::Kind;
 
 use crate::helpers::{AUDIT_KEY, Fixture, config_with_prefix, create_req, eventually, validate};
 
-async fn spawn_audit(db: &TestDb, addr: SocketAddr) -> Running {
+/// An audit service on `db`, listening on `addr`.
+pub(crate) async fn spawn_audit(db: &TestDb, addr: SocketAddr) -> Running {
     let config = mesh_audit::Config {
         server: ServerConfig { listen_addr: addr, ..ServerConfig::for_tests() },
         db: db.config.clone(),

@@ -5,7 +5,8 @@ use std::{
 
 use mesh_client::{ClientConfig, StackConfig};
 use mesh_proto::session::{
-    ClientInfo, CreateSessionRequest, CreateSessionResponse, SERVICE_NAME, Session, ValidateSessionRequest,
+    ClientInfo, CreateSessionRequest, CreateSessionResponse, ListUserSessionsRequest, RevokeSessionRequest,
+    SERVICE_NAME, Session, ValidateSessionRequest, revoke_session_request::Target,
     session_service_client::SessionServiceClient,
 };
 use mesh_runtime::ServerConfig;
@@ -15,7 +16,7 @@ use tonic::{Code, transport::Channel};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 /// Full names the service serves (health and reflection).
-pub(crate) const SERVED: &[&str] = &[SERVICE_NAME];
+pub(crate) const SERVED: &[&str] = &[SERVICE_NAME, mesh_proto::envoy_authz::SERVICE_NAME];
 
 /// A key long enough for `MESH_SESSION_AUDIT_HASH_KEY`.
 pub(crate) const AUDIT_KEY: &[u8] = b"test-audit-hash-key-0123456789";
@@ -219,4 +220,21 @@ pub(crate) fn scan_cluster(ports: &[u16], prefix: &str) -> Vec<StoredKey> {
         }
     }
     out
+}
+
+/// RevokeSession by session id.
+pub(crate) fn by_id(id: &str) -> RevokeSessionRequest {
+    RevokeSessionRequest { target: Some(Target::SessionId(id.into())), client: None }
+}
+
+/// RevokeSession by token.
+pub(crate) fn by_token(t: &str) -> RevokeSessionRequest {
+    RevokeSessionRequest { target: Some(Target::Token(t.into())), client: None }
+}
+
+/// The ids ListUserSessions returns for `user`.
+pub(crate) async fn list(f: &mut Fixture, user: &str) -> Vec<String> {
+    let r =
+        f.c.list_user_sessions(ListUserSessionsRequest { user_id: user.into() }).await.unwrap().into_inner();
+    r.sessions.into_iter().map(|s| s.id).collect()
 }

@@ -2,7 +2,10 @@
 //! and the real rate-limit and audit services.
 
 mod audit;
+mod command_line;
+mod declared_keys;
 mod durability;
+mod ext_authz;
 mod failover;
 mod helpers;
 mod instances;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use mesh_proto::session::{
     ClientInfo, CreateSessionRequest, ListUserSessionsRequest, RefreshSessionRequest, RevokeSessionRequest,
-    RevokeUserSessionsRequest, revoke_session_request::Target,
+    RevokeUserSessionsRequest,
 };
 use mesh_session::token::{Bucket, Token};
 use mesh_testkit::{Infra, redis_prefix};
@@ -14,22 +14,9 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 use crate::helpers::{
-    Fixture, config, config_with_prefix, create, create_req, eventually, ms, now_ms, scan_cluster, validate,
+    Fixture, by_id, by_token, config, config_with_prefix, create, create_req, eventually, list, ms, now_ms,
+    scan_cluster, validate,
 };
-
-fn by_id(id: &str) -> RevokeSessionRequest {
-    RevokeSessionRequest { target: Some(Target::SessionId(id.into())), client: None }
-}
-
-fn by_token(t: &str) -> RevokeSessionRequest {
-    RevokeSessionRequest { target: Some(Target::Token(t.into())), client: None }
-}
-
-async fn list(f: &mut Fixture, user: &str) -> Vec<String> {
-    let r =
-        f.c.list_user_sessions(ListUserSessionsRequest { user_id: user.into() }).await.unwrap().into_inner();
-    r.sessions.into_iter().map(|s| s.id).collect()
-}
 
 #[tokio::test]
 async fn create_validate_refresh_revoke_revoke_all_and_list() {
