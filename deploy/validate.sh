@@ -8,7 +8,9 @@
 #            checks interpolation, references and v1's schema without an engine),
 #            the Compose Specification's JSON schema (check-jsonschema's vendored
 #            copy), and policy (healthchecks, stop grace vs drain, pinned images,
-#            the password default set once)
+#            the password default set once), and the envoy service (the
+#            gateway's image, deploy/envoy/compose mounted, upstream app
+#            unpublished)
 #   k8s      every kustomization (base, overlays/*) rendered with kustomize (the
 #            one built into kubectl), each render checked by kubernetes-validate
 #            --strict against pinned Kubernetes versions, and by policy checks
@@ -16,7 +18,8 @@
 #            termination grace period, startup window above the migration
 #            timeout, the PostgreSQL connection budget at the HPA maxima,
 #            securityContext, Services, PDBs, HPAs, Secret references,
-#            per-overlay expectations)
+#            per-overlay expectations); deploy/k8s/envoy-gateway (the Envoy gateway)
+#            rendered and schema-checked the same way
 #   contract deploy/contract.py: the renders and docker-compose.yml against the
 #            code (env var names the binaries read, default ports, health
 #            names, the rate-limit domains and keys the services send present
@@ -282,6 +285,42 @@ PY
 }
 check "compose: policy (healthchecks, drain + flush vs stop_grace_period, pins, one password default, hash key, pools)" compose_policy
 
+# The envoy service: the gateway's image, the compose copy of envoy.yaml
+# (tools/envoy-config-check checks its content), its upstreams in this file.
+compose_envoy() {
+  "$PY" - docker-compose.yml deploy/k8s/envoy-gateway/gateway.yaml <<'PY'
+import sys, yaml
+compose = yaml.safe_load(open(sys.argv[1]))
+gateway = [d for d in yaml.safe_load_all(open(sys.argv[2])) if d and d.get("kind") == "Deployment"]
+errors = []
+services = compose["services"]
+envoy = services.get("envoy")
+if not envoy:
+    sys.exit("no envoy service")
+images = {c["image"] for d in gateway for c in d["spec"]["template"]["spec"]["containers"] if c["name"] == "envoy"}
+if envoy.get("image") not in images:
+    errors.append(f"envoy: image {envoy.get('image')} is not the gateway's {sorted(images)}")
+if "./deploy/envoy/compose:/etc/envoy:ro" not in envoy.get("volumes", []):
+    errors.append("envoy: does not mount deploy/envoy/compose read-only at /etc/envoy")
+cmd = envoy.get("command", [])
+if "--config-path" not in cmd or cmd[cmd.index("--config-path") + 1:][:1] != ["/etc/envoy/envoy.yaml"]:
+    errors.append(f"envoy: command {cmd} does not run /etc/envoy/envoy.yaml")
+if not any(str(p).endswith(":8080:8080") for p in envoy.get("ports", [])):
+    errors.append("envoy: listener 8080 not published")
+for dep in ("session", "ratelimit", "app"):
+    if dep not in services or dep not in (envoy.get("depends_on") or {}):
+        errors.append(f"envoy: {dep} is not a service it depends on")
+if services.get("app", {}).get("ports"):
+    errors.append("app: published: it trusts the identity headers, so only Envoy may reach it")
+if not envoy.get("read_only") or "ALL" not in (envoy.get("cap_drop") or []):
+    errors.append("envoy: not read_only with all capabilities dropped")
+for e in errors:
+    print(e)
+sys.exit(1 if errors else 0)
+PY
+}
+check "compose: envoy runs the gateway's image with deploy/envoy/compose/envoy.yaml in front of app" compose_envoy
+
 # ------------------------------------------------------------------ k8s
 k8s_policy() { # rendered.yaml overlay-name
   "$PY" - "$1" "$2" <<'PY'
@@ -525,6 +564,20 @@ for dir in deploy/k8s/base deploy/k8s/overlays/*/; do
   done
   check "k8s: $dir policy ($(grep -c '^kind:' "$out") objects)" k8s_policy "$out" "$name"
 done
+
+# The Envoy gateway (deploy/k8s/envoy-gateway): rendered and schema-checked like the
+# base; its envoy.yaml itself is checked against Envoy's protos by
+# tools/envoy-config-check. Kept out of $WORK's top level: the contract
+# below reads the mesh services' renders only.
+mkdir -p "$WORK/envoy"
+out="$WORK/envoy/gateway.yaml"
+check "k8s: deploy/k8s/envoy-gateway renders ($KUSTOMIZE_NAME)" "${KUSTOMIZE[@]}" deploy/k8s/envoy-gateway -o "$out"
+if [ -s "$out" ]; then
+  for v in $K8S_VERSIONS; do
+    check "k8s: deploy/k8s/envoy-gateway valid for Kubernetes $v (kubernetes-validate --strict)" \
+      "$VENV/bin/kubernetes-validate" --strict --quiet -k "$v" "$out"
+  done
+fi
 
 # ------------------------------------------------------------------ contract
 # The deploy files against the code (deploy/contract.py): what the binaries

@@ -41,7 +41,8 @@ pub use sqlx;
 /// `db.operation.name` (e.g. `INSERT`), `db.collection.name` (the table),
 /// `db.query.text`, the parameterised statement (`$1` placeholders, never
 /// values), and `server.address` / `server.port` when recorded (as
-/// [`Conn::span`] does). Instrument the future of the statement with it.
+/// [`span_on`], [`span_for`] and [`Conn::span`] do: use one of them).
+/// Instrument the future of the statement with it.
 pub fn span(operation: &'static str, table: &'static str, statement: &'static str) -> tracing::Span {
     tracing::info_span!(
         "postgres",
@@ -67,8 +68,21 @@ pub fn span_on(
     table: &'static str,
     statement: &'static str,
 ) -> tracing::Span {
+    span_for(&pool.connect_options(), operation, table, statement)
+}
+
+/// [`span`] for a statement run on a connection made from `options` (a
+/// lone `PgConnection`, or one taken from a pool built with them), with
+/// `server.address` (the host, or the Unix socket directory) and
+/// `server.port` from `options`; nothing else of `options` (user,
+/// password, database) is recorded.
+pub fn span_for(
+    options: &sqlx::postgres::PgConnectOptions,
+    operation: &'static str,
+    table: &'static str,
+    statement: &'static str,
+) -> tracing::Span {
     let span = span(operation, table, statement);
-    let options = pool.connect_options();
     span.record("server.address", options.get_host());
     span.record("server.port", i64::from(options.get_port()));
     span

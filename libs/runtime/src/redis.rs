@@ -180,21 +180,7 @@ pub fn is_redirection(e: &fred::error::Error) -> bool {
 /// doubling up to 50 ms, between attempts: a slot moves in milliseconds.
 /// Only for commands that did nothing when they failed so (a redirection
 /// always means the command did not run).
-pub async fn retry_redirected<T, F, Fut>(within: Duration, op: F) -> Result<T, fred::error::Error>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, fred::error::Error>>,
-{
-    retry_redirected_or(within, |_| false, op).await
-}
-
-/// [`retry_redirected`], also sending `op` again after an error `also`
-/// accepts (one that, for this caller's commands, means nothing was done).
-pub async fn retry_redirected_or<T, F, Fut>(
-    within: Duration,
-    also: impl Fn(&fred::error::Error) -> bool,
-    mut op: F,
-) -> Result<T, fred::error::Error>
+pub async fn retry_redirected<T, F, Fut>(within: Duration, mut op: F) -> Result<T, fred::error::Error>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, fred::error::Error>>,
@@ -203,7 +189,7 @@ where
     let mut pause = Duration::from_millis(1);
     loop {
         match op().await {
-            Err(e) if (is_redirection(&e) || also(&e)) && tokio::time::Instant::now() + pause < deadline => {
+            Err(e) if is_redirection(&e) && tokio::time::Instant::now() + pause < deadline => {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(50));
             }

@@ -159,7 +159,9 @@ pub async fn assert_reflection(addr: SocketAddr, full_names: &[&str]) -> anyhow:
 /// over reflection `version` with [`ERROR_DETAIL_TYPES`]: every listed
 /// service and its methods' types, and each detail type, must build with all
 /// their imports. Returns its output (`service <name>` lines, …).
-async fn python_reflection(target: &str, version: &str) -> anyhow::Result<String> {
+/// The tools venv's Python with grpcio and grpcio-reflection, installed by
+/// `deploy/local/tools.sh` when missing.
+pub async fn python_with_grpcio() -> anyhow::Result<std::path::PathBuf> {
     let python = repo_root().join(".local/tools/venv/bin/python");
     let has_grpcio = tokio::process::Command::new(&python)
         .args(["-c", "import grpc, grpc_reflection"])
@@ -174,6 +176,11 @@ async fn python_reflection(target: &str, version: &str) -> anyhow::Result<String
             .await?;
         ensure!(out.status.success(), "tools.sh failed: {}", String::from_utf8_lossy(&out.stderr));
     }
+    Ok(python)
+}
+
+async fn python_reflection(target: &str, version: &str) -> anyhow::Result<String> {
+    let python = python_with_grpcio().await?;
     let out = tokio::process::Command::new(&python)
         .arg(repo_root().join("libs/testkit/python/reflect.py"))
         .args([target, version])

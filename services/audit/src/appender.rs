@@ -399,6 +399,8 @@ impl Batcher {
             return;
         }
         let next = at.checked_add_months(chrono::Months::new(1)).unwrap_or(at);
+        // (a copy: `connection` borrows all of `self`; this runs once a month)
+        let server = self.options.clone();
         for t in [at, next] {
             let conn = match self.connection().await {
                 Ok(c) => c,
@@ -407,7 +409,7 @@ impl Batcher {
                     return;
                 }
             };
-            match store::ensure_partition(conn, t).await {
+            match store::ensure_partition(conn, &server, t).await {
                 Ok(name) => {
                     tracing::debug!(partition = %name, "partition ready");
                     self.partitions.push(month_of(t));
@@ -466,7 +468,7 @@ impl Batcher {
         if let Some(head) = self.head.take() {
             let plan = Plan::seal(batch, &head, now, &HashMap::new());
             tracing::Span::current().record("batch.path", "fast");
-            match store::insert_batch(conn, &plan.events, &plan.keys, &head).await {
+            match store::insert_batch(conn, &self.options, &plan.events, &plan.keys, &head).await {
                 Ok(true) => {
                     self.head = Some(plan.head);
                     self.last_written = Some(plan.head);
@@ -486,17 +488,18 @@ impl Batcher {
         }
 
         tracing::Span::current().record("batch.path", "exact");
-        let mut tx = store::begin_locked(conn).await.map_err(BatchError::Begin)?;
+        let mut tx = store::begin_locked(conn, &self.options).await.map_err(BatchError::Begin)?;
         let keys: Vec<(&str, &str)> = batch
             .iter()
             .filter_map(|p| {
                 Some((p.command.event.source_service.as_str(), p.command.idempotency_key.as_deref()?))
             })
             .collect();
-        let (head, known) = store::head_and_keys(&mut tx, &keys).await.map_err(BatchError::Statement)?;
+        let (head, known) =
+            store::head_and_keys(&mut tx, &self.options, &keys).await.map_err(BatchError::Statement)?;
         let plan = Plan::seal(batch, &head, now, &known);
         if !plan.events.is_empty() {
-            match store::insert_batch(&mut tx, &plan.events, &plan.keys, &head).await {
+            match store::insert_batch(&mut tx, &self.options, &plan.events, &plan.keys, &head).await {
                 Ok(true) => {}
                 Ok(false) => {
                     return Err(BatchError::Statement(sqlx::Error::Protocol(
@@ -574,7 +577,7 @@ async fn flusher(
             if conn.is_none() {
                 conn = Some(PgConnection::connect_with(&options).await?);
             }
-            let result = store::flush(conn.as_mut().expect("connected"), &channel, last).await;
+            let result = store::flush(conn.as_mut().expect("connected"), &options, &channel, last).await;
             if result.as_ref().is_err_and(is_connection_error) {
                 conn = None;
             }

@@ -9,7 +9,7 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use mesh_db::span;
+use mesh_db::{span_for, span_on};
 use prost::Message as _;
 use prost_types::Struct;
 use sqlx::{
@@ -161,6 +161,11 @@ const READ_HEAD: &str = "select next_sequence, head_hash, recorded_at from audit
 /// A connection of its own for the batch task: its commits are
 /// asynchronous (`synchronous_commit = off`, see `appender`: durability comes
 /// from the flusher), so it must never serve anything else.
+///
+/// The statements below that take a `&mut PgConnection` also take the
+/// `server` options it was made from (`options` here, or the connect
+/// options of the pool it came from), which their spans name
+/// (`server.address`, `server.port`).
 pub(crate) async fn batch_connection(options: &PgConnectOptions) -> Result<PgConnection, sqlx::Error> {
     let options = options.clone().options([("synchronous_commit", "off")]);
     PgConnection::connect_with(&options).await
@@ -173,23 +178,33 @@ pub(crate) async fn batch_connection(options: &PgConnectOptions) -> Result<PgCon
 /// Its statements are planned for their arguments: a generic plan cached
 /// while the idempotency table was small would go on scanning it whole once
 /// it is large (until autoanalyze replans).
-pub(crate) async fn begin_locked(
-    conn: &mut PgConnection,
-) -> Result<sqlx::Transaction<'_, Postgres>, sqlx::Error> {
+pub(crate) async fn begin_locked<'c>(
+    conn: &'c mut PgConnection,
+    server: &PgConnectOptions,
+) -> Result<sqlx::Transaction<'c, Postgres>, sqlx::Error> {
     const BEGIN: &str = "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan; \
                          SELECT 1 FROM audit_chain_head WHERE chain = 1 FOR UPDATE";
-    conn.begin_with(BEGIN).instrument(span("SELECT", "audit_chain_head", BEGIN)).await
+    conn.begin_with(BEGIN).instrument(span_for(server, "SELECT", "audit_chain_head", BEGIN)).await
 }
 
 /// Reads the chain head without locking it.
-pub(crate) async fn read_head<'e, E>(executor: E) -> Result<Head, sqlx::Error>
+pub(crate) async fn read_head(pool: &PgPool) -> Result<Head, sqlx::Error> {
+    read_head_with(pool, span_on(pool, "SELECT", "audit_chain_head", READ_HEAD)).await
+}
+
+/// [`read_head`] on a connection (e.g. in a transaction) made from `server`.
+pub(crate) async fn read_head_in(
+    conn: &mut PgConnection,
+    server: &PgConnectOptions,
+) -> Result<Head, sqlx::Error> {
+    read_head_with(conn, span_for(server, "SELECT", "audit_chain_head", READ_HEAD)).await
+}
+
+async fn read_head_with<'e, E>(executor: E, span: tracing::Span) -> Result<Head, sqlx::Error>
 where
     E: sqlx::Executor<'e, Database = Postgres>,
 {
-    let row: HeadRow = sqlx::query_as(READ_HEAD)
-        .fetch_one(executor)
-        .instrument(span("SELECT", "audit_chain_head", READ_HEAD))
-        .await?;
+    let row: HeadRow = sqlx::query_as(READ_HEAD).fetch_one(executor).instrument(span).await?;
     head_from(row)
 }
 
@@ -226,6 +241,7 @@ type HeadKeyRow = (
 /// every earlier batch and no other batch is adding keys meanwhile.
 pub(crate) async fn head_and_keys(
     conn: &mut PgConnection,
+    server: &PgConnectOptions,
     keys: &[(&str, &str)],
 ) -> Result<(Head, HashMap<(String, String), FirstResult>), sqlx::Error> {
     let services: Vec<&str> = keys.iter().map(|k| k.0).collect();
@@ -234,7 +250,7 @@ pub(crate) async fn head_and_keys(
         .bind(services)
         .bind(names)
         .fetch_all(conn)
-        .instrument(span("SELECT", "audit_chain_head", HEAD_AND_KEYS))
+        .instrument(span_for(server, "SELECT", "audit_chain_head", HEAD_AND_KEYS))
         .await?;
     let first = rows.first().ok_or_else(|| sqlx::Error::Decode("no chain head row".into()))?;
     let head = head_from((first.0, first.1.clone(), first.2))?;
@@ -297,6 +313,7 @@ pub(crate) struct NewKey<'a> {
 /// written, and the caller takes the exact path under the lock.
 pub(crate) async fn insert_batch(
     conn: &mut PgConnection,
+    server: &PgConnectOptions,
     events: &[Event],
     keys: &[NewKey<'_>],
     after: &Head,
@@ -334,7 +351,7 @@ pub(crate) async fn insert_batch(
         .bind(events.iter().map(|e| e.version.code()).collect::<Vec<_>>())
         .bind(events.iter().map(|e| e.metadata.encode_to_vec()).collect::<Vec<_>>())
         .fetch_one(conn)
-        .instrument(span("INSERT", "audit_events", INSERT_BATCH))
+        .instrument(span_for(server, "INSERT", "audit_events", INSERT_BATCH))
         .await?;
     Ok(matched == 1)
 }
@@ -359,6 +376,7 @@ const FLUSH: &str = "select pg_logical_emit_message(true, 'mesh-audit', $1), pg_
 /// inert WAL that replicas and decoders skip.)
 pub(crate) async fn flush(
     conn: &mut PgConnection,
+    server: &PgConnectOptions,
     channel: &str,
     last: Option<u64>,
 ) -> Result<(), sqlx::Error> {
@@ -367,7 +385,7 @@ pub(crate) async fn flush(
         .bind(&last)
         .bind(channel)
         .execute(conn)
-        .instrument(span("SELECT", "pg_logical_emit_message", FLUSH))
+        .instrument(span_for(server, "SELECT", "pg_logical_emit_message", FLUSH))
         .await?;
     Ok(())
 }
@@ -389,7 +407,7 @@ async fn flush_only(pool: &PgPool) -> Result<(), sqlx::Error> {
     // (the pool's connections commit synchronously)
     sqlx::query(FLUSH_ONLY)
         .execute(pool)
-        .instrument(span("SELECT", "pg_logical_emit_message", FLUSH_ONLY))
+        .instrument(span_on(pool, "SELECT", "pg_logical_emit_message", FLUSH_ONLY))
         .await?;
     Ok(())
 }
@@ -405,12 +423,13 @@ const ENSURE_PARTITION: &str = "select audit_ensure_partition($1)";
 /// Creates the monthly partition holding `at` unless it exists.
 pub(crate) async fn ensure_partition(
     conn: &mut PgConnection,
+    server: &PgConnectOptions,
     at: DateTime<Utc>,
 ) -> Result<String, sqlx::Error> {
     sqlx::query_scalar(ENSURE_PARTITION)
         .bind(at)
         .fetch_one(conn)
-        .instrument(span("SELECT", "audit_partitions", ENSURE_PARTITION))
+        .instrument(span_for(server, "SELECT", "audit_partitions", ENSURE_PARTITION))
         .await
 }
 
@@ -436,7 +455,7 @@ pub(crate) async fn drop_partitions_before(
     let rows: Vec<(String, Option<i64>, Option<i64>)> = sqlx::query_as(DROP_BEFORE)
         .bind(cutoff)
         .fetch_all(pool)
-        .instrument(span("SELECT", "audit_partitions", DROP_BEFORE))
+        .instrument(span_on(pool, "SELECT", "audit_partitions", DROP_BEFORE))
         .await?;
     Ok(rows
         .into_iter()
@@ -454,10 +473,11 @@ const LATEST_CHECKPOINT: &str =
 /// The newest retention checkpoint: the last dropped sequence and its hash.
 pub(crate) async fn latest_checkpoint(
     conn: &mut PgConnection,
+    server: &PgConnectOptions,
 ) -> Result<Option<(u64, Vec<u8>)>, sqlx::Error> {
     let row: Option<(i64, Vec<u8>)> = sqlx::query_as(LATEST_CHECKPOINT)
         .fetch_optional(conn)
-        .instrument(span("SELECT", "audit_checkpoints", LATEST_CHECKPOINT))
+        .instrument(span_for(server, "SELECT", "audit_checkpoints", LATEST_CHECKPOINT))
         .await?;
     Ok(row.map(|(s, h)| (s as u64, h)))
 }
@@ -465,11 +485,15 @@ pub(crate) async fn latest_checkpoint(
 const HASH_AT: &str = "select hash from audit_events where sequence = $1";
 
 /// The stored hash of one event, if it is there.
-pub(crate) async fn hash_at(conn: &mut PgConnection, sequence: u64) -> Result<Option<Vec<u8>>, sqlx::Error> {
+pub(crate) async fn hash_at(
+    conn: &mut PgConnection,
+    server: &PgConnectOptions,
+    sequence: u64,
+) -> Result<Option<Vec<u8>>, sqlx::Error> {
     sqlx::query_scalar(HASH_AT)
         .bind(sequence as i64)
         .fetch_optional(conn)
-        .instrument(span("SELECT", "audit_events", HASH_AT))
+        .instrument(span_for(server, "SELECT", "audit_events", HASH_AT))
         .await
 }
 
@@ -482,6 +506,7 @@ const ROWS_FROM: &str = "select sequence, id, occurred_at, recorded_at, actor_ty
 /// which must see rows that no longer decode).
 pub(crate) async fn rows_from(
     conn: &mut PgConnection,
+    server: &PgConnectOptions,
     from: u64,
     to: u64,
     limit: usize,
@@ -491,7 +516,7 @@ pub(crate) async fn rows_from(
         .bind(to as i64)
         .bind(limit as i64)
         .fetch_all(conn)
-        .instrument(span("SELECT", "audit_events", ROWS_FROM))
+        .instrument(span_for(server, "SELECT", "audit_events", ROWS_FROM))
         .await
 }
 
@@ -580,7 +605,8 @@ pub(crate) async fn query_page(
     if let Some(a) = after {
         q = q.bind(a.occurred_at).bind(a.sequence as i64);
     }
-    let rows = q.bind(limit as i64).fetch_all(pool).instrument(span("SELECT", "audit_events", sql)).await?;
+    let rows =
+        q.bind(limit as i64).fetch_all(pool).instrument(span_on(pool, "SELECT", "audit_events", sql)).await?;
     rows_to_events(rows)
 }
 
@@ -605,7 +631,7 @@ pub(crate) async fn range_page(
     let rows = bind_filter(q, filter)
         .bind(limit as i64)
         .fetch_all(pool)
-        .instrument(span("SELECT", "audit_events", sql))
+        .instrument(span_on(pool, "SELECT", "audit_events", sql))
         .await?;
     rows_to_events(rows)
 }

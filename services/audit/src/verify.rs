@@ -48,10 +48,11 @@ pub struct Report {
 
 /// Verifies `range` on `pool` (primary or replica).
 pub async fn verify(pool: &PgPool, range: SequenceRange) -> Result<Report, Error> {
+    let server = pool.connect_options();
     let mut tx = pool.begin().await?;
     sqlx::query("set transaction isolation level repeatable read, read only").execute(&mut *tx).await?;
-    let head = store::read_head(&mut *tx).await?;
-    let checkpoint = store::latest_checkpoint(&mut tx).await?;
+    let head = store::read_head_in(&mut tx, &server).await?;
+    let checkpoint = store::latest_checkpoint(&mut tx, &server).await?;
     let first_retained = checkpoint.as_ref().map_or(1, |(s, _)| s + 1);
 
     let to = range.to.unwrap_or(head.last());
@@ -94,7 +95,7 @@ pub async fn verify(pool: &PgPool, range: SequenceRange) -> Result<Report, Error
     } else if from == first_retained {
         checkpoint.map(|(_, h)| h)
     } else {
-        store::hash_at(&mut tx, from - 1).await?
+        store::hash_at(&mut tx, &server, from - 1).await?
     };
     let Some(Ok(mut prev)) = anchor.map(Hash::try_from) else {
         return Ok(bad(report, from, format!("the hash before sequence {from} is missing")));
@@ -103,7 +104,7 @@ pub async fn verify(pool: &PgPool, range: SequenceRange) -> Result<Report, Error
 
     let mut expected = from;
     while expected <= to {
-        let rows = store::rows_from(&mut tx, expected, to, PAGE).await?;
+        let rows = store::rows_from(&mut tx, &server, expected, to, PAGE).await?;
         if rows.is_empty() {
             break;
         }

@@ -58,6 +58,12 @@ pub(crate) struct Metrics {
     pub(crate) outbox_depth: Gauge,
     pub(crate) outbox_oldest_seconds: Gauge,
     pub(crate) audit_events: Family<ResultLabels, Counter>,
+    /// Write clients leased to a change (`store::Writers`).
+    pub(crate) write_leases_in_use: Gauge,
+    /// Time a change waited for a write client.
+    pub(crate) write_lease_wait_seconds: Histogram,
+    /// Changes that found every write client busy with their master in time.
+    pub(crate) write_lease_timeouts: Counter,
 }
 
 fn histogram() -> Histogram {
@@ -84,6 +90,9 @@ impl Metrics {
             outbox_depth: Gauge::default(),
             outbox_oldest_seconds: Gauge::default(),
             audit_events: Family::default(),
+            write_leases_in_use: Gauge::default(),
+            write_lease_wait_seconds: histogram(),
+            write_lease_timeouts: Counter::default(),
         };
         for (result, source) in [
             ("invalid", "format"),
@@ -180,6 +189,22 @@ impl Metrics {
             "mesh_session_audit_events",
             "Outbox events handed to the audit service, by result (delivered, failed: retried later, dead_lettered: refused for good)",
             m.audit_events.clone(),
+        );
+        r.register(
+            "mesh_session_write_leases_in_use",
+            "Redis write clients leased to a change (each carries one change per master at a time; \
+             at MESH_SESSION_WRITE_POOL_SIZE per master, changes to it wait)",
+            m.write_leases_in_use.clone(),
+        );
+        r.register(
+            "mesh_session_write_lease_wait_seconds",
+            "How long a change waited for a write client",
+            m.write_lease_wait_seconds.clone(),
+        );
+        r.register(
+            "mesh_session_write_lease_timeouts",
+            "Changes answered UNAVAILABLE because every write client stayed busy with their master",
+            m.write_lease_timeouts.clone(),
         );
         Arc::new(m)
     }

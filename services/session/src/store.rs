@@ -260,6 +260,7 @@ const ROTATION_MEMORY: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 struct Writers {
     pool: Pool,
+    metrics: Arc<Metrics>,
     /// `(client index, master)` pairs leased out.
     busy: Mutex<HashSet<(usize, String)>>,
     freed: Notify,
@@ -275,8 +276,8 @@ struct Lease<'a> {
 }
 
 impl Writers {
-    fn new(pool: Pool) -> Self {
-        Self { pool, busy: Mutex::default(), freed: Notify::new(), next: AtomicUsize::new(0) }
+    fn new(pool: Pool, metrics: Arc<Metrics>) -> Self {
+        Self { pool, metrics, busy: Mutex::default(), freed: Notify::new(), next: AtomicUsize::new(0) }
     }
 
     /// A client no other change uses for the master of `slot`, waiting up
@@ -289,8 +290,10 @@ impl Writers {
             .cached_cluster_state()
             .and_then(|s| s.get_server(slot).map(ToString::to_string))
             .unwrap_or_default();
-        let deadline = Instant::now() + within;
+        let asked = Instant::now();
+        let deadline = asked + within;
         let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let m = &self.metrics;
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
@@ -302,11 +305,14 @@ impl Writers {
                     let key = (i, master.clone());
                     if !busy.contains(&key) {
                         busy.insert(key.clone());
+                        m.write_leases_in_use.inc();
+                        m.write_lease_wait_seconds.observe(asked.elapsed().as_secs_f64());
                         return Some(Lease { writers: self, key, client: clients[i].clone() });
                     }
                 }
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                m.write_lease_timeouts.inc();
                 return None;
             }
         }
@@ -316,6 +322,7 @@ impl Writers {
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
         self.writers.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+        self.writers.metrics.write_leases_in_use.dec();
         self.writers.freed.notify_waiters();
     }
 }
@@ -390,7 +397,7 @@ impl Store {
         Self {
             inner: Arc::new(Inner {
                 reads,
-                writes: Writers::new(writes),
+                writes: Writers::new(writes, metrics.clone()),
                 prefix,
                 scripts: Scripts::new(),
                 durability,

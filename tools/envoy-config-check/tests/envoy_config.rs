@@ -13,11 +13,23 @@ use serde_json::Value;
 
 /// The configurations, and where each one's mesh clusters must point.
 const CONFIGS: &[Config] = &[
-    Config { path: "deploy/envoy/envoy.yaml", session_host: "127.0.0.1", ratelimit_host: "127.0.0.1" },
     Config {
-        path: "deploy/envoy/k8s/envoy.yaml",
+        path: "deploy/envoy/envoy.yaml",
+        session_host: "127.0.0.1",
+        ratelimit_host: "127.0.0.1",
+        app_host: "127.0.0.1",
+    },
+    Config {
+        path: "deploy/k8s/envoy-gateway/envoy.yaml",
         session_host: "mesh-session-headless",
         ratelimit_host: "mesh-ratelimit-headless",
+        app_host: "app",
+    },
+    Config {
+        path: "deploy/envoy/compose/envoy.yaml",
+        session_host: "session",
+        ratelimit_host: "ratelimit",
+        app_host: "app",
     },
 ];
 
@@ -25,6 +37,8 @@ struct Config {
     path: &'static str,
     session_host: &'static str,
     ratelimit_host: &'static str,
+    /// Where the example upstream (cluster `app`) is.
+    app_host: &'static str,
 }
 
 fn read(path: &str) -> Result<String> {
@@ -95,22 +109,87 @@ fn endpoint(cluster: &Value) -> (String, u16) {
     (sa["address"].as_str().unwrap().to_owned(), u16::try_from(sa["port_value"].as_u64().unwrap()).unwrap())
 }
 
+/// `copy` with its three upstream addresses (session, ratelimit, app, each
+/// of which must occur exactly once) put back to `base`'s: equal to `base`'s
+/// text when the copy differs from it in those addresses only.
+fn with_addresses_of(base: &Config, copy: &Config) -> Result<String> {
+    let mut back = read(copy.path)?;
+    for (port, name, to) in [
+        (50051, copy.session_host, base.session_host),
+        (50052, copy.ratelimit_host, base.ratelimit_host),
+        (8081, copy.app_host, base.app_host),
+    ] {
+        let from = format!("socket_address: {{ address: {name}, port_value: {port} }}");
+        let to = format!("socket_address: {{ address: {to}, port_value: {port} }}");
+        ensure!(back.matches(&from).count() == 1, "{}: {from} must occur once", copy.path);
+        back = back.replace(&from, &to);
+    }
+    Ok(back)
+}
+
 #[test]
 fn k8s_envoy_yaml_is_envoy_yaml_with_service_names() {
     let local = read(CONFIGS[0].path).unwrap();
-    let k8s = read(CONFIGS[1].path).unwrap();
-    let mut back = k8s.clone();
-    for (port, name) in [(50051, "mesh-session-headless"), (50052, "mesh-ratelimit-headless"), (8081, "app")]
-    {
-        let from = format!("socket_address: {{ address: {name}, port_value: {port} }}");
-        let to = format!("socket_address: {{ address: 127.0.0.1, port_value: {port} }}");
-        assert_eq!(k8s.matches(&from).count(), 1, "k8s/envoy.yaml: {from}");
-        back = back.replace(&from, &to);
-    }
+    let back = with_addresses_of(&CONFIGS[0], &CONFIGS[1]).unwrap();
     assert!(
         back == local,
-        "deploy/envoy/k8s/envoy.yaml differs from deploy/envoy/envoy.yaml beyond the addresses"
+        "deploy/k8s/envoy-gateway/envoy.yaml differs from deploy/envoy/envoy.yaml beyond the addresses"
     );
+}
+
+#[test]
+fn compose_envoy_yaml_is_envoy_yaml_with_compose_service_names() {
+    let local = read(CONFIGS[0].path).unwrap();
+    let back = with_addresses_of(&CONFIGS[0], &CONFIGS[2]).unwrap();
+    assert!(
+        back == local,
+        "deploy/envoy/compose/envoy.yaml differs from deploy/envoy/envoy.yaml beyond the addresses"
+    );
+}
+
+/// The compose copy is what docker-compose.yml's `envoy` service mounts and
+/// runs, and its addresses are services of that file listening on the
+/// ports the clusters name.
+#[test]
+fn compose_runs_the_compose_envoy_yaml_against_its_services() {
+    let compose: Value = serde_yaml_ng::from_str(&read("docker-compose.yml").unwrap()).unwrap();
+    let services = &compose["services"];
+    let envoy = &services["envoy"];
+    let mounted = envoy["volumes"]
+        .as_array()
+        .expect("envoy: volumes")
+        .iter()
+        .filter_map(Value::as_str)
+        .find_map(|v| v.strip_suffix(":ro")?.split_once(':'))
+        .expect("envoy: a read-only bind mount");
+    assert_eq!(
+        mounted,
+        ("./deploy/envoy/compose", "/etc/envoy"),
+        "envoy mounts the compose copy's directory"
+    );
+    let args: Vec<&str> =
+        envoy["command"].as_array().expect("envoy: command").iter().filter_map(Value::as_str).collect();
+    let config = args.iter().position(|a| *a == "--config-path").map(|i| args[i + 1]);
+    assert_eq!(config, Some("/etc/envoy/envoy.yaml"), "envoy: {args:?}");
+    let c = &CONFIGS[2];
+    for (host, port) in [
+        (c.session_host, default_port("session")),
+        (c.ratelimit_host, default_port("ratelimit")),
+        (c.app_host, 8081),
+    ] {
+        let svc = &services[host];
+        assert!(svc.is_object(), "{}: no compose service {host}", c.path);
+        let env = &svc["environment"];
+        let listens = env["MESH_LISTEN_ADDR"]
+            .as_str()
+            .map(|a| a.ends_with(&format!(":{port}")))
+            .or_else(|| env["PORT"].as_str().map(|p| p == port.to_string()));
+        assert_eq!(listens, Some(true), "compose service {host} does not listen on {port}");
+    }
+    let depends = &envoy["depends_on"];
+    for dep in [c.session_host, c.ratelimit_host] {
+        assert_eq!(depends[dep]["condition"], "service_healthy", "envoy must wait for {dep}'s readiness");
+    }
 }
 
 #[test]

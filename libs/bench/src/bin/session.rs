@@ -1,5 +1,8 @@
-//! Benchmark of the session service's ValidateSession at N concurrent
-//! callers, against two baselines measured in the same run:
+//! Benchmark of the session service's ValidateSession, and of the same
+//! check as Envoy's external authorization (`envoy.service.auth.v3.Authorization/Check`
+//! with a CheckRequest shaped as Envoy's `ext_authz` filter sends it, the
+//! same tokens), at N concurrent callers, against two baselines measured in
+//! the same run:
 //!
 //! - the plain tonic echo server (`mesh_bench::spawn_plain_echo`): the cost
 //!   of gRPC alone on this machine, in the benchmark's process as every
@@ -12,9 +15,11 @@
 //! The service runs as the real release binary (`target/release/mesh-session`,
 //! build it first) against the local Redis Cluster with its own key prefix,
 //! twice: with its validation cache (the default) and without it (every
-//! validation one `EVALSHA`). Sessions are created first (users × 10, the
-//! per-user cap), validated in rotation, and revoked at the end; the
-//! outboxes of their audit events expire a minute later.
+//! validation one `EVALSHA`), each time through ValidateSession and through
+//! ext_authz Check; the CPU time of every process in each measured window
+//! gives the service's CPU µs per call for both paths. Sessions are created
+//! first (users × 10, the per-user cap), validated in rotation, and revoked
+//! at the end; the outboxes of their audit events expire a minute later.
 //!
 //! ```text
 //! cargo build --release -p mesh-session -p mesh-bench --bin mesh-session --bin session
@@ -39,13 +44,23 @@ use mesh_bench::{
     ChildService, Load, PeakRss, Report, TABLE_HEADER, channels, redis_benchmark_row, rss_kib, run, run_echo,
     spawn_plain_echo,
 };
-use mesh_proto::session::{
-    ClientInfo, CreateSessionRequest, RevokeUserSessionsRequest, ValidateSessionRequest,
-    session_service_client::SessionServiceClient,
+use mesh_proto::{
+    envoy_authz::{
+        AttributeContext, CheckRequest,
+        attribute_context::{HttpRequest, Peer, Request as AttrRequest},
+        authorization_client::AuthorizationClient,
+        check_response::HttpResponse,
+    },
+    session::{
+        ClientInfo, CreateSessionRequest, RevokeUserSessionsRequest, ValidateSessionRequest,
+        session_service_client::SessionServiceClient,
+    },
 };
 
 #[derive(Debug, Parser)]
-#[command(about = "ValidateSession throughput and latency vs plain tonic echo and redis-benchmark GET")]
+#[command(
+    about = "ValidateSession and ext_authz Check throughput, latency and CPU vs plain tonic echo and redis-benchmark GET"
+)]
 struct Args {
     /// Concurrent callers.
     #[arg(long, default_value_t = 64)]
@@ -180,6 +195,93 @@ async fn bench_validate(
     (report, peak.stop().await)
 }
 
+/// A CheckRequest as Envoy's `ext_authz` filter (gRPC, v3) sends it for
+/// `GET /api/chat?page=2` with deploy/envoy/envoy.yaml's `allowed_headers`
+/// (only `authorization` and `cookie` reach the service, plus the
+/// pseudo-headers Envoy always sends), the peer addresses, and no context
+/// extensions (the route's default `touch`).
+fn check_request(token: &str) -> CheckRequest {
+    let headers = [
+        (":authority", "shop.example"),
+        (":method", "GET"),
+        (":path", "/api/chat?page=2"),
+        (":scheme", "https"),
+        ("authorization", &format!("Bearer {token}")),
+        ("x-forwarded-proto", "https"),
+        ("x-request-id", "0f6a5b2e-4c1d-4e8a-9b7f-3d2c1a0e9f8b"),
+    ];
+    let socket = |ip: &str, port: u32| mesh_proto::envoy::config::core::v3::Address {
+        address: Some(mesh_proto::envoy::config::core::v3::address::Address::SocketAddress(
+            mesh_proto::envoy::config::core::v3::SocketAddress {
+                address: ip.to_owned(),
+                port_specifier: Some(
+                    mesh_proto::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(port),
+                ),
+                ..Default::default()
+            },
+        )),
+    };
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            source: Some(Peer { address: Some(socket("203.0.113.7", 51234)), ..Peer::default() }),
+            destination: Some(Peer { address: Some(socket("10.0.0.5", 8080)), ..Peer::default() }),
+            request: Some(AttrRequest {
+                time: Some(prost_types::Timestamp { seconds: 1_764_500_000, nanos: 0 }),
+                http: Some(HttpRequest {
+                    id: "1234567890123456789".into(),
+                    method: "GET".into(),
+                    headers: headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+                    path: "/api/chat?page=2".into(),
+                    host: "shop.example".into(),
+                    scheme: "https".into(),
+                    protocol: "HTTP/1.1".into(),
+                    size: -1,
+                    ..HttpRequest::default()
+                }),
+            }),
+            ..AttributeContext::default()
+        }),
+    }
+}
+
+/// ext_authz Check over `tokens` in rotation (each an allow, else an error);
+/// the report and peak RSS.
+async fn bench_check(
+    name: &str,
+    load: Load,
+    service: &Service,
+    connections: usize,
+    tokens: Arc<Vec<String>>,
+) -> (Report, u64) {
+    let chans = channels(service.addr, connections).await;
+    // Built ahead, as Envoy builds one per request outside the service.
+    let requests: Arc<Vec<CheckRequest>> = Arc::new(tokens.iter().map(|t| check_request(t)).collect());
+    let counter = Arc::new(AtomicU64::new(0));
+    let peak = PeakRss::start(service.child.id());
+    let report = run(name, load, move |worker| {
+        let mut client = AuthorizationClient::new(chans[worker % chans.len()].clone());
+        let n = counter.fetch_add(1, Ordering::Relaxed) as usize;
+        let req = requests[n % requests.len()].clone();
+        async move {
+            let r =
+                client.check(req).await.map_err(|s| format!("{:?}: {}", s.code(), s.message()))?.into_inner();
+            match (r.status.map(|s| s.code), r.http_response) {
+                (Some(0), Some(HttpResponse::OkResponse(_))) => Ok(()),
+                (code, resp) => Err(format!("not an allow: status {code:?}, {resp:?}")),
+            }
+        }
+    })
+    .await;
+    (report, peak.stop().await)
+}
+
+/// Where the CPU went per successful call: the load generator (this process;
+/// for echo also the echo server), the service, every Redis node, the rest.
+fn cpu_row(r: &Report, service_pid: Option<u32>) -> String {
+    let service = service_pid.map_or(0.0, |pid| r.cpu.seconds(|p| p.pid == pid));
+    r.cpu_row(&[r.cpu.this_process(), service, r.cpu.named("redis-server")])
+}
+
 /// This program in `--serve-echo` mode, killed on drop.
 struct EchoProcess {
     child: std::process::Child,
@@ -265,6 +367,8 @@ async fn main() -> anyhow::Result<()> {
         true,
     )
     .await;
+    let (authz_hit, rss_authz_hit) =
+        bench_check("ext_authz Check (cache)", load, &cached, args.connections, tokens.clone()).await;
     let from_cache = cached.metric("mesh_session_validations_total", &["source=\"cache\""]).await;
     let from_redis = cached.metric("mesh_session_validations_total", &["source=\"redis\""]).await;
 
@@ -278,6 +382,15 @@ async fn main() -> anyhow::Result<()> {
         false,
     )
     .await;
+    let (authz_miss, rss_authz_miss) = bench_check(
+        "ext_authz Check (no cache: one EVALSHA)",
+        load,
+        &uncached,
+        args.connections,
+        tokens.clone(),
+    )
+    .await;
+    let (cached_pid, uncached_pid) = (cached.child.id(), uncached.child.id());
     let idle_rss = rss_kib(cached.child.id()).unwrap_or(0);
     revoke_all(&cached, args.users).await;
     drop(uncached);
@@ -287,7 +400,7 @@ async fn main() -> anyhow::Result<()> {
     let (redis_rps, redis_detail) = bench_redis(&args, requests)?;
 
     println!("{TABLE_HEADER}");
-    for r in [&echo, &echo_out, &hit, &touch, &miss] {
+    for r in [&echo, &echo_out, &hit, &touch, &authz_hit, &miss, &authz_miss] {
         println!("{r}");
     }
     println!();
@@ -312,15 +425,41 @@ async fn main() -> anyhow::Result<()> {
             p99(r) / p99(&echo_out).max(1.0)
         );
     }
+    for (label, authz, validate) in [("(cache)", &authz_hit, &hit), ("(no cache)", &authz_miss, &miss)] {
+        println!(
+            "| ext_authz Check {label} / ValidateSession {label}, throughput | {:.2} |",
+            tp(authz) / tp(validate)
+        );
+        println!(
+            "| ext_authz Check {label} p99 / ValidateSession {label} p99 | {:.2} |",
+            p99(authz) / p99(validate).max(1.0)
+        );
+    }
+    println!();
+    println!("CPU per call in the measured windows (µs of CPU time, all processes on the machine):");
+    println!();
+    println!("| target | machine busy | load generator | service | Redis (all nodes) | other | total |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (r, pid) in [
+        (&echo, None),
+        (&hit, Some(cached_pid)),
+        (&touch, Some(cached_pid)),
+        (&authz_hit, Some(cached_pid)),
+        (&miss, Some(uncached_pid)),
+        (&authz_miss, Some(uncached_pid)),
+    ] {
+        println!("{}", cpu_row(r, pid));
+    }
     println!();
     println!(
         "sessions: {}; cached instance answered {from_cache:.0} validations from its cache, {from_redis:.0} from Redis",
         tokens.len()
     );
     println!(
-        "service RSS: peak {rss_hit} KiB (cache), {rss_touch} KiB (touch), {rss_miss} KiB (no cache), {idle_rss} KiB after"
+        "service RSS: peak {rss_hit} KiB (cache), {rss_touch} KiB (touch), {rss_authz_hit} KiB (ext_authz, cache), \
+         {rss_miss} KiB (no cache), {rss_authz_miss} KiB (ext_authz, no cache), {idle_rss} KiB after"
     );
-    for r in [&echo, &echo_out, &hit, &touch, &miss] {
+    for r in [&echo, &echo_out, &hit, &touch, &authz_hit, &miss, &authz_miss] {
         if let Some(e) = &r.first_error {
             println!("{}: {} errors, first: {e}", r.name, r.errors);
         }

@@ -7,5 +7,6 @@ mod helpers;
 mod lifecycle;
 mod numbers;
 mod query;
+mod spans;
 mod storage;
 mod tail;

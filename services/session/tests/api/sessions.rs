@@ -26,6 +26,10 @@ async fn create_validate_refresh_revoke_revoke_all_and_list() {
 
     let before = now_ms();
     let one = create(&mut f.c, user).await;
+    // The change leased a write client and gave it back.
+    assert_eq!(f.metric("mesh_session_write_lease_wait_seconds_count", &[]).await, 1.0);
+    assert_eq!(f.metric("mesh_session_write_leases_in_use", &[]).await, 0.0);
+    assert_eq!(f.metric("mesh_session_write_lease_timeouts_total", &[]).await, 0.0);
     let s = one.session.clone().unwrap();
     assert!(one.token.starts_with("msess_") && one.token.len() >= 43, "{}", one.token.len());
     assert!(s.id.starts_with("ses_"));
