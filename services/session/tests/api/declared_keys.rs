@@ -521,12 +521,16 @@ async fn every_script_touches_only_the_keys_it_declares() {
     }
     assert!(!f.c.revoke_session(by_token(unknown.expose())).await.unwrap().into_inner().revoked);
 
-    // The outbox drains: the 13 changes delivered, every outbox empty.
-    eventually(Duration::from_secs(30), "the audit outbox drains", || async {
+    // The outbox drains: the 13 changes delivered, every outbox empty; and
+    // a whole sweep (a peek of each of the 1024 buckets) runs while recorded.
+    let peeks = || f.metric("mesh_session_redis_seconds_count", &["op=\"session_outbox_peek\""]);
+    let peeks_before = peeks().await;
+    eventually(Duration::from_secs(30), "the audit outbox drains and a sweep runs", || async {
         let delivered = f.metric("mesh_session_audit_events_total", &["result=\"delivered\""]).await;
         let outboxes = scan_cluster(&infra.redis_ports, &prefix);
         let empty = outboxes.iter().filter(|k| k.name.ends_with("}:o")).all(|k| k.content.trim().is_empty());
-        (delivered >= 13.0 && empty).then_some(())
+        let swept = peeks().await - peeks_before >= 1024.0;
+        (delivered >= 13.0 && empty && swept).then_some(())
     })
     .await;
     f.app.stop().await.unwrap();
