@@ -6,7 +6,7 @@ use std::{
     str::FromStr,
     sync::{
         Arc, LazyLock,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -320,6 +320,8 @@ struct Replica {
     /// The replay position at the last poll, and when the replica was last
     /// seen current or moving forward (monitor only).
     progress: std::sync::Mutex<(u64, Instant)>,
+    /// Consecutive timed-out monitor polls (monitor only).
+    timeouts: AtomicU32,
 }
 
 #[derive(Debug)]
@@ -473,6 +475,7 @@ impl Db {
                 target: target(opts, config, ServedBy::Replica, &metrics, false),
                 replay_lsn: AtomicU64::new(0),
                 progress: std::sync::Mutex::new((0, Instant::now())),
+                timeouts: AtomicU32::new(0),
             });
         }
         metrics.primary_up.set(1);
@@ -794,9 +797,10 @@ fn replica_label(t: &Target) -> String {
     format!("{}:{}", t.server.address, t.server.port)
 }
 
-/// Consecutive timed-out polls of the primary before it counts as down (a
-/// refused or broken connection counts at once).
-const PRIMARY_TIMEOUTS_DOWN: u32 = 3;
+/// Consecutive timed-out polls of the primary or a replica before it counts
+/// as down (a refused or broken connection counts at once): a server busy
+/// with a long write may answer one poll late without being down.
+const TIMEOUTS_DOWN: u32 = 3;
 
 /// Polls the primary and the replicas until the [`Db`] is dropped.
 async fn monitor(inner: std::sync::Weak<Inner>, period: Duration) {
@@ -823,7 +827,7 @@ async fn monitor(inner: std::sync::Weak<Inner>, period: Duration) {
             Ok(Err(e)) if is_connection_error(&e) => false,
             Ok(Err(_)) | Err(_) => {
                 primary_timeouts += 1;
-                primary.is_up() && primary_timeouts < PRIMARY_TIMEOUTS_DOWN
+                primary.is_up() && primary_timeouts < TIMEOUTS_DOWN
             }
         };
         if !up {
@@ -851,6 +855,9 @@ async fn monitor(inner: std::sync::Weak<Inner>, period: Duration) {
         });
         for (r, result) in futures::future::join_all(polls).await {
             let labels = ReplicaLabels { replica: replica_label(&r.target) };
+            if result.is_ok() {
+                r.timeouts.store(0, Ordering::Relaxed);
+            }
             let healthy = match result {
                 Ok(Ok((true, Some(lsn)))) => {
                     let lsn = lsn as u64;
@@ -877,6 +884,8 @@ async fn monitor(inner: std::sync::Weak<Inner>, period: Duration) {
                 }
                 // Promoted, or never replayed anything: not a usable replica.
                 Ok(Ok(_)) => false,
+                // A late answer keeps the last verdict, a few times.
+                Err(_) if r.timeouts.fetch_add(1, Ordering::Relaxed) + 1 < TIMEOUTS_DOWN => r.target.is_up(),
                 Ok(Err(_)) | Err(_) => {
                     r.target.unreachable();
                     false
