@@ -102,8 +102,6 @@ impl App {
         };
         let guard = Guard::new(session, ratelimit, c, metrics.clone());
         server.add_service(DataServiceServer::new(Api::new(db.clone(), guard, outbox, c, metrics)));
-        // So grpcurl can show the google.rpc details (BadRequest, RetryInfo, ErrorInfo).
-        server.add_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET);
         Ok(Self { server, db, background })
     }
 

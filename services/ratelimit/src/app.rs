@@ -143,8 +143,6 @@ impl App {
         let api = Api::new(engine, config.engine.rate_limit_headers);
         server.add_service(Admit { inner: RateLimitServiceServer::new(api.clone()), gate: gate.clone() });
         server.add_service(Admit { inner: EnvoyServer::new(api), gate });
-        // So grpcurl can print the google.rpc.BadRequest details of INVALID_ARGUMENT.
-        server.add_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET);
         Ok(Self { server, background })
     }
 

@@ -157,8 +157,6 @@ impl App {
         let api = Api::new(store, cache, limiter, c.clone(), metrics);
         server.add_service(AuthorizationServer::new(Authz::new(api.clone(), c.ext_authz.clone())));
         server.add_service(SessionServiceServer::new(api));
-        // So grpcurl can show the google.rpc details (BadRequest, RetryInfo).
-        server.add_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET);
         Ok(Self { server, background, pools })
     }
 
