@@ -47,7 +47,7 @@ impl Running {
     /// Shuts down gracefully and returns the server's result.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.begin_stop();
-        self.task.await.context("server task panicked")?
+        self.task.await.context("server task panicked")?.context("the server's graceful stop failed")
     }
 
     /// Waits for the server to finish (after [`Running::begin_stop`]).
