@@ -180,7 +180,7 @@ PY=$VENV/bin/python
 cd "$REPO"
 
 # ------------------------------------------------------------------ shell
-SCRIPTS=(deploy/docker/*.sh deploy/validate.sh .ci/buf-breaking.sh)
+SCRIPTS=(deploy/docker/*.sh deploy/validate.sh .ci/buf-breaking.sh .ci/deny.sh)
 bash_n_all() { local f; for f in "${SCRIPTS[@]}"; do bash -n "$f" || return 1; done; }
 check "shell: bash -n (${#SCRIPTS[@]} scripts)" bash_n_all
 check "shell: shellcheck (${#SCRIPTS[@]} scripts)" "$VENV/bin/shellcheck" -x "${SCRIPTS[@]}"
@@ -337,8 +337,8 @@ cms = by_kind.get("ConfigMap", {})
 secrets = by_kind.get("Secret", {})
 hpas = {h["spec"]["scaleTargetRef"]["name"]: h for h in by_kind.get("HorizontalPodAutoscaler", {}).values()}
 # Secrets operators create themselves, and the keys the services read from them.
-EXTERNAL = {"mesh-database": {"write-url", "read-urls"}, "mesh-redis": {"urls"},
-            "mesh-session": {"audit-hash-key"}}
+EXTERNAL = {"mesh-database-data": {"write-url", "read-urls"}, "mesh-database-audit": {"write-url", "read-urls"},
+            "mesh-redis": {"urls"}, "mesh-session": {"audit-hash-key"}}
 # Shutdown arithmetic: the longest span flush (the OTLP exporter's timeout,
 # libs/runtime/src/telemetry.rs) and the defaults of the two variables.
 FLUSH_MS = 5000
@@ -410,13 +410,6 @@ for name, d in deps.items():
             continue
         if ann.get("prometheus.io/port") != str(ports["metrics"]):
             err(f"{where}: prometheus.io/port is not the metrics port {ports['metrics']}")
-        for probe, service in (("startupProbe", "liveness"), ("livenessProbe", "liveness"),
-                               ("readinessProbe", "readiness")):
-            g = c.get(probe, {}).get("grpc")
-            if not g:
-                err(f"{cw}: {probe} is not a native gRPC probe")
-            elif g.get("port") != ports["grpc"] or g.get("service") != service:
-                err(f"{cw}: {probe} must check service '{service}' on port {ports['grpc']}, got {g}")
         # Effective environment: envFrom ConfigMaps, then env.
         env = {}
         for src in c.get("envFrom", []):
@@ -446,6 +439,31 @@ for name, d in deps.items():
                 value = base64.b64decode(secrets[ref["name"]].get("data", {}).get(ref["key"], ""))
                 if len(value) < 16:
                     err(f"{cw}: Secret {ref['name']}/{ref['key']} is shorter than the 16 bytes mesh-session requires")
+        # Probes: the gRPC port, or with TLS on the plaintext health port
+        # (MESH_HEALTH_LISTEN_ADDR, default gRPC port + 2000): Kubernetes'
+        # gRPC probes cannot speak TLS.
+        tls = bool(env.get("MESH_TLS_CERT_FILE"))
+        probe_port = ports["grpc"]
+        if tls:
+            health = env.get("MESH_HEALTH_LISTEN_ADDR", "")
+            probe_port = int(health.rsplit(":", 1)[-1]) if health else ports["grpc"] + 2000
+            for var in ("MESH_TLS_KEY_FILE", "MESH_TLS_CA_FILE"):
+                if not env.get(var):
+                    err(f"{cw}: MESH_TLS_CERT_FILE is set but {var} is not")
+            mounts = [m for m in c.get("volumeMounts", []) if "secret" in volumes.get(m["name"], {})]
+            for var in ("MESH_TLS_CERT_FILE", "MESH_TLS_KEY_FILE", "MESH_TLS_CA_FILE"):
+                path = env.get(var) or ""
+                if not any(path.startswith(m["mountPath"].rstrip("/") + "/") and not m.get("subPath") for m in mounts):
+                    err(f"{cw}: {var} {path!r} is not in a directory mount of a Secret (rotation needs one)")
+        if overlay == "prod" and not (tls and env.get("MESH_REQUIRE_TLS") == "true"):
+            err(f"{cw}: prod runs mTLS: MESH_TLS_CERT_FILE and MESH_REQUIRE_TLS=true")
+        for probe, service in (("startupProbe", "liveness"), ("livenessProbe", "liveness"),
+                               ("readinessProbe", "readiness")):
+            g = c.get(probe, {}).get("grpc")
+            if not g:
+                err(f"{cw}: {probe} is not a native gRPC probe")
+            elif g.get("port") != probe_port or g.get("service") != service:
+                err(f"{cw}: {probe} must check service '{service}' on port {probe_port}, got {g}")
         listen = env.get("MESH_LISTEN_ADDR", "")
         if listen.rsplit(":", 1)[-1] != str(ports["grpc"]):
             err(f"{cw}: MESH_LISTEN_ADDR {listen!r} does not match the grpc port")
@@ -504,11 +522,6 @@ for name, d in deps.items():
     if overlay in ("base", "prod") and not hpa:
         err(f"{where}: no HorizontalPodAutoscaler")
 
-for target in hpas:
-    if target not in deps:
-        err(f"an HPA targets missing Deployment {target}")
-# ServiceMonitors (a CRD: no Kubernetes schema checks them): each mesh
-# Deployment's pods are scraped through exactly one selected Service port.
 def selects(sel, labels):
     ok = all(labels.get(k) == v for k, v in (sel.get("matchLabels") or {}).items())
     for e in sel.get("matchExpressions") or []:
@@ -517,6 +530,34 @@ def selects(sel, labels):
         ok = ok and ((op == "In" and v in e["values"]) or (op == "NotIn" and v not in e["values"])
                      or (op == "Exists" and v is not None) or (op == "DoesNotExist" and v is None))
     return ok
+# NetworkPolicies: every mesh pod (Deployments, the CronJob) is under a
+# default deny both ways, and no ingress rule opens a port to every pod.
+pols = list(by_kind.get("NetworkPolicy", {}).values())
+def pod_templates():
+    for n, d in deps.items():
+        yield f"Deployment {n}", d["spec"]["template"]
+    for n, j in by_kind.get("CronJob", {}).items():
+        yield f"CronJob {n}", j["spec"]["jobTemplate"]["spec"]["template"]
+for where, tpl in pod_templates():
+    labels = tpl["metadata"].get("labels", {})
+    mine = [p for p in pols if selects(p["spec"].get("podSelector", {}), labels)]
+    if not any({"Ingress", "Egress"} <= set(p["spec"].get("policyTypes", []))
+               and not p["spec"].get("ingress") and not p["spec"].get("egress") for p in mine):
+        err(f"{where}: no default-deny NetworkPolicy (Ingress and Egress, no rules) selects its pods")
+    for p in mine:
+        for rule in p["spec"].get("ingress") or []:
+            if not rule.get("from"):
+                err(f"NetworkPolicy {p['metadata']['name']}: an ingress rule without `from` opens {where} to every pod")
+            ports = {str(x.get("port")) for x in rule.get("ports") or []}
+            if not ports:
+                err(f"NetworkPolicy {p['metadata']['name']}: an ingress rule without ports opens every port of {where}")
+            if "metrics" in ports and any("namespaceSelector" not in f for f in rule.get("from") or []):
+                err(f"NetworkPolicy {p['metadata']['name']}: metrics open to pods rather than the monitoring namespace")
+for target in hpas:
+    if target not in deps:
+        err(f"an HPA targets missing Deployment {target}")
+# ServiceMonitors (a CRD: no Kubernetes schema checks them): each mesh
+# Deployment's pods are scraped through exactly one selected Service port.
 for sm in by_kind.get("ServiceMonitor", {}).values():
     ports = {ep.get("port") for ep in sm["spec"].get("endpoints", [])}
     for name, d in deps.items():

@@ -71,12 +71,15 @@ cat <<'MD'
 `mesh-audit verify | export | retention` work against a database URL
 (`--database-url`, or `MESH_DATABASE_WRITE_URL`, a replica's URL is fine for
 `verify` and `export`) and exit 0 done, 1 the chain is broken or an event is
-invalid, 2 usage or connection errors.
+invalid (or, with `--checkpoints`, the database no longer matches a signed
+checkpoint), 2 usage or connection errors. `mesh-audit keygen` makes the
+checkpoint signing key pair.
 
 MD
 section "mesh-audit verify" mesh-audit verify --help
 section "mesh-audit export" mesh-audit export --help
 section "mesh-audit retention" mesh-audit retention --help
+section "mesh-audit keygen" mesh-audit keygen --help
 } > "$out.tmp"
 mv "$out.tmp" "$out"
 echo "wrote $out" >&2

@@ -61,10 +61,27 @@ elif svc_alive trace-sink; then
   svc_stop trace-sink 10
 fi
 
+# Audit signs a checkpoint of its chain head every 10 s into .local/audit/checkpoints
+# with a key made here once (kept in .local, never in PostgreSQL); check with
+#   mesh-audit verify --checkpoints .local/audit/checkpoints --public-key .local/audit/checkpoint.pub
+AUDIT_DIR="$MESH_LOCAL_DIR/audit"
+if [ ! -f "$AUDIT_DIR/checkpoint.key" ]; then
+  (umask 077 && mkdir -p "$AUDIT_DIR")
+  rm -f "$AUDIT_DIR/checkpoint.pub"
+  "$BIN_DIR/mesh-audit" keygen --name mesh.local/audit \
+    --private-key "$AUDIT_DIR/checkpoint.key" --public-key "$AUDIT_DIR/checkpoint.pub" >/dev/null
+fi
+
 declare -A action
 for entry in "${SERVICES[@]}"; do
   svc=${entry%%:*}; port=${entry##*:}
   export MESH_LISTEN_ADDR="127.0.0.1:$port" MESH_METRICS_ADDR="127.0.0.1:$((port + 1000))"
+  if [ "$svc" = audit ]; then
+    export MESH_AUDIT_CHECKPOINT_DIR="$AUDIT_DIR/checkpoints" MESH_AUDIT_CHECKPOINT_KEY_FILE="$AUDIT_DIR/checkpoint.key" \
+      MESH_AUDIT_CHECKPOINT_INTERVAL_MS=10000
+  else
+    unset MESH_AUDIT_CHECKPOINT_DIR MESH_AUDIT_CHECKPOINT_KEY_FILE MESH_AUDIT_CHECKPOINT_INTERVAL_MS
+  fi
   svc_ensure "$svc" "$port" "$(svc_env)" "$BIN_DIR/mesh-$svc"
   action[$svc]=$SVC_ACTION
 done
@@ -97,6 +114,7 @@ mesh is up.
 
 Tools (mesh-audit verify|export|retention, mesh-trace) with the stack's database URL:
   source $env_file
+  mesh-audit verify --checkpoints $AUDIT_DIR/checkpoints --public-key $AUDIT_DIR/checkpoint.pub
 
 Stop everything with deploy/local/down.sh
 INFO

@@ -47,6 +47,7 @@ impl Stack {
                 redis_timeout: Duration::from_secs(2),
                 ..Default::default()
             },
+            audit: None,
         })
         .await
         .expect("ratelimit builds");

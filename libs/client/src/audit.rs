@@ -59,6 +59,17 @@ impl AuditClient {
         Ok(self.raw().append(request).await?.into_inner())
     }
 
+    /// This client as the sink of refused admin RPCs' audit events
+    /// ([`mesh_runtime::authz`]): each is one `Append` (with its
+    /// idempotency key, so retried on UNAVAILABLE).
+    pub fn denial_sink(&self) -> mesh_runtime::AuditSink {
+        let client = self.clone();
+        std::sync::Arc::new(move |req| {
+            let client = client.clone();
+            Box::pin(async move { client.append(req).await.map(|_| ()) })
+        })
+    }
+
     /// `Query`: a page of events matching a filter.
     pub async fn query(&self, request: impl IntoRequest<QueryRequest>) -> Result<QueryResponse, Status> {
         Ok(self.raw().query(request).await?.into_inner())

@@ -10,6 +10,7 @@ use std::{
 
 use futures::{TryFutureExt, future::MapOk};
 use http::{Request, Response};
+use mesh_runtime::tls::MeshTls;
 use mesh_tower::{
     AttemptTimeout, AttemptTimeoutLayer, Balance, BoxError, CircuitBreaker, CircuitBreakerLayer,
     ClientMetrics, DeadlineLayer, EndpointAddr, EndpointStatus, EnforceDeadline, Record, Resolve, Retry,
@@ -53,6 +54,7 @@ impl Channel {
             metrics: ClientMetrics::default(),
             policy: RetryPolicy::default(),
             resolver: Arc::new(SystemResolver),
+            tls: None,
         }
     }
 
@@ -75,6 +77,7 @@ pub struct ChannelBuilder {
     metrics: ClientMetrics,
     policy: RetryPolicy,
     resolver: Arc<dyn Resolve>,
+    tls: Option<MeshTls>,
 }
 
 impl fmt::Debug for ChannelBuilder {
@@ -110,6 +113,15 @@ impl ChannelBuilder {
         self
     }
 
+    /// Dials every endpoint with this TLS configuration (see
+    /// [`mesh_runtime::tls`]), whatever [`StackConfig::tls`] says. Without
+    /// it, [`StackConfig::tls`] is loaded when set, else connections are
+    /// plaintext.
+    pub fn tls(mut self, tls: MeshTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// How host names are resolved (default: the system resolver).
     pub fn resolver(mut self, resolver: Arc<dyn Resolve>) -> Self {
         self.resolver = resolver;
@@ -117,9 +129,23 @@ impl ChannelBuilder {
     }
 
     /// Builds the channel. Connections are made lazily, names resolved in a
-    /// background task: call this inside a Tokio runtime.
+    /// background task: call this inside a Tokio runtime. When
+    /// [`StackConfig::tls`] is set but its files no longer load, every
+    /// connection attempt fails (UNAVAILABLE) rather than fall back to
+    /// plaintext.
     pub fn build(self) -> Channel {
-        let Self { upstream, target, config, metrics, policy, resolver } = self;
+        let Self { upstream, target, config, metrics, policy, resolver, tls } = self;
+        let dial = match (tls, &config.tls) {
+            (Some(tls), _) => Dial::Tls(tls),
+            (None, Some(files)) => match files.load() {
+                Ok(tls) => Dial::Tls(tls),
+                Err(e) => {
+                    tracing::error!(upstream = %upstream, error = %e, "tls files do not load, calls will fail");
+                    Dial::Refuse(Arc::from(e.to_string()))
+                }
+            },
+            (None, None) => Dial::Plain,
+        };
         let make = {
             let (upstream, metrics, config) = (upstream.clone(), metrics.clone(), config.clone());
             move |ep: &EndpointAddr| -> CircuitBreaker<Endpoint> {
@@ -131,7 +157,7 @@ impl ChannelBuilder {
                         metrics.clone(),
                     ))
                     .layer(AttemptTimeoutLayer::new(config.per_try_timeout))
-                    .service(connect(ep, config.connect_timeout))
+                    .service(connect(ep, config.connect_timeout, &dial))
             }
         };
         let balance = Balance::new(upstream.clone(), config.balance, metrics.clone(), make);
@@ -150,9 +176,20 @@ impl ChannelBuilder {
     }
 }
 
+/// How connections to endpoints are made.
+#[derive(Debug, Clone)]
+enum Dial {
+    Plain,
+    /// TLS, verifying each server as its configured host; the certificate
+    /// in force when a connection opens is the one it presents.
+    Tls(MeshTls),
+    /// TLS was asked for but does not load: never dial.
+    Refuse(Arc<str>),
+}
+
 /// A lazily connecting HTTP/2 channel to one endpoint; the configured host is
 /// the `:authority` (what a proxy or a virtual host expects).
-fn connect(ep: &EndpointAddr, connect_timeout: Duration) -> tonic::transport::Channel {
+fn connect(ep: &EndpointAddr, connect_timeout: Duration, dial: &Dial) -> tonic::transport::Channel {
     let host = if ep.host.contains(':') { format!("[{}]", ep.host) } else { ep.host.to_string() };
     let origin = format!("http://{host}:{}", ep.addr.port()).parse().ok();
     let mut endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", ep.addr))
@@ -168,7 +205,31 @@ fn connect(ep: &EndpointAddr, connect_timeout: Duration) -> tonic::transport::Ch
     if let Ok(e) = endpoint.clone().user_agent(concat!("mesh-client/", env!("CARGO_PKG_VERSION"))) {
         endpoint = e;
     }
-    endpoint.connect_lazy()
+    match dial {
+        Dial::Plain => endpoint.connect_lazy(),
+        Dial::Tls(tls) => {
+            // A host that is no valid server name is verified as the IP dialled.
+            let connector = tls.connector(&ep.host).or_else(|_| tls.connector(&ep.addr.ip().to_string()));
+            match connector {
+                Ok(c) => endpoint.connect_with_connector_lazy(c),
+                Err(e) => endpoint.connect_with_connector_lazy(refuse(e.to_string().into())),
+            }
+        }
+        Dial::Refuse(why) => endpoint.connect_with_connector_lazy(refuse(why.clone())),
+    }
+}
+
+/// A connector that fails every attempt with `why`.
+fn refuse(
+    why: Arc<str>,
+) -> impl Service<
+    http::Uri,
+    Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>,
+    Error = std::io::Error,
+    Future = futures::future::Ready<std::io::Result<hyper_util::rt::TokioIo<tokio::net::TcpStream>>>,
+> + Send
++ 'static {
+    tower::service_fn(move |_| futures::future::ready(Err(std::io::Error::other(why.to_string()))))
 }
 
 impl Service<Request<Body>> for Channel {

@@ -15,6 +15,7 @@ use std::time::Duration;
 use mesh_runtime::{
     ConfigError, Lookup, LookupExt,
     config::{Var, VarGroup},
+    tls::TlsConfig,
 };
 use mesh_tower::{BalanceConfig, BreakerConfig, ClientMetrics, DeadlineConfig, RetryConfig, Target};
 
@@ -87,6 +88,9 @@ pub struct StackConfig {
     pub balance: BalanceConfig,
     /// How often DNS names are resolved again.
     pub dns_refresh: Duration,
+    /// Mutual TLS (`MESH_TLS_*`, the process's own certificate, see
+    /// [`mesh_runtime::tls`]); `None`: plaintext.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for StackConfig {
@@ -99,6 +103,7 @@ impl Default for StackConfig {
             breaker: BreakerConfig::default(),
             balance: BalanceConfig::default(),
             dns_refresh: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -108,7 +113,9 @@ fn positive(key: &'static str, d: Duration) -> Result<Duration, ConfigError> {
 }
 
 impl StackConfig {
-    /// Reads the `MESH_CLIENT_*` keys (see the module docs).
+    /// Reads the `MESH_CLIENT_*` keys (see the module docs) and the
+    /// `MESH_TLS_*` keys the server reads too ([`TlsConfig::from_lookup`];
+    /// listed by `mesh_runtime::ServerConfig::vars`, not by [`Self::vars`]).
     pub fn from_lookup(l: &impl Lookup) -> Result<Self, ConfigError> {
         use keys::*;
         let d = Self::default();
@@ -179,6 +186,7 @@ impl StackConfig {
             },
             balance: d.balance,
             dns_refresh: positive(DNS_REFRESH_MS, l.millis_or(DNS_REFRESH_MS, d.dns_refresh)?)?,
+            tls: TlsConfig::from_lookup(l)?,
         })
     }
 }
@@ -340,7 +348,8 @@ impl ClientConfig {
     /// The channel a typed client is built on: to `target` (the error names
     /// `key` when it is unset), with this configuration's stack, recording
     /// into `metrics`, repeating `idempotent` methods after they reached a
-    /// server. Call inside a Tokio runtime.
+    /// server; with [`StackConfig::tls`], over mutual TLS (its files
+    /// failing to load is an error naming the key). Call inside a Tokio runtime.
     pub(crate) fn channel(
         &self,
         upstream: &'static str,
@@ -350,11 +359,15 @@ impl ClientConfig {
         idempotent: &[&str],
     ) -> Result<Channel, ConfigError> {
         let target = target.clone().ok_or_else(|| ConfigError::new(key, "is required"))?;
-        Ok(Channel::builder(upstream, target)
+        let mut builder = Channel::builder(upstream, target)
             .config(self.stack.clone())
             .metrics(metrics)
-            .idempotent(idempotent.iter().copied())
-            .build())
+            .idempotent(idempotent.iter().copied());
+        if let Some(tls) = &self.stack.tls {
+            // Files that stopped loading since the configuration was read: a config error.
+            builder = builder.tls(tls.load()?);
+        }
+        Ok(builder.build())
     }
 }
 
@@ -409,7 +422,7 @@ mod tests {
         let help = mesh_runtime::config::Help {
             binary: "mesh-test",
             about: "a test",
-            groups: vec![ClientConfig::vars([None; 4])],
+            groups: vec![ClientConfig::vars([None; 4]), VarGroup::new("TLS", TlsConfig::vars())],
         };
         let problems = mesh_runtime::config::check_help(&help, &[], ClientConfig::from_lookup);
         assert_eq!(problems, Vec::<String>::new());

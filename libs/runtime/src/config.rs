@@ -139,6 +139,20 @@ pub mod keys {
     pub const HEALTH_TIMEOUT_MS: &str = "MESH_HEALTH_TIMEOUT_MS";
     /// Consecutive failed checks before readiness drops.
     pub const HEALTH_FAILURE_THRESHOLD: &str = "MESH_HEALTH_FAILURE_THRESHOLD";
+    /// Calls handled at once before the rest queue (see `admission`).
+    pub const MAX_IN_FLIGHT: &str = "MESH_MAX_IN_FLIGHT";
+    /// Longest a call queues for a slot before it is shed (ms).
+    pub const QUEUE_WAIT_MS: &str = "MESH_QUEUE_WAIT_MS";
+    /// Largest request or response message (bytes).
+    pub const MAX_MESSAGE_BYTES: &str = "MESH_MAX_MESSAGE_BYTES";
+    /// HTTP/2 streams one connection may have open at once.
+    pub const MAX_CONCURRENT_STREAMS: &str = "MESH_MAX_CONCURRENT_STREAMS";
+    /// Client connections open at once.
+    pub const MAX_CONNECTIONS: &str = "MESH_MAX_CONNECTIONS";
+    /// `true`: refuse to start without TLS configured.
+    pub const REQUIRE_TLS: &str = "MESH_REQUIRE_TLS";
+    /// Plaintext health-only listener, when TLS is on.
+    pub const HEALTH_LISTEN_ADDR: &str = "MESH_HEALTH_LISTEN_ADDR";
 }
 
 /// What every server needs: where to listen and how to drain.
@@ -158,6 +172,17 @@ pub struct ServerConfig {
     pub health_timeout: Duration,
     /// Consecutive failures before a dependency counts as down.
     pub health_failure_threshold: u32,
+    /// Admission limits (`MESH_MAX_IN_FLIGHT`, …; see [`crate::admission`]).
+    pub limits: crate::admission::Limits,
+    /// Who may call admin RPCs (`MESH_ADMIN_IDENTITIES`, see [`crate::authz`]).
+    pub admin_identities: crate::authz::AdminIdentities,
+    /// Mutual TLS on the gRPC listener (`MESH_TLS_*`, see [`crate::tls`]);
+    /// `None`: plaintext.
+    pub tls: Option<crate::tls::TlsConfig>,
+    /// With TLS: the plaintext listener serving only `grpc.health.v1.Health`
+    /// (`MESH_HEALTH_LISTEN_ADDR`), for probes that cannot speak TLS.
+    /// Unused without TLS (health is then on the gRPC listener).
+    pub health_listen_addr: Option<SocketAddr>,
 }
 
 /// Defaults of [`ServerConfig::from_lookup`], shown by `--help`.
@@ -175,6 +200,10 @@ mod defaults {
 /// `MESH_METRICS_ADDR` is unset.
 pub const METRICS_PORT_OFFSET: u16 = 1000;
 
+/// How far above the gRPC port the plaintext health port is when TLS is
+/// on and `MESH_HEALTH_LISTEN_ADDR` is unset.
+pub const HEALTH_PORT_OFFSET: u16 = 2000;
+
 impl ServerConfig {
     /// Reads the server settings. `default_port` is the service's gRPC port
     /// when `MESH_LISTEN_ADDR` is unset; the metrics listener defaults to
@@ -182,12 +211,34 @@ impl ServerConfig {
     /// stays 0: any free port), so instances on different gRPC ports never
     /// collide on metrics. A gRPC port above 64535 needs `MESH_METRICS_ADDR`.
     pub fn from_lookup(l: &impl Lookup, default_port: u16) -> Result<Self, ConfigError> {
+        Self::from_lookup_with(l, default_port, crate::admission::Limits::default())
+    }
+
+    /// As [`Self::from_lookup`], with a service's own default admission
+    /// limits (its `vars()` then shows them with [`VarGroup::with_default`]).
+    pub fn from_lookup_with(
+        l: &impl Lookup,
+        default_port: u16,
+        limits: crate::admission::Limits,
+    ) -> Result<Self, ConfigError> {
         let listen_addr = l.addr_or(keys::LISTEN_ADDR, &default_listen_addr(default_port))?;
         let metrics_addr = match l.string(keys::METRICS_ADDR) {
             // Set: parsed as given (the empty default is never used).
             Some(_) => l.addr_or(keys::METRICS_ADDR, "")?,
             None => metrics_addr_for(listen_addr)?,
         };
+        let tls = crate::tls::TlsConfig::from_lookup(l)?;
+        if l.parse_or(keys::REQUIRE_TLS, false)? && tls.is_none() {
+            return Err(ConfigError::new(
+                keys::REQUIRE_TLS,
+                format!(
+                    "is true but TLS is not configured: set {} and {} (and {})",
+                    crate::tls::keys::CERT_FILE,
+                    crate::tls::keys::KEY_FILE,
+                    crate::tls::keys::CA_FILE
+                ),
+            ));
+        }
         Ok(Self {
             listen_addr,
             metrics_addr,
@@ -198,6 +249,10 @@ impl ServerConfig {
             health_failure_threshold: l
                 .parse_or(keys::HEALTH_FAILURE_THRESHOLD, defaults::HEALTH_FAILURE_THRESHOLD)?
                 .max(1),
+            limits: crate::admission::Limits::from_lookup(l, limits)?,
+            admin_identities: crate::authz::AdminIdentities::from_lookup(l)?,
+            health_listen_addr: health_addr_for(l, listen_addr, tls.is_some())?,
+            tls,
         })
     }
 
@@ -239,7 +294,29 @@ impl ServerConfig {
                     defaults::HEALTH_FAILURE_THRESHOLD,
                     "consecutive failed checks before a dependency counts as down (at least 1)",
                 ),
-            ],
+                crate::admission::Limits::var_max_in_flight(&crate::admission::Limits::default()),
+                crate::admission::Limits::var_queue_wait(&crate::admission::Limits::default()),
+                crate::admission::Limits::var_max_message_bytes(&crate::admission::Limits::default()),
+                crate::admission::Limits::var_max_concurrent_streams(&crate::admission::Limits::default()),
+                crate::admission::Limits::var_max_connections(&crate::admission::Limits::default()),
+                crate::authz::AdminIdentities::var(),
+                Var::value(
+                    REQUIRE_TLS,
+                    false,
+                    "true: the process refuses to start (exit 64) unless MESH_TLS_CERT_FILE and \
+                     MESH_TLS_KEY_FILE are set",
+                ),
+                Var::unset(
+                    HEALTH_LISTEN_ADDR,
+                    format!("the gRPC listen host, gRPC port + {HEALTH_PORT_OFFSET}"),
+                    "with TLS on: a plaintext listener serving only grpc.health.v1.Health, for \
+                     Kubernetes' native gRPC probes (the gRPC port then speaks TLS only); unused \
+                     without TLS, where health is on the gRPC port (host:port)",
+                ),
+            ]
+            .into_iter()
+            .chain(crate::tls::TlsConfig::vars())
+            .collect(),
         )
     }
 
@@ -253,8 +330,41 @@ impl ServerConfig {
             health_interval: Duration::from_millis(200),
             health_timeout: Duration::from_millis(500),
             health_failure_threshold: 1,
+            limits: crate::admission::Limits::default(),
+            admin_identities: crate::authz::AdminIdentities::default(),
+            tls: None,
+            health_listen_addr: None,
         }
     }
+}
+
+/// The plaintext health listener's address when `tls` is on:
+/// `MESH_HEALTH_LISTEN_ADDR`, else `listen`'s host and port +
+/// [`HEALTH_PORT_OFFSET`] (0 stays 0). `None` without TLS.
+fn health_addr_for(
+    l: &impl Lookup,
+    listen: SocketAddr,
+    tls: bool,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    // Read either way, so `--help` checks see the key.
+    let set = l.string(keys::HEALTH_LISTEN_ADDR).is_some();
+    if set {
+        let addr = l.addr_or(keys::HEALTH_LISTEN_ADDR, "")?;
+        return Ok(tls.then_some(addr));
+    }
+    if !tls {
+        return Ok(None);
+    }
+    let port = match listen.port() {
+        0 => 0,
+        p => p.checked_add(HEALTH_PORT_OFFSET).ok_or_else(|| {
+            ConfigError::new(
+                keys::HEALTH_LISTEN_ADDR,
+                format!("is required when the gRPC port ({p}) + {HEALTH_PORT_OFFSET} is past 65535"),
+            )
+        })?,
+    };
+    Ok(Some(SocketAddr::new(listen.ip(), port)))
 }
 
 /// `MESH_LISTEN_ADDR` when unset: every interface, the service's port.

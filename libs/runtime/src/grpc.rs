@@ -42,6 +42,22 @@ use crate::metrics::{CodeLabels, MethodLabels, ServerMetrics};
 /// Metadata key of the request id.
 pub const REQUEST_ID: &str = "x-request-id";
 
+/// The response header that names the call's trace when it is sampled
+/// (W3C Trace Context Level 2 `traceresponse`:
+/// `00-<trace id>-<server span id>-01`), so a caller — `grpcurl -v`, say —
+/// can look its own call up (`mesh-trace <trace id>`, Jaeger).
+pub const TRACE_RESPONSE: &str = "traceresponse";
+
+/// The `traceresponse` value of a sampled server span.
+fn trace_response(span: &Span) -> Option<HeaderValue> {
+    use opentelemetry::trace::TraceContextExt as _;
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    (sc.is_valid() && sc.is_sampled())
+        .then(|| HeaderValue::from_str(&format!("00-{}-{}-01", sc.trace_id(), sc.span_id())).ok())
+        .flatten()
+}
+
 /// Metadata key of the caller's timeout (gRPC over HTTP/2: `grpc-timeout`).
 pub const GRPC_TIMEOUT: &str = "grpc-timeout";
 
@@ -252,7 +268,7 @@ impl<S, B, RB> Service<Request<B>> for GrpcServer<S>
 where
     S: Service<Request<B>, Response = Response<RB>>,
     S::Future: Send + 'static,
-    RB: Body<Data = Bytes>,
+    RB: Body<Data = Bytes> + Default,
 {
     type Response = Response<ObservedBody<RB>>;
     type Error = S::Error;
@@ -302,12 +318,17 @@ where
 
         let labels = MethodLabels { grpc_type: kind, grpc_service: service, grpc_method: method };
         self.shared.metrics.started.get_or_create(&labels).inc();
-        let fut = {
+        // A deadline already past when the call arrives (`grpc-timeout: 0n`):
+        // the handler never runs, so nothing it would change changes (tonic's
+        // own timer would drop it after its first poll, and answer CANCELLED).
+        let late = timeout == Some(Duration::ZERO);
+        let fut = (!late).then(|| {
             let _entered = span.enter();
-            CURRENT.sync_scope(context.clone(), || self.inner.call(req))
-        };
+            let fut = CURRENT.sync_scope(context.clone(), || self.inner.call(req));
+            context.scope(fut).instrument(span.clone())
+        });
         ResponseFuture {
-            inner: context.scope(fut).instrument(span.clone()),
+            inner: fut,
             recorder: Some(Recorder {
                 shared: self.shared.clone(),
                 labels,
@@ -376,6 +397,74 @@ impl Drop for Recorder {
     }
 }
 
+/// What tonic's protobuf codec says when a request does not decode (tonic
+/// answers INTERNAL, as gRPC's status-code guide has it for a server that
+/// cannot parse what it was sent), followed by prost's reason.
+const DECODE_FAILURE: &str = "failed to decode Protobuf message: ";
+
+/// A request that does not decode as its message type (not protobuf, a
+/// string field that is not UTF-8, nesting past prost's recursion limit of
+/// 100) is the caller's mistake: INTERNAL from tonic's codec becomes the
+/// usual [`invalid_argument`], naming the field where decoding failed and
+/// prost's reason (`invalid request: event.metadata.fields.value.kind…:
+/// recursion limit reached`). Only trailers-only responses are rewritten,
+/// which is how tonic answers a unary or server-streaming request it could
+/// not decode.
+fn undecodable_is_invalid_argument(headers: &mut HeaderMap) {
+    if status_in(headers) != Some(tonic::Code::Internal) {
+        return;
+    }
+    let Some(status) = tonic::Status::from_header_map(headers) else { return };
+    let Some(reason) = status.message().strip_prefix(DECODE_FAILURE) else { return };
+    let (field, description) = decode_failure_field(reason);
+    let status = invalid_argument(vec![tonic_types::FieldViolation::new(field, description)]);
+    // The details of the INTERNAL status, if any, are replaced, not kept.
+    headers.remove("grpc-status-details-bin");
+    if status.add_header(headers).is_err() {
+        tracing::debug!("could not rewrite a decode failure as invalid argument");
+    }
+}
+
+/// Splits prost's reason (`Value.kind: Struct.fields: recursion limit
+/// reached`: the innermost `Message.field` first) into the field path from
+/// the request down (at most 8 levels, then `…`) and the cause.
+fn decode_failure_field(reason: &str) -> (String, String) {
+    const MAX_LEVELS: usize = 8;
+    let is_level = |s: &str| {
+        s.split_once('.').is_some_and(|(m, f)| {
+            let ident = |x: &str| !x.is_empty() && x.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            ident(m) && ident(f)
+        })
+    };
+    let mut levels = Vec::new();
+    let mut rest = reason;
+    while let Some((head, tail)) = rest.split_once(": ")
+        && is_level(head)
+    {
+        levels.push(head.split_once('.').map_or(head, |(_, f)| f));
+        rest = tail;
+    }
+    levels.reverse();
+    let mut field = levels.iter().take(MAX_LEVELS).copied().collect::<Vec<_>>().join(".");
+    if levels.len() > MAX_LEVELS {
+        field.push('…');
+    }
+    if field.is_empty() {
+        field.push_str("request");
+    }
+    (field, format!("is not a valid encoding: {rest}"))
+}
+
+/// The trailers-only answer to a call whose deadline passed before it started.
+fn deadline_exceeded<RB: Default>() -> Response<RB> {
+    let mut resp = Response::new(RB::default());
+    let headers = resp.headers_mut();
+    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    let status = tonic::Status::deadline_exceeded("the deadline passed before the call started");
+    status.add_header(headers).expect("a plain ascii status");
+    resp
+}
+
 fn status_in(headers: &HeaderMap) -> Option<tonic::Code> {
     let v = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
     Some(tonic::Code::from_i32(v))
@@ -385,8 +474,9 @@ pin_project! {
     /// Future of [`GrpcServer`].
     #[derive(Debug)]
     pub struct ResponseFuture<F> {
+        // `None`: answered DEADLINE_EXCEEDED without calling the handler.
         #[pin]
-        inner: tracing::instrument::Instrumented<TaskLocalFuture<CallContext, F>>,
+        inner: Option<tracing::instrument::Instrumented<TaskLocalFuture<CallContext, F>>>,
         recorder: Option<Recorder>,
         rid: Arc<str>,
     }
@@ -395,13 +485,16 @@ pin_project! {
 impl<F, RB, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<Response<RB>, E>>,
-    RB: Body<Data = Bytes>,
+    RB: Body<Data = Bytes> + Default,
 {
     type Output = Result<Response<ObservedBody<RB>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = ready!(this.inner.poll(cx));
+        let result = match this.inner.as_pin_mut() {
+            Some(inner) => ready!(inner.poll(cx)),
+            None => Ok(deadline_exceeded()),
+        };
         let mut recorder = this.recorder.take().expect("polled after completion");
         Poll::Ready(match result {
             Ok(resp) => {
@@ -409,6 +502,10 @@ where
                 if let Ok(v) = HeaderValue::from_str(this.rid) {
                     parts.headers.insert(REQUEST_ID, v);
                 }
+                if let Some(v) = trace_response(&recorder.span) {
+                    parts.headers.insert(TRACE_RESPONSE, v);
+                }
+                undecodable_is_invalid_argument(&mut parts.headers);
                 let recorder = match status_in(&parts.headers) {
                     Some(code) => {
                         recorder.finish(code);
@@ -495,6 +592,24 @@ pub fn deadline_of<T>(req: &tonic::Request<T>) -> Option<Instant> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_failures_name_the_field_from_the_request_down() {
+        let (f, d) = decode_failure_field(
+            "Value.kind: Struct.fields: AuditEvent.metadata: AppendRequest.event: recursion limit reached",
+        );
+        assert_eq!(
+            (f.as_str(), d.as_str()),
+            ("event.metadata.fields.kind", "is not a valid encoding: recursion limit reached")
+        );
+        let deep = "Value.kind: Struct.fields: ".repeat(10) + "x: y";
+        assert_eq!(decode_failure_field(&deep).0, "fields.kind.fields.kind.fields.kind.fields.kind…");
+        let (f, d) = decode_failure_field("invalid wire type: LengthDelimited (expected Varint)");
+        assert_eq!(
+            (f.as_str(), d.as_str()),
+            ("request", "is not a valid encoding: invalid wire type: LengthDelimited (expected Varint)")
+        );
+    }
 
     #[test]
     fn grpc_timeouts_parse_in_every_unit() {

@@ -5,19 +5,26 @@
 //!
 //! # Layout
 //! - [`config`]: `Lookup` over the environment (or a map in tests), typed reads.
+//! - [`admission`]: calls in flight (shed past a short queue), message size, streams, connections.
+//! - [`authz`]: who may call admin RPCs (`MESH_ADMIN_IDENTITIES`); refusals counted and audited.
 //! - [`telemetry`]: tracing subscriber + OpenTelemetry OTLP exporter.
 //! - [`trace_context`]: W3C `traceparent` in gRPC metadata.
 //! - [`grpc`]: the server layer (span, request id, metrics) on every RPC.
 //! - [`health`]: liveness/readiness semantics, dependency checks and their health names.
+//! - [`identity`]: the caller's identity from its TLS client certificate.
 //! - [`server`]: listeners, health + reflection, serve and drain.
+//! - [`tls`]: mutual TLS (reloaded certificate files), the server's TLS accept loop, the client connector.
 //! - [`redis`]: the Redis Cluster pool and its readiness check.
 //! - [`main_loop`]: the body of every service's `main` (exit codes included).
 //! - `metrics`: the Prometheus registry and `/metrics` endpoint.
 //! - [`throttle`]: warnings that could repeat on every call, logged once in a while.
 
+pub mod admission;
+pub mod authz;
 pub mod config;
 pub mod grpc;
 pub mod health;
+pub mod identity;
 mod killable;
 pub mod main_loop;
 mod metrics;
@@ -25,17 +32,21 @@ pub mod redis;
 pub mod server;
 pub mod telemetry;
 pub mod throttle;
+pub mod tls;
 pub mod trace_context;
 
+pub use admission::Limits;
+pub use authz::{AdminGuard, AdminIdentities, AuditSink};
 pub use config::{ConfigError, Env, Lookup, LookupExt, ServerConfig};
 pub use health::{
     Check, DEPENDENCY_PREFIX, Health, LIVENESS, Need, READINESS, dependency_name, remote_check,
 };
+pub use identity::{CallerIdentity, caller};
 pub use main_loop::{StartFailure, run_service};
 pub use metrics::{latency_buckets, latency_histogram};
 pub use prometheus_client;
 pub use server::{ServeError, Server, shutdown_signal};
-pub use telemetry::{Telemetry, TelemetryConfig};
+pub use telemetry::{Roots, Telemetry, TelemetryConfig};
 pub use throttle::Throttle;
 
 /// Exit code for a bad configuration (`EX_CONFIG` is 78; sysexits' `EX_USAGE`, 64, is what operators expect here).

@@ -4,7 +4,7 @@
 
 use std::{fmt::Display, process::ExitCode};
 
-use crate::{EXIT_CONFIG, Env, Telemetry, TelemetryConfig, server::shutdown_signal};
+use crate::{EXIT_CONFIG, Env, Roots, Telemetry, TelemetryConfig, server::shutdown_signal};
 
 /// Why a service could not start: a bad setting (exit [`EXIT_CONFIG`]) or
 /// anything else (a dependency that never answered: exit 1).
@@ -33,7 +33,7 @@ where
     S: Future<Output = Result<(), SE>>,
 {
     let telemetry = match TelemetryConfig::from_lookup(&Env, name) {
-        Ok(c) => Telemetry::init(&c),
+        Ok(c) => Telemetry::init(&TelemetryConfig { roots: Roots::ServedCalls, ..c }),
         Err(e) => {
             eprintln!("bad configuration: {e}");
             return ExitCode::from(EXIT_CONFIG);

@@ -1,18 +1,20 @@
 //! The Redis Cluster connection every Redis-backed service uses: a small
 //! pool of fred cluster clients (each pipelines to every node), hard
 //! command timeouts so a dead node never hangs a caller, and endless
-//! reconnection with backoff.
+//! reconnection with backoff. `rediss://` seed URLs make every connection
+//! TLS (rustls), verified against `MESH_REDIS_CA_FILE` or the system's CAs.
 
-use std::time::Duration;
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use fred::{
     clients::Pool,
     interfaces::{ClientLike, ClusterInterface},
     types::config::{
         ClusterDiscoveryPolicy, Config, ConnectionConfig, PerformanceConfig, ReconnectPolicy, ServerConfig,
-        TcpConfig,
+        TcpConfig, TlsConfig, TlsConnector, TlsHostMapping,
     },
 };
+use rustls::pki_types::{CertificateDer, pem::PemObject as _};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::{
@@ -22,8 +24,11 @@ use crate::{
 
 /// Keys read by [`RedisConfig::from_lookup`].
 pub mod keys {
-    /// Comma-separated cluster seed nodes, `host:port` or `redis://[user:pass@]host:port`.
+    /// Comma-separated cluster seed nodes, `host:port`, `redis://[user:pass@]host:port`
+    /// or, for TLS, `rediss://[user:pass@]host:port` (all entries alike).
     pub const URLS: &str = "MESH_REDIS_URLS";
+    /// PEM bundle of the CAs trusted for `rediss://` (default: the system's CAs).
+    pub const CA_FILE: &str = "MESH_REDIS_CA_FILE";
     /// Prefix of every key the service writes (isolates tenants and tests).
     pub const KEY_PREFIX: &str = "MESH_REDIS_KEY_PREFIX";
     /// Clients in the pool.
@@ -40,8 +45,12 @@ pub const DEFAULT_KEY_PREFIX: &str = "mesh:";
 /// How to reach the Redis Cluster.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// Seed nodes; may hold credentials, hence secret.
+    /// Seed nodes; may hold credentials, hence secret. `rediss://` entries
+    /// (all or none) make every connection TLS.
     pub urls: Vec<SecretString>,
+    /// PEM bundle of the CAs that sign the servers' certificates under
+    /// `rediss://`; `None`: the system's CAs. Read when the pool is built.
+    pub ca_file: Option<PathBuf>,
     /// Prefix for every key, e.g. `mesh:`.
     pub key_prefix: String,
     /// Clients in the pool (each multiplexes all callers).
@@ -62,6 +71,7 @@ impl RedisConfig {
         let d = Self::new(Vec::<String>::new(), DEFAULT_KEY_PREFIX);
         let c = Self {
             urls,
+            ca_file: l.string(keys::CA_FILE).map(PathBuf::from),
             key_prefix: l.string(keys::KEY_PREFIX).unwrap_or(d.key_prefix),
             pool_size: l.parse_or(keys::POOL_SIZE, d.pool_size)?,
             command_timeout: l.millis_or(keys::COMMAND_TIMEOUT_MS, d.command_timeout)?,
@@ -80,8 +90,14 @@ impl RedisConfig {
             vec![
                 Var::required(
                     keys::URLS,
-                    "comma-separated cluster seed nodes, host:port or redis://[user:pass@]host:port \
-                     (a secret: never logged)",
+                    "comma-separated cluster seed nodes, host:port, redis://[user:pass@]host:port, or \
+                     rediss://[user:pass@]host:port for TLS (all entries alike; a secret: never logged)",
+                ),
+                Var::unset(
+                    keys::CA_FILE,
+                    "the system's CAs",
+                    "PEM bundle of the CAs trusted for rediss:// servers (read at start); cluster nodes \
+                     announced by IP are verified against the seed's host name",
                 ),
                 Var::value(keys::KEY_PREFIX, d.key_prefix, "prefix of every key the service writes"),
                 Var::value(
@@ -107,6 +123,7 @@ impl RedisConfig {
     pub fn new(urls: impl IntoIterator<Item = impl Into<String>>, key_prefix: impl Into<String>) -> Self {
         Self {
             urls: urls.into_iter().map(|u| SecretString::from(u.into())).collect(),
+            ca_file: None,
             key_prefix: key_prefix.into(),
             pool_size: 4,
             command_timeout: Duration::from_millis(500),
@@ -117,12 +134,28 @@ impl RedisConfig {
     fn fred_config(&self) -> Result<Config, ConfigError> {
         let mut hosts = Vec::new();
         let mut creds = (None, None);
+        let mut tls = None;
         for url in &self.urls {
-            let url = url.expose_secret();
-            let full = if url.contains("://") { url.to_owned() } else { format!("redis://{url}") };
+            let url = url.expose_secret().trim();
+            // TLS is set up below, from our own roots: fred's `rediss://`
+            // parsing would load the system's CAs and pick a crypto provider.
+            let (this_tls, rest) = match url.split_once("://") {
+                Some((scheme, rest)) if scheme.eq_ignore_ascii_case("rediss") => (true, rest),
+                Some((scheme, rest)) if scheme.eq_ignore_ascii_case("redis") => (false, rest),
+                Some(_) => {
+                    return Err(ConfigError::new(
+                        keys::URLS,
+                        "an entry's scheme is neither redis:// nor rediss://",
+                    ));
+                }
+                None => (false, url),
+            };
+            if *tls.get_or_insert(this_tls) != this_tls {
+                return Err(ConfigError::new(keys::URLS, "mixes rediss:// (TLS) and plaintext entries"));
+            }
             // Never echo the URL: it may carry a password.
-            let parsed = Config::from_url(&full).map_err(|_| {
-                ConfigError::new(keys::URLS, "an entry is not host:port or redis://[user:pass@]host:port")
+            let parsed = Config::from_url(&format!("redis://{rest}")).map_err(|_| {
+                ConfigError::new(keys::URLS, "an entry is not host:port or redis[s]://[user:pass@]host:port")
             })?;
             if creds.1.is_none() {
                 creds = (parsed.username.clone(), parsed.password.clone());
@@ -139,8 +172,62 @@ impl RedisConfig {
             username: creds.0,
             password: creds.1,
             fail_fast: true,
+            tls: if tls == Some(true) { Some(self.tls_config()?) } else { self.no_tls()? },
             ..Config::default()
         })
+    }
+
+    /// Plaintext: a CA file set anyway is a mistake worth refusing.
+    fn no_tls(&self) -> Result<Option<TlsConfig>, ConfigError> {
+        match self.ca_file {
+            Some(_) => Err(ConfigError::new(
+                keys::CA_FILE,
+                format!("is set but {} are not rediss:// (TLS) URLs", keys::URLS),
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// rustls with the ring provider (the one sqlx links too), verifying
+    /// servers against [`Self::ca_file`] or the system's CAs. Cluster nodes
+    /// that `CLUSTER SLOTS` names by IP are verified against the host name
+    /// of the node that answered it (fred's `TlsHostMapping::DefaultHost`;
+    /// nodes announced by host name keep theirs), so a certificate must name
+    /// the seed host, e.g. the wildcard managed services issue.
+    fn tls_config(&self) -> Result<TlsConfig, ConfigError> {
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca_file {
+            Some(path) => {
+                let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                    .and_then(|certs| certs.collect::<Result<_, _>>())
+                    .map_err(|e| {
+                        ConfigError::new(keys::CA_FILE, format!("cannot read {}: {e}", path.display()))
+                    })?;
+                let (added, _) = roots.add_parsable_certificates(certs);
+                if added == 0 {
+                    return Err(ConfigError::new(
+                        keys::CA_FILE,
+                        format!("{} holds no usable PEM certificate", path.display()),
+                    ));
+                }
+            }
+            None => {
+                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+                if roots.is_empty() {
+                    return Err(ConfigError::new(
+                        keys::CA_FILE,
+                        "is unset and the system has no CA certificates: set it for rediss://",
+                    ));
+                }
+            }
+        }
+        let config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| ConfigError::new(keys::URLS, format!("TLS set-up failed: {e}")))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        Ok(TlsConfig { connector: TlsConnector::from(config), hostnames: TlsHostMapping::DefaultHost })
     }
 }
 

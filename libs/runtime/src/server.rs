@@ -14,7 +14,7 @@ use std::{
 use prometheus_client::registry::Registry;
 use prost::Message;
 use tokio::net::TcpListener;
-use tokio_stream::{StreamExt as _, wrappers::TcpListenerStream};
+use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{
     body::Body,
@@ -23,10 +23,10 @@ use tonic::{
 };
 
 use crate::{
+    admission::{self, Admission, AdmissionLayer},
     config::ServerConfig,
     grpc::GrpcServerLayer,
     health::{Check, Dependency, Health, Need},
-    killable::KillableIo,
     metrics::{self, HealthMetrics, ServerMetrics},
 };
 
@@ -47,6 +47,9 @@ pub enum ServeError {
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The TLS files could not be loaded.
+    #[error("tls: {0}")]
+    Tls(crate::ConfigError),
 }
 
 /// A server being assembled: listeners are bound, services are added, then
@@ -62,6 +65,10 @@ pub struct Server {
     descriptor_sets: Vec<&'static [u8]>,
     checks: Vec<Dependency>,
     draining: CancellationToken,
+    /// Mutual TLS on `grpc`, when configured.
+    tls: Option<crate::tls::MeshTls>,
+    /// With TLS: the plaintext listener serving only health.
+    health_listener: Option<TcpListener>,
 }
 
 impl Server {
@@ -73,6 +80,14 @@ impl Server {
         let metrics_listener = TcpListener::bind(config.metrics_addr)
             .await
             .map_err(|source| ServeError::Bind { addr: config.metrics_addr, source })?;
+        let tls =
+            config.tls.as_ref().map(crate::tls::TlsConfig::load).transpose().map_err(ServeError::Tls)?;
+        let health_listener = match (&tls, config.health_listen_addr) {
+            (Some(_), Some(addr)) => {
+                Some(TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })?)
+            }
+            _ => None,
+        };
         Ok(Self {
             config,
             grpc,
@@ -83,12 +98,20 @@ impl Server {
             descriptor_sets: vec![mesh_proto::FILE_DESCRIPTOR_SET],
             checks: Vec::new(),
             draining: CancellationToken::new(),
+            tls,
+            health_listener,
         })
     }
 
     /// The bound gRPC address.
     pub fn local_addr(&self) -> SocketAddr {
         self.grpc.local_addr().expect("bound listener has an address")
+    }
+
+    /// With TLS on: the bound address of the plaintext listener that serves
+    /// only `grpc.health.v1.Health` (for probes); `None` without TLS.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The bound metrics address.
@@ -190,14 +213,26 @@ impl Server {
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
         let known = known_methods(&descriptor_sets, &served);
+        let admission = Admission::register(self.config.limits.clone(), known.keys(), &mut self.registry);
         let layer = GrpcServerLayer::new(ServerMetrics::register(&mut self.registry), known);
 
+        // With TLS, probes that cannot speak it reach health (only) in plaintext.
+        let health_only = self.health_listener.take().map(|l| (l, health_service.clone()));
         self.routes.add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha);
         let routes: Routes = self.routes.routes();
 
         let grpc_addr = self.grpc.local_addr().ok();
         let metrics_addr = self.metrics_listener.local_addr().ok();
-        tracing::info!(grpc = ?grpc_addr, metrics = ?metrics_addr, services = ?self.service_names, "serving");
+        let health_addr = health_only.as_ref().and_then(|(l, _)| l.local_addr().ok());
+        tracing::info!(
+            grpc = ?grpc_addr,
+            metrics = ?metrics_addr,
+            tls = self.tls.is_some(),
+            identity = ?self.tls.as_ref().and_then(crate::tls::MeshTls::identity).map(|i| i.0),
+            plaintext_health = ?health_addr,
+            services = ?self.service_names,
+            "serving"
+        );
 
         let checks_task = tokio::spawn(health.clone().run_checks(
             self.checks,
@@ -217,22 +252,30 @@ impl Server {
         ));
 
         let cut = CancellationToken::new();
-        let incoming = TcpListenerStream::new(self.grpc).map({
-            let cut = cut.clone();
-            move |conn| {
-                conn.map(|s| {
-                    let _ = s.set_nodelay(true);
-                    KillableIo::new(s, &cut)
-                })
-            }
+        let incoming =
+            crate::tls::incoming(self.grpc, cut.clone(), self.tls.clone(), stopped(stop_rx.clone()));
+        let health_task = health_only.map(|(listener, svc)| {
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(svc)
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(stop_rx.clone())),
+            )
         });
         let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .max_concurrent_streams(self.config.limits.max_concurrent_streams)
+            // Outermost: the peer's address and TLS identity, for every layer below.
+            .layer(crate::tls::PeerLayer)
+            // The span and metrics layer sees shed calls too.
             .layer(layer)
+            .layer(AdmissionLayer::new(admission.clone()))
             .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
+            .serve_with_incoming_shutdown(
+                admission::limit_connections(incoming, admission),
+                stopped(stop_rx.clone()),
+            );
         tokio::pin!(server);
 
         let early = tokio::select! {
@@ -264,6 +307,9 @@ impl Server {
         };
         let _ = stop_tx.send(true);
         checks_task.abort();
+        if let Some(t) = health_task {
+            t.abort();
+        }
         let _ = metrics_task.await;
         tracing::info!("stopped");
         result

@@ -28,13 +28,15 @@ use std::{
 
 use opentelemetry::{
     global,
-    trace::{TraceContextExt as _, TracerProvider as _},
+    trace::{SpanKind, TraceContextExt as _, TracerProvider as _},
 };
 use opentelemetry_sdk::{
     Resource,
     error::OTelSdkResult,
     propagation::TraceContextPropagator,
-    trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter},
+    trace::{
+        Sampler, SamplingDecision, SamplingResult, SdkTracerProvider, ShouldSample, SpanData, SpanExporter,
+    },
 };
 use serde_json::{Map, Value};
 use tracing::{
@@ -189,6 +191,25 @@ pub struct TelemetryConfig {
     pub log_to_stdout: bool,
     /// JSON logs instead of text.
     pub json_logs: bool,
+    /// Which spans may start a trace ([`Roots`]).
+    pub roots: Roots,
+}
+
+/// Which spans may start a trace (be sampled without a parent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Roots {
+    /// Any span: tests, command-line tools and examples, whose own spans
+    /// are the calls a user makes.
+    #[default]
+    Any,
+    /// Only a server span of a call some caller made (never one of
+    /// `grpc.health.v1.Health`, which probes and peers call every few
+    /// seconds). Any
+    /// other span without a parent is the service's own background work —
+    /// health rounds, outbox sweeps, replica polls — and is dropped with
+    /// everything under it, so a trace backend shows calls, not
+    /// housekeeping. Set for every service by [`crate::run_service`].
+    ServedCalls,
 }
 
 impl Default for TelemetryConfig {
@@ -202,6 +223,7 @@ impl Default for TelemetryConfig {
             log_filter: "info".to_owned(),
             log_to_stdout: true,
             json_logs: false,
+            roots: Roots::Any,
         }
     }
 }
@@ -253,6 +275,7 @@ impl TelemetryConfig {
                 .unwrap_or_else(|| "info,sqlx=warn,fred=warn,h2=warn".to_owned()),
             log_to_stdout: true,
             json_logs,
+            roots: Roots::Any,
         })
     }
 
@@ -330,8 +353,11 @@ impl Telemetry {
 
 fn tracer_provider(config: &TelemetryConfig) -> SdkTracerProvider {
     let resource = Resource::builder().with_service_name(config.service_name.clone()).build();
-    let mut builder =
-        SdkTracerProvider::builder().with_resource(resource).with_sampler(config.sampler.sampler());
+    let builder = SdkTracerProvider::builder().with_resource(resource);
+    let mut builder = match config.roots {
+        Roots::Any => builder.with_sampler(config.sampler.sampler()),
+        Roots::ServedCalls => builder.with_sampler(ServedCalls(config.sampler.sampler())),
+    };
     match (config.exporter, &config.otlp_endpoint) {
         (TracesExporter::Otlp, Some(endpoint)) => {
             use opentelemetry_otlp::WithExportConfig;
@@ -351,6 +377,44 @@ fn tracer_provider(config: &TelemetryConfig) -> SdkTracerProvider {
     }
     builder.build()
 }
+
+/// The sampler of [`Roots::ServedCalls`]: drops background roots (and,
+/// through their unsampled context, everything under them), then asks the
+/// configured sampler.
+#[derive(Debug, Clone)]
+struct ServedCalls(Sampler);
+
+impl ShouldSample for ServedCalls {
+    fn should_sample(
+        &self,
+        parent: Option<&opentelemetry::Context>,
+        trace_id: opentelemetry::trace::TraceId,
+        name: &str,
+        kind: &SpanKind,
+        attributes: &[opentelemetry::KeyValue],
+        links: &[opentelemetry::trace::Link],
+    ) -> SamplingResult {
+        let parent_span = parent.map(|cx| cx.span().span_context().clone()).filter(|sc| sc.is_valid());
+        let drop = name.starts_with(HEALTH_SERVICE)
+            || match &parent_span {
+                None => *kind != SpanKind::Server,
+                // Under a dropped background root of this process (a remote
+                // parent keeps the configured sampler's say).
+                Some(sc) => !sc.is_remote() && !sc.is_sampled(),
+            };
+        if drop {
+            return SamplingResult {
+                decision: SamplingDecision::Drop,
+                attributes: Vec::new(),
+                trace_state: parent_span.map(|sc| sc.trace_state().clone()).unwrap_or_default(),
+            };
+        }
+        self.0.should_sample(parent, trace_id, name, kind, attributes, links)
+    }
+}
+
+/// The server span name prefix of health calls (`grpc.health.v1.Health/Check`).
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health/";
 
 fn otel_layer<S>(tracer: opentelemetry_sdk::trace::Tracer) -> impl Layer<S>
 where

@@ -9,9 +9,11 @@
 //!   gracefully or abruptly; run a service binary as a child process.
 //! - [`bin`]: the service binaries, for tests that run services as processes.
 //! - [`grpc`]: channels, health checks, metrics scraping, grpcurl.
+//! - [`raw`]: gRPC calls with hand-written request bytes and headers (bad-input tests).
 //! - [`otlp`]: an in-process OTLP trace receiver collecting exported spans.
 //! - [`conformance`]: what every mesh service must do (health, reflection, SIGTERM).
 //! - [`echo`]: a plain tonic echo service (benchmark baseline, runtime tests).
+//! - [`tls`]: a throwaway CA and leaf certificates (rcgen) for mutual TLS.
 //! - [`help`]: what every binary's command line must do (`--help`, unknown arguments, docs).
 
 pub mod bin;
@@ -24,7 +26,9 @@ pub mod isolate;
 pub mod json;
 pub mod logs;
 pub mod otlp;
+pub mod raw;
 pub mod spawn;
+pub mod tls;
 
 pub use grpc::{channel, grpcurl, health_status, scrape_metrics, wait_for_health};
 pub use infra::{Infra, PrivateInfra, repo_root};

@@ -33,6 +33,8 @@ pub struct Span {
     pub kind: i32,
     /// Attributes, values rendered as strings.
     pub attributes: Vec<(String, String)>,
+    /// The attributes whose value is an integer, as sent.
+    pub int_attributes: Vec<(String, i64)>,
     /// Names of the span's events.
     pub events: Vec<String>,
 }
@@ -41,6 +43,12 @@ impl Span {
     /// An attribute's value.
     pub fn attr(&self, key: &str) -> Option<&str> {
         self.attributes.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// An attribute's value if it was sent as an integer (OpenTelemetry's
+    /// `server.port`, for one, is an int, not a string).
+    pub fn int_attr(&self, key: &str) -> Option<i64> {
+        self.int_attributes.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
     }
 }
 
@@ -88,6 +96,14 @@ impl TraceService for Collector {
                         parent_span_id: hex(&s.parent_span_id),
                         kind: s.kind,
                         attributes: attrs(&s.attributes),
+                        int_attributes: s
+                            .attributes
+                            .iter()
+                            .filter_map(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                                Value::IntValue(i) => Some((kv.key.clone(), *i)),
+                                _ => None,
+                            })
+                            .collect(),
                         events: s.events.into_iter().map(|e| e.name).collect(),
                     });
                 }

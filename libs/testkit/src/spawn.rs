@@ -7,6 +7,8 @@ use anyhow::Context as _;
 use nix::{sys::signal, unistd::Pid};
 use tokio::{sync::oneshot, task::JoinHandle};
 
+use crate::LogBuffer;
+
 /// The shutdown future handed to a spawned server.
 pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -67,6 +69,38 @@ impl Process {
     /// on top of a clean environment (PATH and HOME kept). Output goes to the
     /// test's output when `TEST_LOG` is set, else nowhere.
     pub fn start(binary: &str, env: &[(String, String)]) -> anyhow::Result<Self> {
+        let mut cmd = Self::command(binary, env);
+        if std::env::var_os("TEST_LOG").is_none() {
+            cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        }
+        Ok(Self { child: cmd.spawn().with_context(|| format!("starting {binary}"))? })
+    }
+
+    /// Like [`Process::start`], with everything the process writes to
+    /// stdout and stderr appended to `output` instead.
+    pub fn start_captured(
+        binary: &str,
+        env: &[(String, String)],
+        output: &LogBuffer,
+    ) -> anyhow::Result<Self> {
+        let mut cmd = Self::command(binary, env);
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().with_context(|| format!("starting {binary}"))?;
+        let copy = |mut from: Box<dyn tokio::io::AsyncRead + Send + Unpin>| {
+            let mut to = output.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                while let Ok(n @ 1..) = tokio::io::AsyncReadExt::read(&mut from, &mut buf).await {
+                    let _ = std::io::Write::write_all(&mut to, &buf[..n]);
+                }
+            });
+        };
+        copy(Box::new(child.stdout.take().expect("piped stdout")));
+        copy(Box::new(child.stderr.take().expect("piped stderr")));
+        Ok(Self { child })
+    }
+
+    fn command(binary: &str, env: &[(String, String)]) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(binary);
         cmd.env_clear();
         for key in ["PATH", "HOME", "RUST_LOG", "RUST_BACKTRACE"] {
@@ -75,17 +109,19 @@ impl Process {
             }
         }
         cmd.envs(env.iter().map(|(k, v)| (k, v)));
-        if std::env::var_os("TEST_LOG").is_none() {
-            cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-        }
         cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
-        Ok(Self { child: cmd.spawn().with_context(|| format!("starting {binary}"))? })
+        cmd
     }
 
     fn signal(&self, sig: signal::Signal) -> anyhow::Result<()> {
         let pid = self.child.id().context("process already reaped")?;
         signal::kill(Pid::from_raw(pid as i32), sig)?;
         Ok(())
+    }
+
+    /// The process id (`None` once it has been reaped).
+    pub fn id(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// Sends SIGTERM.

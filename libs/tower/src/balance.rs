@@ -403,7 +403,7 @@ where
             }
             let span = Span::current();
             span.record("server.address", &*ep.addr.host);
-            span.record("server.port", ep.addr.addr.port());
+            span.record("server.port", i64::from(ep.addr.addr.port()));
             // The peer's address says something only when the host was a name.
             if ep.addr.host.parse::<std::net::IpAddr>().is_err() {
                 span.record("network.peer.address", tracing::field::display(ep.addr.addr.ip()));

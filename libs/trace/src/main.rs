@@ -10,11 +10,13 @@ use mesh_trace::{sink, tree};
 /// Print one trace of the local stack as a tree with durations.
 ///
 /// Examples: `mesh-trace --last`, `mesh-trace 4bf92f3577b34da6a3ce929d0e0e4736`,
-/// `mesh-trace --list`.
+/// `mesh-trace 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01`, `mesh-trace --list`.
 #[derive(Debug, Parser)]
 #[command(name = "mesh-trace", version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
-    /// The trace id (32 hex digits, as logs show it in `trace_id`).
+    /// The trace id: 32 hex digits, as logs show it in `trace_id`, or a whole
+    /// `traceresponse` / `traceparent` value (`00-<trace id>-<span id>-01`,
+    /// as every mesh answer carries it; `grpcurl -v` prints it).
     #[arg(required_unless_present_any = ["last", "list"], conflicts_with_all = ["last", "list"])]
     trace_id: Option<String>,
     /// The trace that started last.
@@ -98,7 +100,7 @@ fn show(cli: &Cli) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let id = match (&cli.trace_id, cli.last) {
-        (Some(id), _) => id.clone(),
+        (Some(id), _) => tree::trace_id_of(id),
         (None, _) => match tree::last(&spans) {
             Some(id) => id,
             None => anyhow::bail!("{} holds no spans yet", file.display()),

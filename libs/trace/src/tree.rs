@@ -95,6 +95,16 @@ fn millis(nanos: u64) -> String {
     format!("{:.3} ms", nanos as f64 / 1e6)
 }
 
+/// The trace id in `arg`: the argument itself, or the second field of a W3C
+/// `traceparent` / `traceresponse` value (`00-<trace id>-<span id>-<flags>`).
+pub fn trace_id_of(arg: &str) -> String {
+    let arg = arg.trim();
+    match arg.split('-').collect::<Vec<_>>()[..] {
+        [_, id, _, _] if id.len() == 32 => id.to_ascii_lowercase(),
+        _ => arg.to_ascii_lowercase(),
+    }
+}
+
 /// Trace `trace_id` as a tree: a header line, then one line per span,
 /// `name  [service kind]  duration  +offset` and, when present, the
 /// server it called (`server.address:server.port`) and an error status.
@@ -219,6 +229,13 @@ mod tests {
         );
         assert_eq!(text, want, "\n{text}");
         assert!(render(&spans, &"00".repeat(16)).is_none());
+    }
+
+    #[test]
+    fn a_traceresponse_names_its_trace() {
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(trace_id_of(&format!("00-{id}-00f067aa0ba902b7-01")), id);
+        assert_eq!(trace_id_of(&format!(" {} ", id.to_uppercase())), id);
     }
 
     #[test]

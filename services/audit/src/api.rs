@@ -8,7 +8,7 @@ use mesh_proto::audit::{
     AppendRequest, AppendResponse, ExportRequest, ExportResponse, QueryRequest, QueryResponse, TailRequest,
     VerifyRequest, VerifyResponse, audit_service_server::AuditService,
 };
-use mesh_runtime::grpc::request_id_of;
+use mesh_runtime::{AdminGuard, grpc::request_id_of};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, metadata::MetadataValue};
@@ -23,6 +23,11 @@ use crate::{
     verify,
 };
 
+/// `Verify`, an admin RPC ([`mesh_runtime::authz`]).
+pub(crate) const VERIFY: &str = "/mesh.audit.v1.AuditService/Verify";
+/// `Export`, an admin RPC ([`mesh_runtime::authz`]).
+pub(crate) const EXPORT: &str = "/mesh.audit.v1.AuditService/Export";
+
 /// Response metadata naming where a read was served.
 const SERVED_BY: &str = "x-mesh-served-by";
 
@@ -34,6 +39,8 @@ pub(crate) struct Api {
     hub: Hub,
     config: Arc<AuditConfig>,
     draining: CancellationToken,
+    /// Who may Verify and Export; whom an Append speaks for.
+    admin: AdminGuard,
 }
 
 impl Api {
@@ -43,8 +50,9 @@ impl Api {
         hub: Hub,
         config: AuditConfig,
         draining: CancellationToken,
+        admin: AdminGuard,
     ) -> Self {
-        Self { db, appender, hub, config: Arc::new(config), draining }
+        Self { db, appender, hub, config: Arc::new(config), draining, admin }
     }
 }
 
@@ -66,12 +74,18 @@ impl AuditService for Api {
 
     async fn append(&self, req: Request<AppendRequest>) -> Result<Response<AppendResponse>, Status> {
         let call = call_context(&req);
-        let command = domain::parse_append(
+        // Under TLS the source is the caller's certificate identity, not the
+        // field: it also scopes the idempotency key.
+        let attested = self.admin.attested(&req)?;
+        let mut command = domain::parse_append(
             req.into_inner(),
             self.config.clock.now(),
             self.config.max_future_skew,
             &call,
         )?;
+        if let Some(id) = attested {
+            command.event.source_service = id.0;
+        }
         let done = self.appender.append(command).await?;
         tracing::debug!(sequence = done.sequence, deduplicated = done.deduplicated, "appended");
         Ok(Response::new(AppendResponse {
@@ -104,6 +118,8 @@ impl AuditService for Api {
     async fn tail(&self, req: Request<TailRequest>) -> Result<Response<Self::TailStream>, Status> {
         let req = req.into_inner();
         let filter = domain::parse_filter(req.filter, "filter")?;
+        // Refused before any work once the instance serves its most streams.
+        let admission = self.hub.admit()?;
         let head = store::read_head(self.db.primary()).await.map_err(Error::from)?.last();
         let cursor = match req.after_sequence {
             None => head,
@@ -115,6 +131,7 @@ impl AuditService for Api {
             Some(after) => after,
         };
         let stream = self.hub.subscribe(
+            admission,
             self.db.clone(),
             filter,
             cursor,
@@ -125,6 +142,7 @@ impl AuditService for Api {
     }
 
     async fn verify(&self, req: Request<VerifyRequest>) -> Result<Response<VerifyResponse>, Status> {
+        self.admin.check(&req, VERIFY)?;
         let req = req.into_inner();
         let mut range = domain::parse_range(req.from_sequence, req.to_sequence)?;
         // "To the head" means the primary's head; a replica serves the read
@@ -135,7 +153,7 @@ impl AuditService for Api {
         };
         range.to = Some(to);
         let pool = store::covering(&self.db, to).await.map_err(Error::from)?;
-        let report = verify::verify(&pool, range).await?;
+        let report = verify::verify(&pool, range, self.config.scan_chunk).await?;
         if !report.ok {
             tracing::warn!(
                 first_bad_sequence = report.first_bad_sequence,
@@ -153,12 +171,13 @@ impl AuditService for Api {
     }
 
     async fn export(&self, req: Request<ExportRequest>) -> Result<Response<Self::ExportStream>, Status> {
+        self.admin.check(&req, EXPORT)?;
         let req = req.into_inner();
         let filter = domain::parse_filter(req.filter, "filter")?;
         let range = domain::parse_range(req.from_sequence, req.to_sequence)?;
         let (pool, from, to) = export::plan(&self.db, range).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(export::run(pool, filter, from, to, tx));
+        tokio::spawn(export::run(pool, filter, from, to, self.config.scan_chunk, tx));
         let stream = ReceiverStream::new(rx).map(|r| {
             r.map(|c| ExportResponse { lines: c.lines, last_sequence: c.last_sequence }).map_err(Status::from)
         });

@@ -1,17 +1,19 @@
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use mesh_db::{Db, DbError};
 use mesh_proto::audit::audit_service_server::AuditServiceServer;
-use mesh_runtime::{ConfigError, Need, ServeError, Server};
+use mesh_runtime::{AdminGuard, AuditSink, ConfigError, Need, ServeError, Server};
 use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
 use sqlx::migrate::Migrator;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Config,
+    AuditConfig, Config,
     api::Api,
     appender::Appender,
+    checkpoint::{self, Publishing, SignerKey},
+    config::keys,
     store::{self, WRITER_ROLE},
     tail::Hub,
 };
@@ -57,6 +59,45 @@ pub(crate) fn channel_name(schema: &str) -> String {
     }
 }
 
+/// The checkpoint settings, the key read from its file; a key that cannot
+/// be read or a directory that cannot be made is a configuration error.
+fn checkpoint_publishing(config: &AuditConfig) -> Result<Option<Publishing>, ConfigError> {
+    let (Some(dir), Some(key_file)) = (&config.checkpoint_dir, &config.checkpoint_key_file) else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(key_file).map_err(|e| {
+        ConfigError::new(keys::CHECKPOINT_KEY_FILE, format!("cannot read the key file: {}", e.kind()))
+    })?;
+    let key = SignerKey::parse(&text)
+        .map_err(|e| ConfigError::new(keys::CHECKPOINT_KEY_FILE, format!("not a signer key: {e}")))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| ConfigError::new(keys::CHECKPOINT_DIR, format!("cannot create the directory: {e}")))?;
+    Ok(Some(Publishing {
+        dir: dir.clone(),
+        key: std::sync::Arc::new(key),
+        interval: config.checkpoint_interval,
+    }))
+}
+
+/// The `source.service` of the events this service records itself (refused
+/// admin RPCs).
+pub(crate) const SOURCE_SERVICE: &str = "mesh-audit";
+
+/// Refused admin RPCs are appended to this service's own log, through the
+/// same validation and appender as any Append.
+fn own_log(appender: Appender, config: &AuditConfig) -> AuditSink {
+    let (clock, skew) = (config.clock.clone(), config.max_future_skew);
+    Arc::new(move |req| {
+        let (appender, now) = (appender.clone(), clock.now());
+        Box::pin(async move {
+            let command =
+                crate::domain::parse_append(req, now, skew, &crate::domain::CallContext::default())?;
+            appender.append(command).await?;
+            Ok(())
+        })
+    })
+}
+
 impl App {
     /// Binds the listeners, runs migrations on the primary as the login role
     /// (waiting up to the configured timeout for it to answer), then serves
@@ -64,6 +105,7 @@ impl App {
     /// remove an event. Readiness follows PostgreSQL only while neither the
     /// primary nor a replica answers (Query goes on without the primary).
     pub async fn build(config: Config) -> Result<Self, StartError> {
+        let admin_server = config.server.clone();
         let mut server = Server::bind(config.server).await?;
         {
             // A pool of its own, with throwaway metrics: only the owner may migrate.
@@ -90,11 +132,19 @@ impl App {
         }
         let channel = channel_name(config.db.schema.as_deref().unwrap_or("public"));
         let stop = CancellationToken::new();
+        // Registered either way: off, the families read 0 rather than no data.
+        checkpoint::start(
+            db.primary().clone(),
+            checkpoint_publishing(&config.audit)?,
+            stop.clone(),
+            server.registry(),
+        );
         let appender = Appender::start(db.primary(), &config.audit, channel.clone(), server.registry());
         let hub = Hub::start(
             db.primary().clone(),
             channel,
             config.audit.tail_buffer,
+            config.audit.tail_max_subscribers,
             head.last(),
             stop.clone(),
             server.registry(),
@@ -105,7 +155,14 @@ impl App {
         if let Some(replicas) = db.replica_check() {
             server.add_dependency(replicas, Need::AnyOf("postgres"));
         }
-        let api = Api::new(db, appender, hub, config.audit, server.draining());
+        let admin = AdminGuard::new(
+            &admin_server,
+            SOURCE_SERVICE,
+            &[crate::api::VERIFY, crate::api::EXPORT],
+            Some(own_log(appender.clone(), &config.audit)),
+            server.registry(),
+        );
+        let api = Api::new(db, appender, hub, config.audit, server.draining(), admin);
         server.add_service(AuditServiceServer::new(api));
         Ok(Self { server, stop })
     }

@@ -47,7 +47,7 @@ use prometheus_client::{
     registry::Registry,
 };
 use sqlx::{Connection as _, PgConnection, PgPool, postgres::PgConnectOptions};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
@@ -78,9 +78,41 @@ impl From<FirstResult> for Appended {
     }
 }
 
+/// An idempotency key sent again with a different event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KeyReused {
+    first_sequence: u64,
+}
+
+impl From<KeyReused> for Error {
+    fn from(r: KeyReused) -> Self {
+        Error::KeyReused { first_sequence: r.first_sequence }
+    }
+}
+
+/// What one append of a batch is answered with once the batch is durable.
+type Answer = Result<Appended, KeyReused>;
+
+/// The way back to a caller, holding its place among the appends in
+/// flight until it is answered (or the caller is gone).
+struct Reply {
+    tx: oneshot::Sender<Result<Appended, Error>>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Reply {
+    fn send(self, r: Result<Appended, Error>) {
+        let _ = self.tx.send(r);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
 struct Pending {
     command: AppendCommand,
-    reply: oneshot::Sender<Result<Appended, Error>>,
+    reply: Reply,
     /// The caller's span, linked from the batch's span.
     span: tracing::Span,
 }
@@ -109,12 +141,13 @@ impl Metrics {
             queued: Gauge::default(),
         };
         // Every result at 0 from the start: alerts on failures read 0, not "no data".
-        for result in ["committed", "deduplicated", "failed", "refused"] {
+        for result in ["committed", "deduplicated", "key_reused", "failed", "refused"] {
             let _ = m.appends.get_or_create(&ResultLabels { result });
         }
         registry.register(
             "mesh_audit_appends",
-            "Appends by result: committed, deduplicated, failed, refused (queue full)",
+            "Appends by result: committed, deduplicated, key_reused (refused: the key was used for another \
+             event), failed, refused (queue full)",
             m.appends.clone(),
         );
         registry.register("mesh_audit_batch_size", "Events per group commit", m.batch_size.clone());
@@ -141,6 +174,8 @@ impl Metrics {
 #[derive(Debug, Clone)]
 pub(crate) struct Appender {
     tx: mpsc::Sender<Pending>,
+    /// One permit per append accepted and not yet answered.
+    slots: Arc<Semaphore>,
     metrics: Arc<Metrics>,
 }
 
@@ -163,9 +198,14 @@ impl Appender {
         channel: String,
         registry: &mut Registry,
     ) -> Self {
+        // Every append holds a slot from acceptance to its answer, so the
+        // appends in flight (queued, being written, waiting for the flush)
+        // never exceed `queue_capacity`; each channel below holds at most
+        // that many appends, so neither fills before the slots run out.
+        let slots = Arc::new(Semaphore::new(config.queue_capacity));
         let (tx, rx) = mpsc::channel(config.queue_capacity);
         let metrics = Arc::new(Metrics::register(registry));
-        let (flush_tx, flush_rx) = mpsc::unbounded_channel();
+        let (flush_tx, flush_rx) = mpsc::channel(config.queue_capacity);
         let options = (*pool.connect_options()).clone();
         let batcher = Batcher {
             options: options.clone(),
@@ -192,12 +232,17 @@ impl Appender {
             // Only if the OS refuses a thread; appends then fail with UNAVAILABLE.
             tracing::error!(error = %e, "cannot start the audit writer thread");
         }
-        Self { tx, metrics }
+        Self { tx, slots, metrics }
     }
 
     /// Queues `command` and waits until its batch is committed (or failed).
     pub(crate) async fn append(&self, command: AppendCommand) -> Result<Appended, Error> {
-        let (reply, answer) = oneshot::channel();
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            self.metrics.count("refused", 1);
+            return Err(Error::Overloaded);
+        };
+        let (tx, answer) = oneshot::channel();
+        let reply = Reply { tx, _slot: slot };
         let pending = Pending { command, reply, span: tracing::Span::current() };
         match self.tx.try_send(pending) {
             Ok(()) => self.metrics.queued.inc(),
@@ -226,7 +271,7 @@ struct Batcher {
     last_written: Option<Head>,
     rx: mpsc::Receiver<Pending>,
     /// Committed batches waiting to be made durable and answered.
-    flush: mpsc::UnboundedSender<Committed>,
+    flush: mpsc::Sender<Committed>,
     max: usize,
     linger: std::time::Duration,
     clock: Clock,
@@ -247,15 +292,16 @@ fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
 struct Plan<'a> {
     events: Vec<Event>,
     keys: Vec<NewKey<'a>>,
-    answers: Vec<Appended>,
+    answers: Vec<Answer>,
     /// The head after it.
     head: Head,
 }
 
 impl<'a> Plan<'a> {
-    /// Seals `batch` on `head`: answers known keys with their first result,
-    /// repeats within the batch with the first occurrence's, and gives the
-    /// rest consecutive sequences and linked hashes.
+    /// Seals `batch` on `head`: answers known keys with their first result
+    /// (or, sent with another event, refuses them), repeats within the
+    /// batch likewise with the first occurrence's, and gives the rest
+    /// consecutive sequences and linked hashes.
     fn seal(
         batch: &'a [Pending],
         head: &Head,
@@ -272,24 +318,32 @@ impl<'a> Plan<'a> {
             answers: Vec::with_capacity(batch.len()),
             head: *head,
         };
-        let mut in_batch: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut in_batch: HashMap<(&str, &str), (Appended, [u8; 32])> = HashMap::new();
         for p in batch {
             let service = p.command.event.source_service.as_str();
+            let fingerprint = p.command.fingerprint;
             if let Some(key) = p.command.idempotency_key.as_deref() {
                 if let Some(first) = known.get(&(service.to_owned(), key.to_owned())) {
-                    plan.answers.push((*first).into());
+                    // (a key kept before fingerprints were: any resend gets its first result)
+                    plan.answers.push(match first.request_hash {
+                        Some(h) if h != fingerprint => Err(KeyReused { first_sequence: first.sequence }),
+                        _ => Ok((*first).into()),
+                    });
                     continue;
                 }
-                if let Some(&i) = in_batch.get(&(service, key)) {
-                    let first = plan.answers[i];
-                    plan.answers.push(Appended { deduplicated: true, ..first });
+                if let Some(&(first, first_fingerprint)) = in_batch.get(&(service, key)) {
+                    plan.answers.push(if first_fingerprint == fingerprint {
+                        Ok(Appended { deduplicated: true, ..first })
+                    } else {
+                        Err(KeyReused { first_sequence: first.sequence })
+                    });
                     continue;
                 }
-                in_batch.insert((service, key), plan.answers.len());
             }
             let sequence = plan.head.next_sequence;
             let mut event = p.command.event.clone().into_event(Uuid::now_v7(), sequence, recorded_at);
             event.seal(plan.head.hash);
+            let appended = Appended { id: event.id, sequence, hash: event.hash, deduplicated: false };
             if let Some(key) = p.command.idempotency_key.as_deref() {
                 plan.keys.push(NewKey {
                     source_service: service,
@@ -297,9 +351,11 @@ impl<'a> Plan<'a> {
                     id: event.id,
                     sequence,
                     hash: event.hash,
+                    request_hash: fingerprint,
                 });
+                in_batch.insert((service, key), (appended, fingerprint));
             }
-            plan.answers.push(Appended { id: event.id, sequence, hash: event.hash, deduplicated: false });
+            plan.answers.push(Ok(appended));
             plan.head =
                 Head { next_sequence: sequence + 1, hash: event.hash, recorded_at: Some(recorded_at) };
             plan.events.push(event);
@@ -375,10 +431,17 @@ impl Batcher {
         match result {
             Ok(answers) => {
                 self.metrics.batch_size.observe(batch.len() as f64);
-                let last_sequence = answers.iter().filter(|a| !a.deduplicated).map(|a| a.sequence).max();
+                let last_sequence = answers
+                    .iter()
+                    .filter_map(|a| a.as_ref().ok())
+                    .filter(|a| !a.deduplicated)
+                    .map(|a| a.sequence)
+                    .max();
                 let replies = batch.drain(..).map(|p| p.reply).collect();
-                // The flusher outlives the batcher (it drains its queue), so this cannot fail.
-                let _ = self.flush.send(Committed { replies, answers, last_sequence, span });
+                // The flusher outlives the batcher (it drains its queue), so
+                // this cannot fail; it waits only while the flusher is
+                // behind by a whole queue's worth of appends.
+                let _ = self.flush.send(Committed { replies, answers, last_sequence, span }).await;
             }
             Err(e) => {
                 span.record("otel.status_code", "ERROR");
@@ -386,7 +449,7 @@ impl Batcher {
                 let e = e.into_error();
                 tracing::warn!(parent: &span, error = %e, events = batch.len(), "append batch failed");
                 for p in batch.drain(..) {
-                    let _ = p.reply.send(Err(e.duplicate()));
+                    p.reply.send(Err(e.duplicate()));
                 }
             }
         }
@@ -435,7 +498,7 @@ impl Batcher {
 
     /// Writes `batch` by the fast path if it may work, else (or if it did
     /// not) by the exact path. Keeps the connection unless it failed.
-    async fn commit(&mut self, batch: &[Pending]) -> Result<Vec<Appended>, BatchError> {
+    async fn commit(&mut self, batch: &[Pending]) -> Result<Vec<Answer>, BatchError> {
         revive(&mut self.conn, &mut self.idle_since).await;
         let mut conn = match self.conn.take() {
             Some(c) => c,
@@ -463,7 +526,7 @@ impl Batcher {
         &mut self,
         conn: &mut PgConnection,
         batch: &[Pending],
-    ) -> Result<Vec<Appended>, BatchError> {
+    ) -> Result<Vec<Answer>, BatchError> {
         let now = micros(self.clock.now());
         if let Some(head) = self.head.take() {
             let plan = Plan::seal(batch, &head, now, &HashMap::new());
@@ -524,8 +587,8 @@ impl Batcher {
 
 /// A batch whose COMMIT returned but whose WAL may not be flushed yet.
 struct Committed {
-    replies: Vec<oneshot::Sender<Result<Appended, Error>>>,
-    answers: Vec<Appended>,
+    replies: Vec<Reply>,
+    answers: Vec<Answer>,
     /// The last sequence it wrote (none if every event was a duplicate).
     last_sequence: Option<u64>,
     span: tracing::Span,
@@ -550,7 +613,7 @@ async fn revive(conn: &mut Option<PgConnection>, idle_since: &mut Instant) {
 async fn flusher(
     options: PgConnectOptions,
     channel: String,
-    mut rx: mpsc::UnboundedReceiver<Committed>,
+    mut rx: mpsc::Receiver<Committed>,
     metrics: Arc<Metrics>,
 ) {
     let mut conn: Option<PgConnection> = None;
@@ -589,11 +652,13 @@ async fn flusher(
         match flushed {
             Ok(()) => {
                 for c in done.drain(..) {
-                    let dedup = c.answers.iter().filter(|a| a.deduplicated).count();
-                    metrics.count("committed", c.answers.len() - dedup);
+                    let dedup = c.answers.iter().filter(|a| a.is_ok_and(|a| a.deduplicated)).count();
+                    let reused = c.answers.iter().filter(|a| a.is_err()).count();
+                    metrics.count("committed", c.answers.len() - dedup - reused);
                     metrics.count("deduplicated", dedup);
+                    metrics.count("key_reused", reused);
                     for (reply, answer) in c.replies.into_iter().zip(c.answers) {
-                        let _ = reply.send(Ok(answer));
+                        reply.send(answer.map_err(Error::from));
                     }
                 }
             }
@@ -605,7 +670,7 @@ async fn flusher(
                 for c in done.drain(..) {
                     metrics.count("failed", c.replies.len());
                     for reply in c.replies {
-                        let _ = reply.send(Err(error.duplicate()));
+                        reply.send(Err(error.duplicate()));
                     }
                 }
             }

@@ -4,8 +4,10 @@
 //!
 //! Exit codes: 0 done (or the chain is intact), 1 the chain is broken or
 //! an event is invalid (a row or line that does not decode, named by its
-//! sequence in `first_bad_sequence` and `problem`), 2 usage or connection
-//! errors. Database URLs may carry passwords and are never printed.
+//! sequence in `first_bad_sequence` and `problem`) or, with
+//! `--checkpoints`, a checkpoint is bad or the database no longer matches
+//! one (named in `checkpoint`), 2 usage or connection errors. Database URLs
+//! may carry passwords and are never printed; keys are never printed.
 
 use std::{
     io::{BufRead as _, Write as _},
@@ -25,6 +27,8 @@ use sqlx::{
 
 use crate::{
     chain::{GENESIS, Hash, Outcome},
+    checkpoint::{self, Finding, SignerKey, VerifierKey},
+    config::AuditConfig,
     domain::{Filter, SequenceRange, parse_range},
     error::Error,
     export::{self, Chunk},
@@ -50,6 +54,22 @@ pub enum Command {
     /// Drop whole monthly partitions older than a cutoff, checkpointing the
     /// chain at each dropped boundary (needs the schema owner's login).
     Retention(RetentionArgs),
+    /// Make an Ed25519 key pair for signing checkpoints (signed-note key format).
+    Keygen(KeygenArgs),
+}
+
+/// `keygen`.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// The key's name, which is also every checkpoint's origin line (e.g. mesh.example.com/audit).
+    #[arg(long)]
+    pub name: String,
+    /// Where to write the private key (created with mode 0600; never overwritten).
+    #[arg(long)]
+    pub private_key: PathBuf,
+    /// Where to write the public key (never overwritten).
+    #[arg(long)]
+    pub public_key: PathBuf,
 }
 
 /// Where the events are.
@@ -75,8 +95,17 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub to: Option<u64>,
     /// Verify an unfiltered export (JSON lines) instead of the database.
-    #[arg(long, conflicts_with_all = ["from", "to"])]
+    #[arg(long, conflicts_with_all = ["from", "to", "checkpoints"])]
     pub file: Option<PathBuf>,
+    /// Also check the database against every signed checkpoint in this
+    /// directory: each signature, that the event at each checkpoint's size
+    /// still has its hash (re-chaining), and that the chain reaches the
+    /// newest checkpoint (truncation). Verifies the whole retained chain.
+    #[arg(long, requires = "public_key", conflicts_with_all = ["from", "to"])]
+    pub checkpoints: Option<PathBuf>,
+    /// The checkpoint verifier key (the public key file `mesh-audit keygen` wrote).
+    #[arg(long, requires = "checkpoints")]
+    pub public_key: Option<PathBuf>,
 }
 
 /// An outcome on the command line.
@@ -153,6 +182,7 @@ pub async fn run(command: Command) -> ExitCode {
         Command::Verify(a) => run_verify(a).await,
         Command::Export(a) => run_export(a).await,
         Command::Retention(a) => run_retention(a).await,
+        Command::Keygen(a) => run_keygen(&a),
     };
     match result {
         Ok(code) => code,
@@ -196,11 +226,14 @@ fn describe(e: Error) -> String {
 }
 
 async fn run_verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
+    if let (Some(dir), Some(key)) = (&a.checkpoints, &a.public_key) {
+        return verify_checkpoints(&a.db, dir, key).await;
+    }
     let report = match &a.file {
         Some(path) => verify_file(path)?,
         None => {
             let pool = connect(&a.db).await?;
-            verify::verify(&pool, range(a.from, a.to)?)
+            verify::verify(&pool, range(a.from, a.to)?, AuditConfig::default().scan_chunk)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}", describe(e)))?
         }
@@ -218,6 +251,184 @@ async fn run_verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         })
     );
     Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// `verify --checkpoints`: prints one JSON object; exit 1 names the bad
+/// checkpoint (`checkpoint`) and sequence (`first_bad_sequence`).
+async fn verify_checkpoints(
+    db: &DbArgs,
+    dir: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
+    let key_text = std::fs::read_to_string(key)
+        .map_err(|e| anyhow::anyhow!("cannot read the public key {}: {e}", key.display()))?;
+    let key = VerifierKey::parse(&key_text).map_err(|e| anyhow::anyhow!("--public-key: {e}"))?;
+    let published = match checkpoint::read_dir(dir, &key) {
+        Ok(p) => p,
+        Err(Err(e)) => anyhow::bail!("cannot read the checkpoints in {}: {e}", dir.display()),
+        Err(Ok(finding)) => return Ok(print_checkpoint_outcome(None, 0, 0, None, Some(finding))),
+    };
+    let Some(newest) = published.last().cloned() else {
+        anyhow::bail!("no checkpoints in {}", dir.display());
+    };
+    let pool = connect(db).await?;
+    let head = store::read_head(&pool).await?;
+    let size = newest.checkpoint.size;
+    if head.last() < size {
+        let in_recovery: bool = sqlx::query_scalar("select pg_is_in_recovery()").fetch_one(&pool).await?;
+        anyhow::ensure!(
+            !in_recovery,
+            "this replica has replayed the chain to {} only, short of checkpoint {} (size {size}): run against the primary",
+            head.last(),
+            newest.file
+        );
+        let finding = Finding {
+            checkpoint: Some(newest.file.clone()),
+            sequence: Some(head.last() + 1),
+            problem: format!(
+                "the chain in the database ends at sequence {} but checkpoint {} was signed at size {size}: \
+                 events {} to {size} were removed (and the head moved back)",
+                head.last(),
+                newest.file,
+                head.last() + 1
+            ),
+        };
+        return Ok(print_checkpoint_outcome(None, published.len(), 0, Some(size), Some(finding)));
+    }
+    let report = verify::verify(
+        &pool,
+        SequenceRange { from: None, to: Some(head.last()) },
+        AuditConfig::default().scan_chunk,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{}", describe(e)))?;
+    if !report.ok {
+        let finding = Finding {
+            checkpoint: None,
+            sequence: report.first_bad_sequence,
+            problem: report.problem.clone().unwrap_or_default(),
+        };
+        return Ok(print_checkpoint_outcome(Some(&report), published.len(), 0, Some(size), Some(finding)));
+    }
+    // The chain verifies, so each stored hash is what the events hash to:
+    // compare it with what was signed at each size.
+    let first_retained = report.from;
+    let mut skipped = 0;
+    let mut last_good: Option<&checkpoint::Published> = None;
+    let wanted: Vec<u64> =
+        published.iter().map(|p| p.checkpoint.size).filter(|s| *s >= first_retained && *s > 0).collect();
+    let mut stored = std::collections::HashMap::new();
+    for chunk in wanted.chunks(1000) {
+        stored.extend(store::hashes_at(&pool, chunk).await?);
+    }
+    for p in &published {
+        let cp = &p.checkpoint;
+        let finding =
+            |problem: String| Finding { checkpoint: Some(p.file.clone()), sequence: Some(cp.size), problem };
+        let since = last_good.map_or_else(
+            || "the chain was rewritten at or before it".to_owned(),
+            |g| {
+                format!(
+                    "the chain was rewritten after sequence {} (checkpoint {} still matches)",
+                    g.checkpoint.size, g.file
+                )
+            },
+        );
+        let bad = if cp.size == 0 {
+            (cp.hash != GENESIS)
+                .then(|| finding("checkpoint for size 0 does not hold the genesis hash".into()))
+        } else if cp.size < first_retained {
+            if cp.size == size {
+                Some(finding(format!(
+                    "the newest checkpoint, {} (size {size}), is older than the oldest retained event, {first_retained}: \
+                     nothing retained is covered by a signature",
+                    p.file
+                )))
+            } else {
+                skipped += 1;
+                continue;
+            }
+        } else {
+            match stored.get(&cp.size) {
+                Some(h) if h.as_slice() == cp.hash => None,
+                Some(h) => Some(finding(format!(
+                    "checkpoint {} signs hash {} for size {}, but event {} in the database has hash {}: {since}",
+                    p.file,
+                    base64_of(&cp.hash),
+                    cp.size,
+                    cp.size,
+                    base64_of(h)
+                ))),
+                None => Some(finding(format!("event {} of checkpoint {} is missing", cp.size, p.file))),
+            }
+        };
+        if let Some(finding) = bad {
+            return Ok(print_checkpoint_outcome(
+                Some(&report),
+                published.len(),
+                skipped,
+                Some(size),
+                Some(finding),
+            ));
+        }
+        last_good = Some(p);
+    }
+    Ok(print_checkpoint_outcome(Some(&report), published.len(), skipped, Some(size), None))
+}
+
+fn base64_of(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+fn print_checkpoint_outcome(
+    report: Option<&verify::Report>,
+    checkpoints: usize,
+    skipped: usize,
+    newest: Option<u64>,
+    finding: Option<Finding>,
+) -> ExitCode {
+    let ok = finding.is_none();
+    if let Some(f) = &finding {
+        eprintln!("mesh-audit: {}", f.problem);
+    }
+    println!(
+        "{}",
+        json!({
+            "ok": ok,
+            "checked": report.map(|r| r.checked),
+            "from": report.map(|r| r.from),
+            "to": report.map(|r| r.to),
+            "head_hash": report.map(|r| hex::encode(r.head_hash)),
+            "checkpoints": checkpoints,
+            "checkpoints_before_retention": skipped,
+            "newest_checkpoint": newest,
+            "checkpoint": finding.as_ref().and_then(|f| f.checkpoint.clone()),
+            "first_bad_sequence": finding.as_ref().and_then(|f| f.sequence),
+            "problem": finding.map(|f| f.problem),
+        })
+    );
+    if ok { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}
+
+fn run_keygen(a: &KeygenArgs) -> anyhow::Result<ExitCode> {
+    let key = SignerKey::generate(&a.name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
+    let create = |path: &std::path::Path, mode: u32, text: String| -> anyhow::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
+        f.write_all(format!("{text}\n").as_bytes())?;
+        f.sync_all()?;
+        Ok(())
+    };
+    create(&a.private_key, 0o600, key.encode())?;
+    create(&a.public_key, 0o644, key.verifier().encode())?;
+    println!("{}", json!({"name": key.name(), "public_key": key.verifier().encode()}));
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Checks an export: every line hashes to its `hash`, lines are consecutive
@@ -302,7 +513,14 @@ async fn run_export(a: ExportArgs) -> anyhow::Result<ExitCode> {
     let to = range.to.unwrap_or(head);
     anyhow::ensure!(to <= head, "--to {to} is beyond the head, {head}");
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Chunk, Error>>(4);
-    tokio::spawn(export::run(pool, filter, range.from.unwrap_or(1), to, tx));
+    tokio::spawn(export::run(
+        pool,
+        filter,
+        range.from.unwrap_or(1),
+        to,
+        AuditConfig::default().scan_chunk,
+        tx,
+    ));
     let mut out = std::io::stdout().lock();
     while let Some(chunk) = rx.recv().await {
         let chunk = chunk.map_err(|e| anyhow::anyhow!("{}", describe(e)))?;

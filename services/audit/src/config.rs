@@ -7,6 +7,7 @@
 //! docs/CONFIGURATION.md).
 
 use std::{
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -38,6 +39,16 @@ pub mod keys {
     pub const TAIL_SUBSCRIBER_BUFFER: &str = "MESH_AUDIT_TAIL_SUBSCRIBER_BUFFER";
     /// Allowed future skew of `occurred_at` (ms).
     pub const MAX_FUTURE_SKEW_MS: &str = "MESH_AUDIT_MAX_FUTURE_SKEW_MS";
+    /// Most open Tail streams per instance.
+    pub const TAIL_MAX_SUBSCRIBERS: &str = "MESH_AUDIT_TAIL_MAX_SUBSCRIBERS";
+    /// Rows Verify and Export read per statement.
+    pub const SCAN_CHUNK: &str = "MESH_AUDIT_SCAN_CHUNK";
+    /// Directory signed checkpoints are written to.
+    pub const CHECKPOINT_DIR: &str = "MESH_AUDIT_CHECKPOINT_DIR";
+    /// File holding the checkpoint signing key.
+    pub const CHECKPOINT_KEY_FILE: &str = "MESH_AUDIT_CHECKPOINT_KEY_FILE";
+    /// How often a checkpoint is published (ms).
+    pub const CHECKPOINT_INTERVAL_MS: &str = "MESH_AUDIT_CHECKPOINT_INTERVAL_MS";
 }
 
 /// The audit service's configuration.
@@ -58,7 +69,8 @@ pub struct AuditConfig {
     pub batch_max: usize,
     /// Extra wait for a batch to fill after its first event.
     pub batch_linger: Duration,
-    /// Appends waiting for a batch.
+    /// Appends accepted and not yet answered (waiting for a batch, being
+    /// written, or waiting for the WAL flush); beyond it Append is refused.
     pub queue_capacity: usize,
     /// Recent events kept for live Tail subscribers.
     pub tail_buffer: usize,
@@ -66,6 +78,16 @@ pub struct AuditConfig {
     pub tail_subscriber_buffer: usize,
     /// How far in the future `occurred_at` may be.
     pub max_future_skew: Duration,
+    /// Most open Tail streams per instance; beyond it Tail is refused.
+    pub tail_max_subscribers: usize,
+    /// Rows Verify and Export read per statement (each its own short read).
+    pub scan_chunk: usize,
+    /// Where signed checkpoints go (with `checkpoint_key_file`; both or neither).
+    pub checkpoint_dir: Option<PathBuf>,
+    /// The file holding the checkpoint signing key (`mesh-audit keygen`).
+    pub checkpoint_key_file: Option<PathBuf>,
+    /// How often a checkpoint of the chain head is published (when it moved).
+    pub checkpoint_interval: Duration,
     /// Where `recorded_at` comes from.
     pub clock: Clock,
 }
@@ -79,6 +101,11 @@ impl Default for AuditConfig {
             tail_buffer: 8192,
             tail_subscriber_buffer: 256,
             max_future_skew: Duration::from_secs(300),
+            tail_max_subscribers: 256,
+            scan_chunk: 1000,
+            checkpoint_dir: None,
+            checkpoint_key_file: None,
+            checkpoint_interval: Duration::from_secs(60),
             clock: Clock::System,
         }
     }
@@ -132,7 +159,8 @@ impl AuditConfig {
                 Var::value(
                     QUEUE_CAPACITY,
                     d.queue_capacity,
-                    "appends waiting for a batch; beyond it Append answers UNAVAILABLE",
+                    "appends accepted and not yet answered (waiting for a batch, being written or \
+                     waiting for the WAL flush); beyond it Append answers UNAVAILABLE at once",
                 ),
                 Var::value(
                     TAIL_BUFFER,
@@ -148,6 +176,33 @@ impl AuditConfig {
                     MAX_FUTURE_SKEW_MS,
                     d.max_future_skew,
                     "how far in the future occurred_at may be (ms)",
+                ),
+                Var::value(
+                    TAIL_MAX_SUBSCRIBERS,
+                    d.tail_max_subscribers,
+                    "most open Tail streams per instance; beyond it Tail answers RESOURCE_EXHAUSTED",
+                ),
+                Var::value(
+                    SCAN_CHUNK,
+                    d.scan_chunk,
+                    "rows Verify and Export read per statement, each its own short read (1 to 100000)",
+                ),
+                Var::unset(
+                    CHECKPOINT_DIR,
+                    "no checkpoints",
+                    "directory signed checkpoints of the chain head are written to (with \
+                     MESH_AUDIT_CHECKPOINT_KEY_FILE); see mesh-audit verify --checkpoints",
+                ),
+                Var::unset(
+                    CHECKPOINT_KEY_FILE,
+                    "no checkpoints",
+                    "file holding the Ed25519 checkpoint signing key (from mesh-audit keygen); never \
+                     stored in PostgreSQL",
+                ),
+                Var::millis(
+                    CHECKPOINT_INTERVAL_MS,
+                    d.checkpoint_interval,
+                    "how often a checkpoint is published when the chain moved (ms)",
                 ),
             ],
         )
@@ -173,6 +228,31 @@ impl AuditConfig {
         if tail_subscriber_buffer == 0 {
             return Err(ConfigError::new(keys::TAIL_SUBSCRIBER_BUFFER, "must be at least 1"));
         }
+        let scan_chunk: usize = l.parse_or(keys::SCAN_CHUNK, d.scan_chunk)?;
+        if !(1..=100_000).contains(&scan_chunk) {
+            return Err(ConfigError::new(keys::SCAN_CHUNK, "must be between 1 and 100000"));
+        }
+        let checkpoint_dir = l.string(keys::CHECKPOINT_DIR).map(PathBuf::from);
+        let checkpoint_key_file = l.string(keys::CHECKPOINT_KEY_FILE).map(PathBuf::from);
+        match (&checkpoint_dir, &checkpoint_key_file) {
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    keys::CHECKPOINT_KEY_FILE,
+                    "is required with MESH_AUDIT_CHECKPOINT_DIR",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    keys::CHECKPOINT_DIR,
+                    "is required with MESH_AUDIT_CHECKPOINT_KEY_FILE",
+                ));
+            }
+            _ => {}
+        }
+        let checkpoint_interval = l.millis_or(keys::CHECKPOINT_INTERVAL_MS, d.checkpoint_interval)?;
+        if checkpoint_interval.is_zero() {
+            return Err(ConfigError::new(keys::CHECKPOINT_INTERVAL_MS, "must be at least 1"));
+        }
         Ok(Self {
             batch_max,
             batch_linger: Duration::from_micros(
@@ -182,6 +262,11 @@ impl AuditConfig {
             tail_buffer,
             tail_subscriber_buffer,
             max_future_skew: l.millis_or(keys::MAX_FUTURE_SKEW_MS, d.max_future_skew)?,
+            tail_max_subscribers: l.parse_or(keys::TAIL_MAX_SUBSCRIBERS, d.tail_max_subscribers)?,
+            scan_chunk,
+            checkpoint_dir,
+            checkpoint_key_file,
+            checkpoint_interval,
             clock: Clock::System,
         })
     }
@@ -267,8 +352,15 @@ mod tests {
             (keys::QUEUE_CAPACITY, "0"),
             (keys::TAIL_BUFFER, "0"),
             (keys::MAX_FUTURE_SKEW_MS, "5m"),
+            (keys::SCAN_CHUNK, "0"),
+            (keys::CHECKPOINT_INTERVAL_MS, "0"),
         ] {
             assert_eq!(AuditConfig::from_lookup(&map(&[(k, v)])).unwrap_err().key, k);
         }
+        // a checkpoint directory without a key, or a key without a directory: the missing one is named
+        let e = AuditConfig::from_lookup(&map(&[(keys::CHECKPOINT_DIR, "/tmp/cp")])).unwrap_err();
+        assert_eq!(e.key, keys::CHECKPOINT_KEY_FILE);
+        let e = AuditConfig::from_lookup(&map(&[(keys::CHECKPOINT_KEY_FILE, "/tmp/k")])).unwrap_err();
+        assert_eq!(e.key, keys::CHECKPOINT_DIR);
     }
 }

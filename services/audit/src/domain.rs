@@ -106,6 +106,39 @@ pub struct AppendCommand {
     pub event: NewEvent,
     /// Deduplication key within `event.source_service`.
     pub idempotency_key: Option<String>,
+    /// What the caller sent, for telling a resend from another event under
+    /// the same key ([`fingerprint`]).
+    pub fingerprint: [u8; 32],
+}
+
+/// SHA-256 over the event as the caller sent it (after validation, before
+/// the service fills `occurred_at`, `request_id` or `trace_id` in): every
+/// field but `source.service` (the key's scope), each length-prefixed, the
+/// metadata as its protobuf encoding (maps in key order). A resend of the
+/// same request has the same fingerprint even if it arrives with another
+/// `x-request-id` or at another time.
+pub fn fingerprint(e: &NewEvent) -> [u8; 32] {
+    let mut h = Sha256::new();
+    let mut field = |b: &[u8]| {
+        h.update((b.len() as u64).to_be_bytes());
+        h.update(b);
+    };
+    field(b"mesh-audit append v1");
+    match e.occurred_at {
+        None => field(b""),
+        Some(t) => field(
+            &[t.timestamp().to_be_bytes(), i64::from(t.timestamp_subsec_nanos()).to_be_bytes()].concat(),
+        ),
+    }
+    for s in [&e.actor_type, &e.actor_id, &e.action, &e.resource_type, &e.resource_id] {
+        field(s.as_bytes());
+    }
+    field(&[e.outcome.code()]);
+    for s in [&e.source_ip, &e.source_user_agent, &e.request_id, &e.trace_id] {
+        field(s.as_bytes());
+    }
+    field(&e.metadata.encode_to_vec());
+    h.finalize().into()
 }
 
 /// What the call itself says about where it came from, used when the event
@@ -237,12 +270,9 @@ pub fn parse_append(
     };
     let source_user_agent = v.text("event.source.user_agent", source.user_agent, MAX_LONG, false);
     let source_service = v.text("event.source.service", source.service, MAX_SHORT, false);
-    let mut request_id = v.text("event.request_id", e.request_id, MAX_SHORT, false);
-    if request_id.is_empty() {
-        request_id = call.request_id.clone().unwrap_or_default();
-    }
-    let trace_id = match e.trace_id.as_str() {
-        "" => call.trace_id.clone().unwrap_or_default(),
+    let sent_request_id = v.text("event.request_id", e.request_id, MAX_SHORT, false);
+    let sent_trace_id = match e.trace_id.as_str() {
+        "" => String::new(),
         t => normalize_trace_id(t).unwrap_or_else(|| {
             v.add("event.trace_id", "must be 32 hexadecimal digits, not all zero");
             String::new()
@@ -269,24 +299,29 @@ pub fn parse_append(
         k if k.is_empty() => None,
         k => Some(k),
     };
-    v.finish(AppendCommand {
-        event: NewEvent {
-            occurred_at,
-            actor_type,
-            actor_id,
-            action,
-            resource_type,
-            resource_id,
-            outcome,
-            source_ip,
-            source_user_agent,
-            source_service,
-            request_id,
-            trace_id,
-            metadata,
-        },
-        idempotency_key,
-    })
+    let mut event = NewEvent {
+        occurred_at,
+        actor_type,
+        actor_id,
+        action,
+        resource_type,
+        resource_id,
+        outcome,
+        source_ip,
+        source_user_agent,
+        source_service,
+        request_id: sent_request_id,
+        trace_id: sent_trace_id,
+        metadata,
+    };
+    let fingerprint = fingerprint(&event);
+    if event.request_id.is_empty() {
+        event.request_id = call.request_id.clone().unwrap_or_default();
+    }
+    if event.trace_id.is_empty() {
+        event.trace_id = call.trace_id.clone().unwrap_or_default();
+    }
+    v.finish(AppendCommand { event, idempotency_key, fingerprint })
 }
 
 /// Spells every null `NULL_VALUE` (a Value without a kind, or with an

@@ -15,6 +15,22 @@ pub enum Error {
     /// The append queue is full.
     #[error("append queue is full, retry later")]
     Overloaded,
+    /// The idempotency key was first used, by the same source service, for
+    /// a different event; nothing was written.
+    #[error(
+        "idempotency_key was first used by this source.service for a different event (sequence \
+         {first_sequence}); a new event needs a new key"
+    )]
+    KeyReused {
+        /// The event it was first used for.
+        first_sequence: u64,
+    },
+    /// This instance serves as many Tail streams as it may.
+    #[error("this instance already serves {max} tail streams, the most it may; retry later or elsewhere")]
+    TooManySubscribers {
+        /// The cap.
+        max: usize,
+    },
     /// The service is stopping and takes no new appends.
     #[error("the audit service is shutting down")]
     ShuttingDown,
@@ -96,6 +112,24 @@ impl From<Error> for Status {
             | Error::Unavailable(_)
             | Error::CommitUnknown(_)
             | Error::Draining { .. }) => Status::unavailable(e.to_string()),
+            e @ Error::KeyReused { first_sequence, .. } => {
+                let mut details = ErrorDetails::new();
+                details.set_error_info(
+                    "IDEMPOTENCY_KEY_REUSED",
+                    "mesh.audit.v1",
+                    [("first_sequence".to_owned(), first_sequence.to_string())],
+                );
+                Status::with_error_details(Code::AlreadyExists, e.to_string(), details)
+            }
+            e @ Error::TooManySubscribers { .. } => {
+                let mut details = ErrorDetails::new();
+                details.set_error_info(
+                    "TAIL_SUBSCRIBERS_EXHAUSTED",
+                    "mesh.audit.v1",
+                    std::collections::HashMap::<String, String>::new(),
+                );
+                Status::with_error_details(Code::ResourceExhausted, e.to_string(), details)
+            }
             e @ Error::SlowSubscriber { resume_after, .. } => {
                 let mut details = ErrorDetails::new();
                 details.set_error_info(

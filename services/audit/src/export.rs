@@ -32,8 +32,6 @@ use crate::{
     store,
 };
 
-/// Events read per round trip.
-const PAGE: usize = 1000;
 /// Roughly how many bytes of lines go into one chunk.
 const CHUNK_BYTES: usize = 256 * 1024;
 
@@ -140,25 +138,29 @@ pub(crate) async fn plan(db: &mesh_db::Db, range: SequenceRange) -> Result<(PgPo
 }
 
 /// Sends the events `from..=to` matching `filter` as chunks of lines.
-/// Returns when done, on an error (also sent), or when the receiver is gone.
+/// Reads keyset pages of at most `page` rows, each its own statement on
+/// the pool (no transaction spans the export; events are never changed, so
+/// the pages join into the same lines one read would give). Returns when
+/// done, on an error (also sent), or when the receiver is gone.
 pub(crate) async fn run(
     pool: PgPool,
     filter: Filter,
     from: u64,
     to: u64,
+    page: usize,
     tx: mpsc::Sender<Result<Chunk, Error>>,
 ) {
     let mut cursor = from.saturating_sub(1);
     let mut chunk = Chunk { lines: String::new(), last_sequence: 0 };
     while cursor < to {
-        let events = match store::range_page(&pool, &filter, cursor, to, PAGE).await {
+        let events = match store::range_page(&pool, &filter, cursor, to, page).await {
             Ok(events) => events,
             Err(e) => {
                 let _ = tx.send(Err(e)).await;
                 return;
             }
         };
-        let full = events.len() == PAGE;
+        let full = events.len() == page;
         for e in &events {
             chunk.lines.push_str(&to_json_line(e));
             chunk.last_sequence = e.sequence;

@@ -31,14 +31,16 @@
 //! - `tail`: the per-instance listener, its ring of recent events, subscribers.
 //! - [`verify`]: recomputing the chain over a range.
 //! - [`export`]: JSON lines, out and back in.
+//! - [`checkpoint`]: signed checkpoints of the chain head, published outside the database.
 //! - `api`: the gRPC service; `error`: [`Error`] and its mapping to `tonic::Status`.
 //! - `app`: [`App`]: migrates as the owner, serves as the writer role.
-//! - [`cli`]: `mesh-audit verify | export | retention`.
+//! - [`cli`]: `mesh-audit verify | export | retention | keygen`.
 
 mod api;
 mod app;
 mod appender;
 pub mod chain;
+pub mod checkpoint;
 pub mod cli;
 mod config;
 pub mod domain;

@@ -214,10 +214,12 @@ pub(crate) struct FirstResult {
     pub(crate) id: Uuid,
     pub(crate) sequence: u64,
     pub(crate) hash: Hash,
+    /// The first request's fingerprint (none for keys recorded before it was kept).
+    pub(crate) request_hash: Option<Hash>,
 }
 
 const HEAD_AND_KEYS: &str = "select h.next_sequence, h.head_hash, h.recorded_at, \
-       k.source_service, k.idempotency_key, k.id, k.sequence, k.hash \
+       k.source_service, k.idempotency_key, k.id, k.sequence, k.hash, k.request_hash \
      from audit_chain_head h left join ( \
        select k.* from audit_idempotency k \
        join unnest($1::text[], $2::text[]) as q(source_service, idempotency_key) \
@@ -233,6 +235,7 @@ type HeadKeyRow = (
     Option<String>,
     Option<Uuid>,
     Option<i64>,
+    Option<Vec<u8>>,
     Option<Vec<u8>>,
 );
 
@@ -255,13 +258,14 @@ pub(crate) async fn head_and_keys(
     let first = rows.first().ok_or_else(|| sqlx::Error::Decode("no chain head row".into()))?;
     let head = head_from((first.0, first.1.clone(), first.2))?;
     let mut known = HashMap::new();
-    for (_, _, _, service, key, id, sequence, hash) in rows {
+    for (_, _, _, service, key, id, sequence, hash, request_hash) in rows {
         if let (Some(service), Some(key), Some(id), Some(sequence), Some(hash)) =
             (service, key, id, sequence, hash)
         {
             let hash =
                 hash.try_into().map_err(|_| sqlx::Error::Decode("stored hash is not 32 bytes".into()))?;
-            known.insert((service, key), FirstResult { id, sequence: sequence as u64, hash });
+            let request_hash = request_hash.and_then(|h| Hash::try_from(h).ok());
+            known.insert((service, key), FirstResult { id, sequence: sequence as u64, hash, request_hash });
         }
     }
     Ok((head, known))
@@ -286,8 +290,8 @@ const INSERT_BATCH: &str = "with head as ( \
          hash_version, metadata_pb) \
        where exists (select 1 from head) \
      ), keys as ( \
-       insert into audit_idempotency (source_service, idempotency_key, sequence, id, hash) \
-       select * from unnest($19::text[], $20::text[], $21::bigint[], $22::uuid[], $23::bytea[]) \
+       insert into audit_idempotency (source_service, idempotency_key, sequence, id, hash, request_hash) \
+       select * from unnest($19::text[], $20::text[], $21::bigint[], $22::uuid[], $23::bytea[], $30::bytea[]) \
        where exists (select 1 from head) \
      ) \
      select count(*) from head";
@@ -300,6 +304,8 @@ pub(crate) struct NewKey<'a> {
     pub(crate) id: Uuid,
     pub(crate) sequence: u64,
     pub(crate) hash: Hash,
+    /// The request's fingerprint.
+    pub(crate) request_hash: Hash,
 }
 
 /// Writes a sealed batch (consecutive sequences, one recorded_at, chained
@@ -350,6 +356,7 @@ pub(crate) async fn insert_batch(
         .bind(after.hash.to_vec())
         .bind(events.iter().map(|e| e.version.code()).collect::<Vec<_>>())
         .bind(events.iter().map(|e| e.metadata.encode_to_vec()).collect::<Vec<_>>())
+        .bind(keys.iter().map(|k| k.request_hash.to_vec()).collect::<Vec<_>>())
         .fetch_one(conn)
         .instrument(span_for(server, "INSERT", "audit_events", INSERT_BATCH))
         .await?;
@@ -495,6 +502,22 @@ pub(crate) async fn hash_at(
         .fetch_optional(conn)
         .instrument(span_for(server, "SELECT", "audit_events", HASH_AT))
         .await
+}
+
+const HASHES_AT: &str = "select sequence, hash from audit_events where sequence = any($1)";
+
+/// The stored hashes of the events at `sequences` that exist, by sequence.
+pub(crate) async fn hashes_at(
+    pool: &PgPool,
+    sequences: &[u64],
+) -> Result<HashMap<u64, Vec<u8>>, sqlx::Error> {
+    let wanted: Vec<i64> = sequences.iter().map(|s| *s as i64).collect();
+    let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(HASHES_AT)
+        .bind(wanted)
+        .fetch_all(pool)
+        .instrument(span_on(pool, "SELECT", "audit_events", HASHES_AT))
+        .await?;
+    Ok(rows.into_iter().map(|(s, h)| (s as u64, h)).collect())
 }
 
 const ROWS_FROM: &str = "select sequence, id, occurred_at, recorded_at, actor_type, actor_id, action, \

@@ -18,6 +18,9 @@
 //!   slow: its stream ends with RESOURCE_EXHAUSTED and the sequence to resume
 //!   after. Memory per subscriber is bounded by its queue.
 //! - Draining ends every stream with UNAVAILABLE (and the resume sequence).
+//! - At most `tail_max_subscribers` streams per instance: a Tail beyond it
+//!   is refused at once with RESOURCE_EXHAUSTED ([`Hub::admit`]); a stream's
+//!   place is freed when its subscriber task ends.
 
 use std::{
     collections::VecDeque,
@@ -35,7 +38,7 @@ use prometheus_client::{
     registry::Registry,
 };
 use sqlx::{PgPool, postgres::PgListener};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -149,6 +152,15 @@ struct Metrics {
 pub(crate) struct Hub {
     inner: Arc<HubInner>,
     metrics: Metrics,
+    /// One permit per open stream.
+    slots: Arc<Semaphore>,
+    max_subscribers: usize,
+}
+
+/// A place among the open Tail streams, held by its subscriber.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Hub {
@@ -158,6 +170,7 @@ impl Hub {
         pool: PgPool,
         channel: String,
         capacity: usize,
+        max_subscribers: usize,
         start: u64,
         stop: CancellationToken,
         registry: &mut Registry,
@@ -179,12 +192,23 @@ impl Hub {
             metrics.ended.clone(),
         );
         tokio::spawn(listen(Arc::downgrade(&inner), pool, channel, stop));
-        Self { inner, metrics }
+        Self { inner, metrics, slots: Arc::new(Semaphore::new(max_subscribers)), max_subscribers }
     }
 
-    /// Starts a subscriber after `cursor` and returns its stream.
+    /// A place for one more stream, or [`Error::TooManySubscribers`] at once.
+    pub(crate) fn admit(&self) -> Result<Admission, Error> {
+        self.slots
+            .clone()
+            .try_acquire_owned()
+            .map(|slot| Admission { _slot: slot })
+            .map_err(|_| Error::TooManySubscribers { max: self.max_subscribers })
+    }
+
+    /// Starts a subscriber after `cursor` in the place `admission` holds
+    /// (until the subscriber ends) and returns its stream.
     pub(crate) fn subscribe(
         &self,
+        admission: Admission,
         db: Db,
         filter: Filter,
         cursor: u64,
@@ -209,6 +233,7 @@ impl Hub {
         metrics.subscribers.inc();
         tokio::spawn(async move {
             let end = sub.run().await;
+            drop(admission);
             metrics.subscribers.dec();
             if let Some((reason, status)) = end {
                 metrics.ended.get_or_create(&EndLabels { reason }).inc();

@@ -1,7 +1,13 @@
 //! Verify: recompute the chain over a range and name the first bad link.
 //! Used by the Verify RPC and, offline, by `mesh-audit verify`.
 //!
-//! Within one read-only REPEATABLE READ snapshot it checks that:
+//! It reads the chain head and the newest retention checkpoint first, then
+//! the events in keyset pages of at most `page` rows, each its own short
+//! statement on a connection taken from the pool for that page only: no
+//! transaction lasts the whole run, so a long Verify holds back neither
+//! vacuum nor a replica's replay. Events are never changed, and every event
+//! up to the head read first is committed before it, so the pages join into
+//! the answer one snapshot would give. It checks that:
 //! - the range starts on a trusted anchor: the genesis hash for sequence 1,
 //!   the newest retention checkpoint for the oldest retained event, else the
 //!   stored hash of the event before the range;
@@ -24,9 +30,6 @@ use crate::{
     store,
 };
 
-/// Rows read per round trip.
-const PAGE: usize = 5000;
-
 /// What Verify found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
@@ -46,13 +49,16 @@ pub struct Report {
     pub to: u64,
 }
 
-/// Verifies `range` on `pool` (primary or replica).
-pub async fn verify(pool: &PgPool, range: SequenceRange) -> Result<Report, Error> {
+/// Verifies `range` on `pool` (primary or replica), reading at most `page`
+/// rows per statement.
+pub async fn verify(pool: &PgPool, range: SequenceRange, page: usize) -> Result<Report, Error> {
     let server = pool.connect_options();
-    let mut tx = pool.begin().await?;
-    sqlx::query("set transaction isolation level repeatable read, read only").execute(&mut *tx).await?;
-    let head = store::read_head_in(&mut tx, &server).await?;
-    let checkpoint = store::latest_checkpoint(&mut tx, &server).await?;
+    let page = page.max(1);
+    let (head, checkpoint) = {
+        let mut conn = pool.acquire().await?;
+        let head = store::read_head_in(&mut conn, &server).await?;
+        (head, store::latest_checkpoint(&mut conn, &server).await?)
+    };
     let first_retained = checkpoint.as_ref().map_or(1, |(s, _)| s + 1);
 
     let to = range.to.unwrap_or(head.last());
@@ -95,7 +101,7 @@ pub async fn verify(pool: &PgPool, range: SequenceRange) -> Result<Report, Error
     } else if from == first_retained {
         checkpoint.map(|(_, h)| h)
     } else {
-        store::hash_at(&mut tx, &server, from - 1).await?
+        store::hash_at(&mut *pool.acquire().await?, &server, from - 1).await?
     };
     let Some(Ok(mut prev)) = anchor.map(Hash::try_from) else {
         return Ok(bad(report, from, format!("the hash before sequence {from} is missing")));
@@ -104,14 +110,14 @@ pub async fn verify(pool: &PgPool, range: SequenceRange) -> Result<Report, Error
 
     let mut expected = from;
     while expected <= to {
-        let rows = store::rows_from(&mut tx, &server, expected, to, PAGE).await?;
+        let rows = store::rows_from(&mut *pool.acquire().await?, &server, expected, to, page).await?;
         if rows.is_empty() {
             break;
         }
         for row in rows {
             let sequence = row.sequence as u64;
             if sequence > expected {
-                return Ok(bad(report, expected, format!("event {expected} is missing")));
+                return missing(pool, report, expected).await;
             }
             if sequence < expected {
                 return Ok(bad(report, sequence, format!("event {sequence} appears more than once")));
@@ -144,11 +150,29 @@ pub async fn verify(pool: &PgPool, range: SequenceRange) -> Result<Report, Error
         }
     }
     if expected <= to {
-        return Ok(bad(report, expected, format!("event {expected} is missing")));
+        return missing(pool, report, expected).await;
     }
     if to == head.last() && prev != head.hash {
         return Ok(bad(report, to, "the chain head does not match the last event".to_owned()));
     }
-    tx.rollback().await?;
+    Ok(report)
+}
+
+/// Event `expected` is not there: damage, unless retention dropped it while
+/// this ran (no snapshot spans the run), which is said as at the start.
+async fn missing(pool: &PgPool, mut report: Report, expected: u64) -> Result<Report, Error> {
+    let server = pool.connect_options();
+    let dropped = store::latest_checkpoint(&mut *pool.acquire().await?, &server).await?;
+    if let Some((through, _)) = dropped
+        && through >= expected
+    {
+        return Err(Error::OutOfRange(format!(
+            "sequences up to {through} were removed by retention while verifying; the oldest retained is {}",
+            through + 1
+        )));
+    }
+    report.ok = false;
+    report.first_bad_sequence = Some(expected);
+    report.problem = Some(format!("event {expected} is missing"));
     Ok(report)
 }

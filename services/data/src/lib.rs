@@ -32,12 +32,15 @@
 //! - `outbox`: audit delivery.
 //! - `error`: the service's errors and their mapping to gRPC statuses.
 //! - `metrics`: Prometheus metrics.
+//! - `fuzz`: entry points for the fuzz targets in `fuzz/` (hidden, not an API).
 
 mod api;
 mod app;
 pub mod config;
 mod document;
 mod error;
+#[doc(hidden)]
+pub mod fuzz;
 mod guard;
 mod metrics;
 mod outbox;

@@ -206,7 +206,10 @@ impl Deliverer {
             metrics,
         });
         let (queue, handed) = mpsc::channel(QUEUE);
-        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        // Bounded: a delivery holds its permit until its outcome is queued,
+        // so when recording falls behind, deliveries wait instead of piling
+        // outcomes up in memory.
+        let (done_tx, done_rx) = mpsc::channel(QUEUE);
         let tasks = vec![
             tokio::spawn(this.clone().dispatch(handed, done_tx.clone())),
             tokio::spawn(this.clone().sweep_loop(done_tx)),
@@ -219,7 +222,7 @@ impl Deliverer {
     async fn dispatch(
         self: Arc<Self>,
         mut handed: mpsc::Receiver<(Event, opentelemetry::Context)>,
-        done: mpsc::UnboundedSender<Done>,
+        done: mpsc::Sender<Done>,
     ) {
         while let Some((event, cx)) = handed.recv().await {
             self.clone().spawn_delivery(event, cx, done.clone()).await;
@@ -230,7 +233,7 @@ impl Deliverer {
         self: Arc<Self>,
         event: Event,
         parent: opentelemetry::Context,
-        done: mpsc::UnboundedSender<Done>,
+        done: mpsc::Sender<Done>,
     ) {
         let Ok(permit) = self.permits.clone().acquire_owned().await else { return };
         let span = tracing::info_span!(
@@ -244,7 +247,7 @@ impl Deliverer {
         tokio::spawn(
             async move {
                 let _permit = permit;
-                let _ = done.send(self.deliver(event).await);
+                let _ = done.send(self.deliver(event).await).await;
             }
             .instrument(span),
         );
@@ -274,7 +277,7 @@ impl Deliverer {
 
     /// Records outcomes: deletes delivered events in batches, reschedules
     /// failed ones, marks refused ones dead.
-    async fn acknowledge(self: Arc<Self>, mut done: mpsc::UnboundedReceiver<Done>) {
+    async fn acknowledge(self: Arc<Self>, mut done: mpsc::Receiver<Done>) {
         let mut delivered = Vec::new();
         while let Some(first) = done.recv().await {
             let mut next = Some(first);
@@ -346,7 +349,7 @@ impl Deliverer {
         }
     }
 
-    async fn sweep_loop(self: Arc<Self>, done: mpsc::UnboundedSender<Done>) {
+    async fn sweep_loop(self: Arc<Self>, done: mpsc::Sender<Done>) {
         let mut ticker = tokio::time::interval(self.sweep);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The gauges count the whole outbox: every 10 s, not every sweep.

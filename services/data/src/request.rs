@@ -242,6 +242,12 @@ pub(crate) fn query(r: pb::QueryRequest) -> Result<Query, Error> {
     let collection = v.collection("collection", r.collection);
     let filter = match r.filter {
         Some(f) if !f.fields.is_empty() => match document::filter("filter", &f) {
+            // Larger than any document, so it could match none: refused
+            // before it reaches the database.
+            Ok(json) if json.len() > document::MAX_DOCUMENT_BYTES => {
+                v.add("filter", format!("must be at most {} bytes as JSON", document::MAX_DOCUMENT_BYTES));
+                None
+            }
             Ok(json) => Some(json),
             Err(e) => {
                 v.add(e.path, e.reason);

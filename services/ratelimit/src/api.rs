@@ -10,6 +10,7 @@ use mesh_proto::{
         ResetResponse, rate_limit_service_server::RateLimitService,
     },
 };
+use mesh_runtime::AdminGuard;
 use tonic::{Request, Response, Status, metadata::MetadataValue};
 
 use crate::{
@@ -22,17 +23,22 @@ use crate::{
 /// `fail-open`, `fail-closed` or `rules` (no limit applied).
 pub const DECIDED_BY: &str = "x-mesh-ratelimit-decided-by";
 
+/// `Reset`, an admin RPC: only for `MESH_ADMIN_IDENTITIES` ([`mesh_runtime::authz`]).
+pub(crate) const RESET: &str = "/mesh.ratelimit.v1.RateLimitService/Reset";
+
 /// The gRPC APIs.
 #[derive(Debug, Clone)]
 pub(crate) struct Api {
     engine: Arc<Engine>,
     /// RateLimit headers of domains whose rules do not say.
     rate_limit_headers: RateLimitHeaders,
+    /// Who may Reset.
+    admin: AdminGuard,
 }
 
 impl Api {
-    pub(crate) fn new(engine: Arc<Engine>, rate_limit_headers: RateLimitHeaders) -> Self {
-        Self { engine, rate_limit_headers }
+    pub(crate) fn new(engine: Arc<Engine>, rate_limit_headers: RateLimitHeaders, admin: AdminGuard) -> Self {
+        Self { engine, rate_limit_headers, admin }
     }
 }
 
@@ -172,6 +178,7 @@ impl RateLimitService for Api {
     }
 
     async fn reset(&self, req: Request<ResetRequest>) -> Result<Response<ResetResponse>, Status> {
+        self.admin.check(&req, RESET)?;
         let (domain, entries) = request::reset(req.into_inner())?;
         self.engine.reset(&domain, &entries).await?;
         Ok(Response::new(ResetResponse {}))

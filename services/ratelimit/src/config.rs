@@ -2,6 +2,7 @@ use std::{path::PathBuf, time::Duration};
 
 pub use crate::rules::RateLimitHeaders;
 
+use mesh_client::ClientConfig;
 use mesh_runtime::{
     ConfigError, Lookup, LookupExt, ServerConfig, TelemetryConfig,
     config::{Help, Var, VarGroup},
@@ -16,6 +17,21 @@ pub const DEFAULT_PORT: u16 = 50052;
 /// client pipelines more commands per write, and on the 2-core benchmark it
 /// gave 15–45 % more Checks per second than four (libs/bench/results/ratelimit.md).
 pub const DEFAULT_REDIS_POOL_SIZE: usize = 1;
+
+/// `MESH_MAX_IN_FLIGHT` when unset: Checks (both APIs together) decided at
+/// once. Bounding them bounds the Redis commands in flight, so that a Redis
+/// round trip under load stays well inside the Redis deadline: without a
+/// bound, queueing in this process pushed calls past the deadline at 512
+/// callers and the instance fell back to local decisions at peak load. On
+/// the 2-core benchmark machine 32 gave the most Checks decided by Redis (64
+/// let 2-slot calls time out; 16 shed more than it served). The queue wait
+/// is 250 ms here, not the runtime's 20: waiting costs nothing, shedding a call costs
+/// about as much CPU as answering one, so a short wait against callers that
+/// come straight back starves the admitted calls.
+pub(crate) const MAX_IN_FLIGHT: usize = 32;
+
+/// `MESH_QUEUE_WAIT_MS` when unset (see [`MAX_IN_FLIGHT`]).
+pub(crate) const QUEUE_WAIT: Duration = Duration::from_millis(250);
 
 /// Keys read by [`Config::from_lookup`] beyond the runtime's own.
 pub mod keys {
@@ -42,11 +58,6 @@ pub mod keys {
     pub const LOCAL_CACHE_RECHECK_MS: &str = "MESH_RATELIMIT_LOCAL_CACHE_RECHECK_MS";
     /// Keys the in-memory fallback limiter tracks at most.
     pub const FALLBACK_SIZE: &str = "MESH_RATELIMIT_FALLBACK_SIZE";
-    /// Checks (both APIs together) decided at once; more wait for a slot.
-    pub const MAX_IN_FLIGHT: &str = "MESH_RATELIMIT_MAX_IN_FLIGHT";
-    /// Longest a Check waits for a slot (ms) before it is shed with
-    /// RESOURCE_EXHAUSTED (shorter when the caller's deadline is).
-    pub const QUEUE_WAIT_MS: &str = "MESH_RATELIMIT_QUEUE_WAIT_MS";
     /// RateLimit headers on Envoy RLS answers of domains whose rules do not
     /// say (`NONE` or `DRAFT_VERSION_03`).
     pub const RATE_LIMIT_HEADERS: &str = "MESH_RATELIMIT_RATE_LIMIT_HEADERS";
@@ -79,22 +90,6 @@ pub struct EngineConfig {
     pub fallback_size: usize,
     /// Rules poll period.
     pub rules_poll: Duration,
-    /// Checks decided at once (default 32). Bounding them bounds the Redis
-    /// commands in flight, so that a Redis round trip under load stays well
-    /// inside [`Self::redis_timeout`]: without a bound, queueing in this
-    /// process pushed calls past the deadline at 512 callers and the instance
-    /// fell back to local decisions at peak load. On the 2-core benchmark
-    /// machine 32 gave the most Checks decided by Redis (64 let 2-slot calls
-    /// time out; 16 shed more than it served).
-    pub max_in_flight: usize,
-    /// Longest a Check waits for one of the [`Self::max_in_flight`] slots
-    /// (or the caller's `grpc-timeout`, if shorter) before it is shed with
-    /// RESOURCE_EXHAUSTED, so that the caller's own failure mode decides
-    /// (default 250 ms: waiting costs nothing, shedding a call costs about as
-    /// much CPU as answering one, so a short wait against callers that
-    /// come straight back starves the admitted calls). The wait does not
-    /// count against [`Self::redis_timeout`].
-    pub queue_wait: Duration,
     /// RateLimit headers on Envoy RLS answers (`response_headers_to_add`) of
     /// domains whose rules have no `rate_limit_headers` (default: none).
     pub rate_limit_headers: RateLimitHeaders,
@@ -112,8 +107,6 @@ impl Default for EngineConfig {
             local_cache_recheck: Duration::from_secs(1),
             fallback_size: 100_000,
             rules_poll: Duration::from_millis(1000),
-            max_in_flight: 32,
-            queue_wait: Duration::from_millis(250),
             rate_limit_headers: RateLimitHeaders::None,
         }
     }
@@ -181,17 +174,6 @@ impl EngineConfig {
                     "keys the in-memory fallback limiter tracks at most",
                 ),
                 Var::value(
-                    MAX_IN_FLIGHT,
-                    d.max_in_flight,
-                    "Checks (both APIs together) decided at once; more wait for a slot",
-                ),
-                Var::millis(
-                    QUEUE_WAIT_MS,
-                    d.queue_wait,
-                    "longest a Check waits for a slot (ms; shorter when the caller's deadline is) before it is \
-                     shed with RESOURCE_EXHAUSTED",
-                ),
-                Var::value(
                     RATE_LIMIT_HEADERS,
                     d.rate_limit_headers.as_str(),
                     "RateLimit headers (x-ratelimit-limit, -remaining, -reset) on Envoy RLS answers: NONE or \
@@ -213,6 +195,10 @@ pub struct Config {
     pub rules: Option<PathBuf>,
     /// Deadlines, breaker, caches, reload.
     pub engine: EngineConfig,
+    /// How refused admin RPCs (Reset) reach the audit service
+    /// (`MESH_AUDIT_ADDR`, `MESH_CLIENT_*`); `None` (`MESH_AUDIT_ADDR`
+    /// unset): they are logged and counted only.
+    pub audit: Option<ClientConfig>,
 }
 
 impl Config {
@@ -223,11 +209,19 @@ impl Config {
             about: "the rate-limit service (mesh.ratelimit.v1.RateLimitService and Envoy's \
                     envoy.service.ratelimit.v3.RateLimitService, gRPC)",
             groups: vec![
-                ServerConfig::vars(DEFAULT_PORT),
+                ServerConfig::vars(DEFAULT_PORT)
+                    .with_default(mesh_runtime::config::keys::MAX_IN_FLIGHT, MAX_IN_FLIGHT)
+                    .with_default(mesh_runtime::config::keys::QUEUE_WAIT_MS, QUEUE_WAIT.as_millis()),
                 TelemetryConfig::vars("mesh-ratelimit"),
                 RedisConfig::vars()
                     .with_default(mesh_runtime::redis::keys::POOL_SIZE, DEFAULT_REDIS_POOL_SIZE),
                 EngineConfig::vars(),
+                ClientConfig::vars([
+                    None,
+                    None,
+                    Some("refused admin RPCs (Reset) are logged and counted, not audited (warned at start)"),
+                    None,
+                ]),
             ],
         }
     }
@@ -250,8 +244,6 @@ impl Config {
             local_cache_recheck: l.millis_or(keys::LOCAL_CACHE_RECHECK_MS, d.local_cache_recheck)?,
             fallback_size: l.parse_or(keys::FALLBACK_SIZE, d.fallback_size)?,
             rules_poll: l.millis_or(keys::RULES_POLL_MS, d.rules_poll)?,
-            max_in_flight: l.parse_or(keys::MAX_IN_FLIGHT, d.max_in_flight)?,
-            queue_wait: l.millis_or(keys::QUEUE_WAIT_MS, d.queue_wait)?,
             rate_limit_headers: match l.string(keys::RATE_LIMIT_HEADERS) {
                 None => d.rate_limit_headers,
                 Some(v) => RateLimitHeaders::parse(&v).ok_or_else(|| {
@@ -259,9 +251,6 @@ impl Config {
                 })?,
             },
         };
-        if engine.max_in_flight == 0 {
-            return Err(ConfigError::new(keys::MAX_IN_FLIGHT, "must be at least 1"));
-        }
         if engine.redis_timeout.is_zero() {
             return Err(ConfigError::new(keys::REDIS_TIMEOUT_MS, "must be at least 1"));
         }
@@ -282,10 +271,19 @@ impl Config {
             redis.pool_size = DEFAULT_REDIS_POOL_SIZE;
         }
         Ok(Self {
-            server: ServerConfig::from_lookup(l, DEFAULT_PORT)?,
+            server: ServerConfig::from_lookup_with(
+                l,
+                DEFAULT_PORT,
+                mesh_runtime::Limits {
+                    max_in_flight: MAX_IN_FLIGHT,
+                    queue_wait: QUEUE_WAIT,
+                    ..Default::default()
+                },
+            )?,
             redis,
             rules: l.string(keys::RULES).map(PathBuf::from),
             engine,
+            audit: Some(ClientConfig::from_lookup(l)?).filter(|c| c.audit.is_some()),
         })
     }
 }

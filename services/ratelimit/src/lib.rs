@@ -21,6 +21,7 @@
 //! - `store`: Redis keys, the cross-slot protocol, deadline and circuit breaker.
 //! - `algo`: the three algorithms in Rust (the fallback limiter; `lua/` holds Redis's copy).
 //! - `local`: the over-limit cache and the in-memory fallback limiter.
+//! - `fuzz`: entry points for the fuzz targets in `fuzz/` (hidden, not an API).
 //! - `metrics`: Prometheus metrics per rule, Redis, breaker, fallback, reloads.
 
 mod algo;
@@ -29,6 +30,8 @@ mod app;
 mod config;
 mod engine;
 mod error;
+#[doc(hidden)]
+pub mod fuzz;
 mod local;
 mod metrics;
 mod request;

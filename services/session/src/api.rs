@@ -10,6 +10,7 @@ use mesh_proto::session::{
     RevokeSessionResponse, RevokeUserSessionsRequest, RevokeUserSessionsResponse, ValidateSessionRequest,
     ValidateSessionResponse, session_service_server::SessionService,
 };
+use mesh_runtime::AdminGuard;
 use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
@@ -24,6 +25,11 @@ use crate::{
     store::{AuditContext, Record, Store, StoreError},
     token::{Bucket, SessionId, Token, TokenHash},
 };
+
+/// `RevokeUserSessions`, an admin RPC ([`mesh_runtime::authz`]).
+pub(crate) const REVOKE_USER_SESSIONS: &str = "/mesh.session.v1.SessionService/RevokeUserSessions";
+/// `ListUserSessions`, an admin RPC ([`mesh_runtime::authz`]).
+pub(crate) const LIST_USER_SESSIONS: &str = "/mesh.session.v1.SessionService/ListUserSessions";
 
 /// What a validation found without Redis.
 enum Local {
@@ -44,6 +50,8 @@ struct Inner {
     limiter: Limiter,
     config: SessionConfig,
     metrics: Arc<Metrics>,
+    /// Who may call the admin RPCs.
+    admin: AdminGuard,
     // The per-call counters, looked up once.
     invalid_format: Counter,
     valid_from_cache: Counter,
@@ -95,6 +103,7 @@ impl Api {
         limiter: Limiter,
         config: SessionConfig,
         metrics: Arc<Metrics>,
+        admin: AdminGuard,
     ) -> Self {
         let counter =
             |result, source| metrics.validations.get_or_create(&ValidationLabels { result, source }).clone();
@@ -107,6 +116,7 @@ impl Api {
                 limiter,
                 config,
                 metrics,
+                admin,
                 invalid_format,
                 valid_from_cache,
             }),
@@ -290,6 +300,7 @@ impl SessionService for Api {
         req: Request<RevokeUserSessionsRequest>,
     ) -> Result<Response<RevokeUserSessionsResponse>, Status> {
         let me = &self.inner;
+        me.admin.check(&req, REVOKE_USER_SESSIONS)?;
         let (metadata, extensions, body) = req.into_parts();
         let req = Request::from_parts(metadata, extensions, ());
         let r = request::revoke_user(body)?;
@@ -304,6 +315,7 @@ impl SessionService for Api {
         &self,
         req: Request<ListUserSessionsRequest>,
     ) -> Result<Response<ListUserSessionsResponse>, Status> {
+        self.inner.admin.check(&req, LIST_USER_SESSIONS)?;
         let user = request::list(req.into_inner())?;
         let records = self.inner.store.list(&user).await.map_err(unavailable)?;
         Ok(Response::new(ListUserSessionsResponse { sessions: records.iter().map(session).collect() }))

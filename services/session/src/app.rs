@@ -65,6 +65,7 @@ impl App {
     /// (it waits in the outbox), never validation.
     pub async fn build(config: Config) -> Result<Self, StartError> {
         let c = &config.session;
+        let admin_server = config.server.clone();
         let mut server = Server::bind(config.server).await?;
         let metrics = Metrics::register(server.registry());
         let client_metrics = ClientMetrics::register(server.registry());
@@ -114,9 +115,11 @@ impl App {
             }
         };
         let (notify_tx, notify_rx) = tokio::sync::mpsc::channel(NOTIFY_BUFFER);
+        let mut denial_sink = None;
         let notify = match &config.clients.audit {
             Some(_) => {
                 let audit = AuditClient::from_config(&config.clients, &client_metrics)?;
+                denial_sink = Some(audit.denial_sink());
                 let check = mesh_runtime::remote_check("audit", audit.channel().clone());
                 server.add_dependency(check, mesh_runtime::Need::Reported);
                 let drainer = Arc::new(Drainer::new(store.clone(), audit, hasher, c, metrics.clone()));
@@ -154,7 +157,16 @@ impl App {
         pools.push(subscriber);
 
         let limiter = Limiter::new(ratelimit, c, metrics.clone());
-        let api = Api::new(store, cache, limiter, c.clone(), metrics);
+        // Refused admin RPCs change nothing, so their audit events are sent
+        // directly rather than through the outbox (mesh_runtime::authz).
+        let admin = mesh_runtime::AdminGuard::new(
+            &admin_server,
+            crate::SOURCE_SERVICE,
+            &[crate::api::REVOKE_USER_SESSIONS, crate::api::LIST_USER_SESSIONS],
+            denial_sink,
+            server.registry(),
+        );
+        let api = Api::new(store, cache, limiter, c.clone(), metrics, admin);
         server.add_service(AuthorizationServer::new(Authz::new(api.clone(), c.ext_authz.clone())));
         server.add_service(SessionServiceServer::new(api));
         Ok(Self { server, background, pools })

@@ -39,6 +39,7 @@
 //! - `limiter`: CreateSession's rate limits.
 //! - `outbox`: audit delivery.
 //! - `metrics`: Prometheus metrics.
+//! - `fuzz`: entry points for the fuzz targets in `fuzz/` (hidden, not an API).
 
 mod api;
 mod app;
@@ -46,6 +47,8 @@ pub mod authz;
 mod cache;
 pub mod config;
 mod error;
+#[doc(hidden)]
+pub mod fuzz;
 mod limiter;
 mod metrics;
 mod outbox;

@@ -95,7 +95,11 @@ async fn one_call_across_two_services_and_redis_is_one_trace_tree() {
         assert_eq!(s.attr("request_id"), Some(request_id.as_str()), "{s:#?}");
     }
     for (client, server) in [(client_test, &hop_a), (client_a, &hop_b)] {
-        assert_eq!(client.attr("server.port"), Some(server.addr.port().to_string().as_str()));
+        assert_eq!(
+            client.int_attr("server.port"),
+            Some(i64::from(server.addr.port())),
+            "an int, as the conventions say"
+        );
     }
     assert_eq!(client_test.attr("server.address"), Some("127.0.0.1"));
     assert_eq!(client_test.attr("network.peer.address"), None, "same as server.address");

@@ -75,6 +75,7 @@ async fn the_ratelimit_client_checks_limits_on_the_real_service() {
         redis: Infra::shared().redis_config(&redis_prefix()),
         rules: Some(path),
         engine: mesh_ratelimit::EngineConfig { redis_timeout: Duration::from_secs(2), ..Default::default() },
+        audit: None,
     };
     let app = mesh_ratelimit::App::build(config).await.unwrap();
     let app = spawn(app.local_addr(), app.metrics_addr(), |sd| app.serve(sd));

@@ -5,6 +5,7 @@ mod idle;
 mod metrics;
 mod routing;
 mod spans;
+mod tls;
 
 use mesh_db::{Db, DbConfig, Lsn, Read, ServedBy};
 use prometheus_client::registry::Registry;

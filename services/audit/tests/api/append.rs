@@ -277,3 +277,57 @@ async fn a_retry_reaching_a_warmed_up_instance_still_gets_the_first_result() {
     let v = f.client.verify(VerifyRequest::default()).await.unwrap().into_inner();
     assert!(v.ok && v.checked == 7, "{v:?}");
 }
+
+#[tokio::test]
+async fn a_key_reused_for_another_event_is_refused_and_a_resend_gets_the_first_result() {
+    let _t = mesh_testkit::init_telemetry();
+    let mut f = Fixture::new().await;
+    // warm up: the instance then writes by the fast path, which meets the existing key
+    for i in 0..3 {
+        append(&mut f.client, event("dave", "warm"), &format!("warm-{i}")).await.unwrap();
+    }
+    let put = event("dave", "doc.put");
+    let first = append(&mut f.client, put.clone(), "op-1").await.unwrap();
+    // an identical resend, with another request id: the first result
+    let mut resend = tonic::Request::new(mesh_proto::audit::AppendRequest {
+        event: Some(put.clone()),
+        idempotency_key: "op-1".into(),
+    });
+    resend.metadata_mut().insert("x-request-id", MetadataValue::from_static("another-request-id"));
+    assert_eq!(f.client.append(resend).await.unwrap().into_inner(), first);
+
+    // the same key with another event: refused, naming the first use
+    let mut other = put.clone();
+    other.metadata = Some(Struct { fields: [("bytes".to_owned(), num(2.0))].into() });
+    for e in [event("dave", "doc.delete"), other] {
+        let status = append(&mut f.client, e, "op-1").await.unwrap_err();
+        assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "IDEMPOTENCY_KEY_REUSED");
+        assert_eq!(info.metadata.get("first_sequence"), Some(&first.sequence.to_string()));
+        assert!(status.message().starts_with("idempotency_key was first used"), "{}", status.message());
+    }
+
+    // one key, two events, sent at once (some meet in one batch): one row, the other event refused
+    let (a, b) = (event("erin", "doc.put"), event("erin", "doc.delete"));
+    let calls = (0..20).map(|i| {
+        let mut c = f.client.clone();
+        let e = if i % 2 == 0 { a.clone() } else { b.clone() };
+        async move { append(&mut c, e, "op-2").await }
+    });
+    let answers = join_all(calls).await;
+    let ok: Vec<_> = answers.iter().filter_map(|r| r.as_ref().ok()).collect();
+    let refused =
+        answers.iter().filter(|r| r.as_ref().is_err_and(|s| s.code() == Code::AlreadyExists)).count();
+    assert_eq!((ok.len(), refused), (10, 10), "{answers:?}");
+    assert!(ok.iter().all(|r| *r == ok[0]));
+
+    let mut owner = f.owner().await;
+    let rows: i64 =
+        sqlx::query_scalar("select count(*) from audit_events").fetch_one(&mut owner).await.unwrap();
+    assert_eq!(rows, 5, "nothing written for a refused key");
+    let text = scrape_metrics(f.app.metrics_addr).await.unwrap();
+    assert_eq!(metric_value(&text, "mesh_audit_appends_total", &["result=\"key_reused\""]), Some(12.0));
+    let v = f.client.verify(VerifyRequest::default()).await.unwrap().into_inner();
+    assert!(v.ok && v.checked == 5, "{v:?}");
+}

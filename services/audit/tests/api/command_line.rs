@@ -22,7 +22,7 @@ fn unknown_arguments_are_refused() {
 #[test]
 fn configuration_docs_match_help() {
     help::assert_documented(BIN, "mesh-audit", &["--help"]).unwrap();
-    for tool in ["verify", "export", "retention"] {
+    for tool in ["verify", "export", "retention", "keygen"] {
         help::assert_documented(BIN, "mesh-audit", &[tool, "--help"]).unwrap();
     }
 }

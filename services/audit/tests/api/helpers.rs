@@ -128,3 +128,15 @@ pub(crate) async fn psql(url: &str, command: &str) -> (bool, String) {
         .expect("psql runs");
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
+
+/// Runs `mesh-audit <args>` to completion: (exit code, stdout).
+pub(crate) async fn cli(args: &[&str]) -> (i32, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-audit"))
+        .args(args)
+        .env_remove("MESH_DATABASE_WRITE_URL")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+}

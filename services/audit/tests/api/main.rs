@@ -1,6 +1,10 @@
 //! Integration tests of the audit service against the real PostgreSQL primary and replica.
 
 mod append;
+mod authz;
+mod bad_input;
+mod bounds;
+mod checkpoints;
 mod command_line;
 mod export;
 mod helpers;

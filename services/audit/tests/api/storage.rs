@@ -9,24 +9,12 @@ use mesh_proto::audit::VerifyRequest;
 use mesh_testkit::{Infra, Process};
 use tonic::Code;
 
-use crate::helpers::{Fixture, append, event, eventually, psql, superuser_url};
+use crate::helpers::{Fixture, append, cli, event, eventually, psql, superuser_url};
 
 async fn append_n(f: &mut Fixture, n: usize, action: &str) {
     for i in 0..n {
         append(&mut f.client, event(&format!("u{i}"), action), "").await.unwrap();
     }
-}
-
-/// Runs `mesh-audit <args>` to completion: (exit code, stdout).
-async fn cli(args: &[&str]) -> (i32, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-audit"))
-        .args(args)
-        .env_remove("MESH_DATABASE_WRITE_URL")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[tokio::test]

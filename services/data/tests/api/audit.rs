@@ -41,7 +41,8 @@ async fn every_write_reaches_the_audit_log_once_with_who_what_and_which_call() {
     // hand-off, once. (With the tests' usual 500 ms grace, a loaded machine
     // lets the sweep deliver an event a second time before its first Append
     // is acknowledged: at-least-once delivery, still one record in the log.)
-    let f = Fixture::with_rules("mallory", OPEN_RULES, |c| c.data.outbox_grace = Duration::from_secs(60)).await;
+    let f =
+        Fixture::with_rules("mallory", OPEN_RULES, |c| c.data.outbox_grace = Duration::from_secs(60)).await;
     let mut req = f.c.authorize(put("a", 1));
     req.metadata_mut().insert("x-request-id", "req-put-a".parse().unwrap());
     f.c.raw().put(req).await.unwrap();

@@ -80,6 +80,7 @@ impl Mesh {
                 redis_timeout: Duration::from_secs(2),
                 ..Default::default()
             },
+            audit: None,
         })
         .await
         .expect("ratelimit builds");

@@ -3,13 +3,16 @@
 
 mod audit;
 mod auth;
+mod bad_input;
 mod cancel;
 mod command_line;
 mod crud;
 mod helpers;
 mod lifecycle;
 mod metrics;
+mod processes;
 mod query;
 mod routing;
+mod secrets;
 mod trace;
 mod values;

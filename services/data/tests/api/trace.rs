@@ -2,54 +2,22 @@
 //! spans from its own process: data → session → Redis, data → ratelimit →
 //! Redis, data → PostgreSQL, and the audit delivery → audit → PostgreSQL.
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use mesh_proto::data::PutRequest;
 use mesh_runtime::telemetry;
 use mesh_testkit::{
-    Infra, Process, TestDb,
-    bin::service_binary,
-    free_addr,
+    Infra, TestDb,
     otlp::{OtlpReceiver, Span},
     redis_prefix,
 };
 use serde_json::json;
 use tracing::Instrument as _;
 
-use crate::helpers::{OPEN_RULES, SERVED, client, doc};
-
-struct Service {
-    process: Process,
-    addr: SocketAddr,
-}
-
-async fn start(binary: &str, served: &str, env: Vec<(String, String)>, otlp: &str) -> Service {
-    let addr = free_addr();
-    let mut env = env;
-    env.extend([
-        ("MESH_LISTEN_ADDR".into(), addr.to_string()),
-        ("MESH_METRICS_ADDR".into(), free_addr().to_string()),
-        ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), otlp.to_owned()),
-        ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
-        ("MESH_DATABASE_MIN_CONNECTIONS".into(), "0".into()),
-    ]);
-    let path = if binary == "mesh-data" {
-        env!("CARGO_BIN_EXE_mesh-data").into()
-    } else {
-        service_binary(binary).unwrap()
-    };
-    let process = Process::start(path.to_str().unwrap(), &env).unwrap();
-    mesh_testkit::conformance::assert_serving(addr, &[served], Duration::from_secs(30)).await.unwrap();
-    Service { process, addr }
-}
-
-impl Service {
-    /// SIGTERM: the service drains and flushes its spans.
-    async fn stop(mut self) {
-        self.process.terminate().unwrap();
-        self.process.wait(Duration::from_secs(20)).await.unwrap();
-    }
-}
+use crate::{
+    helpers::{OPEN_RULES, SERVED, client, doc},
+    processes::start,
+};
 
 fn one<'a>(spans: &'a [Span], what: &str, f: impl Fn(&Span) -> bool) -> &'a Span {
     let found: Vec<&Span> = spans.iter().filter(|s| f(s)).collect();
@@ -77,15 +45,22 @@ async fn a_put_is_one_trace_across_every_service_redis_and_postgres() {
     std::fs::write(rules.path().join("data.yaml"), OPEN_RULES).unwrap();
     let mut env = redis();
     env.push(("MESH_RATELIMIT_RULES".into(), rules.path().display().to_string()));
-    let ratelimit = start("mesh-ratelimit", "mesh.ratelimit.v1.RateLimitService", env, &otlp).await;
+    let ratelimit = start("mesh-ratelimit", "mesh.ratelimit.v1.RateLimitService", env, &otlp, None).await;
     // No validation cache: the validation goes to Redis, as an uncached one does.
     let mut env = redis();
     env.push(("MESH_SESSION_CACHE_MAX_BYTES".into(), "0".into()));
-    let session = start("mesh-session", "mesh.session.v1.SessionService", env, &otlp).await;
+    // Background work runs all along: outbox sweeps here, health rounds everywhere.
+    env.push(("MESH_SESSION_OUTBOX_SWEEP_MS".into(), "200".into()));
+    let session = start("mesh-session", "mesh.session.v1.SessionService", env, &otlp, None).await;
     let audit_db = TestDb::new(infra).await.unwrap();
-    let audit =
-        start("mesh-audit", "mesh.audit.v1.AuditService", infra.env(&audit_db.schema, "unused:"), &otlp)
-            .await;
+    let audit = start(
+        "mesh-audit",
+        "mesh.audit.v1.AuditService",
+        infra.env(&audit_db.schema, "unused:"),
+        &otlp,
+        None,
+    )
+    .await;
     let data_db = TestDb::new(infra).await.unwrap();
     let mut env = infra.env(&data_db.schema, "unused:");
     env.extend([
@@ -93,7 +68,7 @@ async fn a_put_is_one_trace_across_every_service_redis_and_postgres() {
         ("MESH_RATELIMIT_ADDR".into(), ratelimit.addr.to_string()),
         ("MESH_AUDIT_ADDR".into(), audit.addr.to_string()),
     ]);
-    let data = start("mesh-data", SERVED[0], env, &otlp).await;
+    let data = start("mesh-data", SERVED[0], env, &otlp, None).await;
 
     let mut sessions = mesh_proto::session::session_service_client::SessionServiceClient::new(
         mesh_testkit::channel(session.addr).await,
@@ -109,15 +84,20 @@ async fn a_put_is_one_trace_across_every_service_redis_and_postgres() {
         .token;
     let c = client(data.addr, &token);
     let root = tracing::info_span!("checkout");
-    c.put(PutRequest {
-        collection: "carts".into(),
-        key: "c-1".into(),
-        document: Some(doc(json!({"items": 3}))),
-        expected_version: None,
-    })
-    .instrument(root)
-    .await
-    .unwrap();
+    let put = c
+        .raw()
+        .put(c.authorize(PutRequest {
+            collection: "carts".into(),
+            key: "c-1".into(),
+            document: Some(doc(json!({"items": 3}))),
+            expected_version: None,
+        }))
+        .instrument(root)
+        .await
+        .unwrap();
+    // The answer names its trace (W3C `traceresponse`): what a caller looks up.
+    let traceresponse =
+        put.metadata().get("traceresponse").expect("traceresponse").to_str().unwrap().to_owned();
     // The audit event is delivered after the Put answered: wait for it, then
     // let every process drain and flush.
     let filter = mesh_proto::audit::EventFilter { resource_id: "carts/c-1".into(), ..Default::default() };
@@ -140,6 +120,26 @@ async fn a_put_is_one_trace_across_every_service_redis_and_postgres() {
         })
         .await;
     let root = one(&spans, "the test's root span", |s| s.name == "checkout");
+    // Only calls start traces in a service: no root from background work
+    // (health rounds, outbox sweeps, replica polls) and none from health
+    // probes; their spans are not exported at all.
+    for s in spans.iter().filter(|s| s.service.starts_with("mesh-") && s.service != "mesh-data-test") {
+        let mut top = s;
+        while let Some(p) =
+            spans.iter().find(|p| p.span_id == top.parent_span_id && p.trace_id == top.trace_id)
+        {
+            top = p;
+        }
+        assert!(
+            (top.kind == 2 && !top.name.starts_with("grpc.health.v1.Health/")) || top.name == "checkout",
+            "{} span {:?} is in a trace no call started (its top: {} {:?}, kind {})",
+            s.service,
+            s.name,
+            top.service,
+            top.name,
+            top.kind
+        );
+    }
     let trace: Vec<Span> = spans.iter().filter(|s| s.trace_id == root.trace_id).cloned().collect();
     let server = |svc: &str, method: &str| {
         one(&trace, &format!("{svc} server span"), |s| {
@@ -147,6 +147,7 @@ async fn a_put_is_one_trace_across_every_service_redis_and_postgres() {
         })
     };
     let put = server("mesh-data", "/Put");
+    assert_eq!(traceresponse, format!("00-{}-{}-01", root.trace_id, put.span_id));
     let validate = server("mesh-session", "/ValidateSession");
     let check = server("mesh-ratelimit", "/Check");
     let append = server("mesh-audit", "/Append");
@@ -172,7 +173,7 @@ async fn a_put_is_one_trace_across_every_service_redis_and_postgres() {
         assert_eq!(s.kind, 3);
         assert!(s.attr("db.operation.name").is_some(), "{s:#?}");
         assert_eq!(s.attr("server.address"), Some("127.0.0.1"));
-        assert_eq!(s.attr("server.port"), Some(infra.pg_primary_port.to_string().as_str()));
+        assert_eq!(s.int_attr("server.port"), Some(i64::from(infra.pg_primary_port)));
     }
     // The audit delivery joins the Put's trace, and goes on into the audit service's PostgreSQL.
     let delivery = one(&trace, "the delivery span", |s| s.name == "deliver audit event");

@@ -30,6 +30,7 @@ pub(crate) fn config(infra: &Infra) -> Config {
             local_cache_recheck: Duration::from_secs(60),
             ..EngineConfig::default()
         },
+        audit: None,
     }
 }
 

@@ -1,5 +1,7 @@
 //! Integration tests of the rate-limit service against the real Redis Cluster.
 
+mod authz;
+mod bad_input;
 mod command_line;
 mod envoy;
 mod failover;
@@ -12,3 +14,4 @@ mod paths;
 mod reshard;
 mod rules;
 mod saga;
+mod tls;

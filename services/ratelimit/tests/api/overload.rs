@@ -100,7 +100,9 @@ async fn from_16_to_1024_callers_redis_decides_at_least_99_percent_and_the_exces
     // answers came from the fail-open fallback. Queue wait and breaker are
     // the defaults.
     config.engine.redis_timeout = Duration::from_millis(30);
-    config.engine.max_in_flight = 8;
+    config.server.limits.max_in_flight = 8;
+    // The service's own default queue wait (MESH_QUEUE_WAIT_MS).
+    config.server.limits.queue_wait = Duration::from_millis(250);
     config.engine.local_cache_recheck = mesh_ratelimit::EngineConfig::default().local_cache_recheck;
     let app = spawn_app(config).await;
     let first = client(&app).await;
@@ -131,11 +133,12 @@ async fn from_16_to_1024_callers_redis_decides_at_least_99_percent_and_the_exces
         shed_seen += shed;
     }
     // Every shed call is counted; no breaker opened, nothing fell back.
-    assert_eq!(metric(&app, "mesh_ratelimit_shed_total", &[]).await, shed_seen as f64);
+    let check = ["grpc_service=\"mesh.ratelimit.v1.RateLimitService\"", "grpc_method=\"Check\""];
+    assert_eq!(metric(&app, "mesh_server_shed_total", &check).await, shed_seen as f64);
     assert_eq!(
         metric(&app, "mesh_ratelimit_redis_breaker_transitions_total", &["state=\"open\""]).await,
         0.0
     );
-    assert_eq!(metric(&app, "mesh_ratelimit_in_flight", &[]).await, 0.0);
+    assert_eq!(metric(&app, "mesh_server_in_flight", &[]).await, 0.0);
     app.stop().await.unwrap();
 }

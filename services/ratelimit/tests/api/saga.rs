@@ -68,7 +68,7 @@ async fn cross_slot_counters_equal_the_ok_answers_while_connections_are_killed()
     // kills would open the breaker (every call then fail_closed, nothing to
     // count) and slow calls would be shed.
     config.engine.breaker_min_requests = u32::MAX;
-    config.engine.max_in_flight = CALLERS;
+    config.server.limits.max_in_flight = CALLERS;
     let prefix = config.redis.key_prefix.clone();
     let app = spawn_app(config).await;
     let c = client(&app).await;

@@ -2,6 +2,8 @@
 //! and the real rate-limit and audit services.
 
 mod audit;
+mod authz;
+mod bad_input;
 mod command_line;
 mod declared_keys;
 mod durability;

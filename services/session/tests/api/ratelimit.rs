@@ -35,6 +35,7 @@ async fn spawn_ratelimit() -> (Running, tempfile::TempDir) {
         rules: Some(path),
         // Generous: a loaded CI machine must not fall back to the failure mode.
         engine: EngineConfig { redis_timeout: Duration::from_secs(2), ..EngineConfig::default() },
+        audit: None,
     };
     let app = mesh_ratelimit::App::build(config).await.expect("ratelimit builds");
     let running = spawn(app.local_addr(), app.metrics_addr(), |sd| app.serve(sd));

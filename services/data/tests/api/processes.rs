@@ -1,0 +1,62 @@
+//! Service binaries (this crate's and the rest of the mesh's) run as real
+//! processes, each exporting its spans to an OTLP endpoint.
+
+use std::{net::SocketAddr, time::Duration};
+
+use mesh_testkit::{LogBuffer, Process, bin::service_binary, free_addr};
+
+/// A service binary running as a process, serving on `addr`.
+pub(crate) struct Service {
+    process: Process,
+    pub(crate) addr: SocketAddr,
+    metrics_addr: SocketAddr,
+}
+
+/// Starts `binary` with `env` (plus its listen and metrics addresses and
+/// spans exported to `otlp`) and waits until it serves `served`. With
+/// `logs`, it logs everything (dependencies included: sqlx, fred, tonic,
+/// h2) at debug level as JSON, and its output goes there.
+pub(crate) async fn start(
+    binary: &str,
+    served: &str,
+    mut env: Vec<(String, String)>,
+    otlp: &str,
+    logs: Option<&LogBuffer>,
+) -> Service {
+    let (addr, metrics_addr) = (free_addr(), free_addr());
+    env.extend([
+        ("MESH_LISTEN_ADDR".into(), addr.to_string()),
+        ("MESH_METRICS_ADDR".into(), metrics_addr.to_string()),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), otlp.to_owned()),
+        ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+        ("MESH_DATABASE_MIN_CONNECTIONS".into(), "0".into()),
+    ]);
+    if logs.is_some() {
+        env.extend([("MESH_LOG_FORMAT".into(), "json".into()), ("RUST_LOG".into(), "debug".into())]);
+    }
+    let path = if binary == "mesh-data" {
+        env!("CARGO_BIN_EXE_mesh-data").into()
+    } else {
+        service_binary(binary).unwrap()
+    };
+    let process = match logs {
+        Some(logs) => Process::start_captured(path.to_str().unwrap(), &env, logs),
+        None => Process::start(path.to_str().unwrap(), &env),
+    }
+    .unwrap();
+    mesh_testkit::conformance::assert_serving(addr, &[served], Duration::from_secs(30)).await.unwrap();
+    Service { process, addr, metrics_addr }
+}
+
+impl Service {
+    /// What its metrics endpoint shows now.
+    pub(crate) async fn metrics(&self) -> String {
+        mesh_testkit::scrape_metrics(self.metrics_addr).await.unwrap()
+    }
+
+    /// SIGTERM: the service drains and flushes its spans.
+    pub(crate) async fn stop(mut self) {
+        self.process.terminate().unwrap();
+        self.process.wait(Duration::from_secs(20)).await.unwrap();
+    }
+}
