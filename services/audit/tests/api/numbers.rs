@@ -16,6 +16,8 @@ use mesh_proto::audit::{
     audit_service_client::AuditServiceClient,
 };
 use mesh_testkit::Infra;
+
+use crate::helpers::cli;
 use proptest::{
     prelude::*,
     test_runner::{Config as ProptestConfig, TestRunner},
@@ -85,18 +87,6 @@ async fn export_metadata(client: &mut AuditServiceClient<Channel>, from: u64, to
         }
     }
     out
-}
-
-/// Runs `mesh-audit <args>` to completion: (exit code, stdout).
-async fn cli(args: &[&str]) -> (i32, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-audit"))
-        .args(args)
-        .env_remove("MESH_DATABASE_WRITE_URL")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn with_metadata(resource_id: &str, metadata: Struct) -> AuditEvent {

@@ -60,3 +60,26 @@ impl Service {
         self.process.wait(Duration::from_secs(20)).await.unwrap();
     }
 }
+
+/// The Redis Cluster settings of a service under test (shared infrastructure,
+/// a key prefix of its own).
+pub(crate) fn redis_env(infra: &mesh_testkit::Infra) -> Vec<(String, String)> {
+    vec![
+        ("MESH_REDIS_URLS".to_owned(), infra.redis_urls().join(",")),
+        ("MESH_REDIS_KEY_PREFIX".to_owned(), mesh_testkit::redis_prefix()),
+    ]
+}
+
+/// `mesh-ratelimit` with [`crate::helpers::OPEN_RULES`] as domain `data`;
+/// the rules directory lives as long as the returned guard.
+pub(crate) async fn start_ratelimit(
+    infra: &mesh_testkit::Infra,
+    otlp: &str,
+    logs: Option<&LogBuffer>,
+) -> (Service, tempfile::TempDir) {
+    let rules = tempfile::tempdir().unwrap();
+    std::fs::write(rules.path().join("data.yaml"), crate::helpers::OPEN_RULES).unwrap();
+    let mut env = redis_env(infra);
+    env.push(("MESH_RATELIMIT_RULES".into(), rules.path().display().to_string()));
+    (start("mesh-ratelimit", "mesh.ratelimit.v1.RateLimitService", env, otlp, logs).await, rules)
+}

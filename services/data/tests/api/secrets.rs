@@ -18,14 +18,13 @@ use mesh_proto::{
 use mesh_testkit::{
     Infra, LogBuffer, TestDb,
     otlp::{OtlpReceiver, Span},
-    redis_prefix,
 };
 use serde_json::json;
 use sqlx::{Connection as _, PgConnection};
 
 use crate::{
-    helpers::{OPEN_RULES, SERVED, client, doc},
-    processes::start,
+    helpers::{SERVED, client, doc},
+    processes::{redis_env, start, start_ratelimit},
 };
 
 /// A login role of its own with a password nothing else contains, able to
@@ -106,22 +105,11 @@ async fn no_token_password_or_credentialed_url_in_any_log_span_or_metric() {
     let role = SecretRole::create(infra).await;
     let hash_key = format!("audit-hash-key-{:032x}", rand::random::<u128>());
 
-    let redis = || {
-        vec![
-            ("MESH_REDIS_URLS".to_owned(), infra.redis_urls().join(",")),
-            ("MESH_REDIS_KEY_PREFIX".to_owned(), redis_prefix()),
-        ]
-    };
-    let rules = tempfile::tempdir().unwrap();
-    std::fs::write(rules.path().join("data.yaml"), OPEN_RULES).unwrap();
-    let mut env = redis();
-    env.push(("MESH_RATELIMIT_RULES".into(), rules.path().display().to_string()));
-    let ratelimit =
-        start("mesh-ratelimit", "mesh.ratelimit.v1.RateLimitService", env, &otlp, Some(&logs)).await;
+    let (ratelimit, _rules) = start_ratelimit(infra, &otlp, Some(&logs)).await;
     let audit_db = TestDb::new(infra).await.unwrap();
     let audit_env = infra.env(&audit_db.schema, "unused:");
     let audit = start("mesh-audit", "mesh.audit.v1.AuditService", audit_env, &otlp, Some(&logs)).await;
-    let mut env = redis();
+    let mut env = redis_env(infra);
     env.extend([
         ("MESH_SESSION_AUDIT_HASH_KEY".into(), hash_key.clone()),
         ("MESH_SESSION_OUTBOX_SWEEP_MS".into(), "200".into()),

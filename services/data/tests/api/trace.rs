@@ -9,14 +9,13 @@ use mesh_runtime::telemetry;
 use mesh_testkit::{
     Infra, TestDb,
     otlp::{OtlpReceiver, Span},
-    redis_prefix,
 };
 use serde_json::json;
 use tracing::Instrument as _;
 
 use crate::{
-    helpers::{OPEN_RULES, SERVED, client, doc},
-    processes::start,
+    helpers::{SERVED, client, doc},
+    processes::{redis_env, start, start_ratelimit},
 };
 
 fn one<'a>(spans: &'a [Span], what: &str, f: impl Fn(&Span) -> bool) -> &'a Span {
@@ -35,19 +34,9 @@ async fn a_put_is_one_trace_across_every_service_redis_and_postgres() {
     let telemetry = telemetry::init_for_tests("mesh-data-test", Some(receiver.endpoint()));
     let otlp = receiver.endpoint();
     let infra = Infra::shared();
-    let redis = || {
-        vec![
-            ("MESH_REDIS_URLS".to_owned(), infra.redis_urls().join(",")),
-            ("MESH_REDIS_KEY_PREFIX".to_owned(), redis_prefix()),
-        ]
-    };
-    let rules = tempfile::tempdir().unwrap();
-    std::fs::write(rules.path().join("data.yaml"), OPEN_RULES).unwrap();
-    let mut env = redis();
-    env.push(("MESH_RATELIMIT_RULES".into(), rules.path().display().to_string()));
-    let ratelimit = start("mesh-ratelimit", "mesh.ratelimit.v1.RateLimitService", env, &otlp, None).await;
+    let (ratelimit, _rules) = start_ratelimit(infra, &otlp, None).await;
     // No validation cache: the validation goes to Redis, as an uncached one does.
-    let mut env = redis();
+    let mut env = redis_env(infra);
     env.push(("MESH_SESSION_CACHE_MAX_BYTES".into(), "0".into()));
     // Background work runs all along: outbox sweeps here, health rounds everywhere.
     env.push(("MESH_SESSION_OUTBOX_SWEEP_MS".into(), "200".into()));
