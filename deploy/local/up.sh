@@ -44,6 +44,9 @@ export MESH_RATELIMIT_ADDR=http://127.0.0.1:50052
 export MESH_AUDIT_ADDR=http://127.0.0.1:50053
 # Traces go to the local sink unless this environment names another endpoint.
 export OTEL_EXPORTER_OTLP_ENDPOINT=${OTEL_EXPORTER_OTLP_ENDPOINT:-http://$MESH_TRACE_SINK_ADDR}
+# Spans leave in batches every 500 ms here (the SDK's default is 5 s), so a
+# call's trace can be printed right after its answer.
+export OTEL_BSP_SCHEDULE_DELAY=${OTEL_BSP_SCHEDULE_DELAY:-500}
 
 traces_endpoint=${OTEL_EXPORTER_OTLP_TRACES_ENDPOINT:-$OTEL_EXPORTER_OTLP_ENDPOINT}
 if [ "$traces_endpoint" = "http://$MESH_TRACE_SINK_ADDR" ] && [ "${OTEL_TRACES_EXPORTER:-otlp}" = otlp ]; then

@@ -204,7 +204,8 @@ pub enum Roots {
     Any,
     /// Only a server span of a call some caller made (never one of
     /// `grpc.health.v1.Health`, which probes and peers call every few
-    /// seconds). Any
+    /// seconds, nor of server reflection, which grpcurl calls before every
+    /// call it makes). Any
     /// other span without a parent is the service's own background work —
     /// health rounds, outbox sweeps, replica polls — and is dropped with
     /// everything under it, so a trace backend shows calls, not
@@ -395,7 +396,7 @@ impl ShouldSample for ServedCalls {
         links: &[opentelemetry::trace::Link],
     ) -> SamplingResult {
         let parent_span = parent.map(|cx| cx.span().span_context().clone()).filter(|sc| sc.is_valid());
-        let drop = name.starts_with(HEALTH_SERVICE)
+        let drop = UNTRACED_SERVICES.iter().any(|s| name.starts_with(s))
             || match &parent_span {
                 None => *kind != SpanKind::Server,
                 // Under a dropped background root of this process (a remote
@@ -413,8 +414,14 @@ impl ShouldSample for ServedCalls {
     }
 }
 
-/// The server span name prefix of health calls (`grpc.health.v1.Health/Check`).
-const HEALTH_SERVICE: &str = "grpc.health.v1.Health/";
+/// Server span name prefixes of calls that never start a trace under
+/// [`Roots::ServedCalls`]: health (probes, peers' health rounds) and
+/// reflection (grpcurl asks before each call), both tooling, not work.
+const UNTRACED_SERVICES: [&str; 3] = [
+    "grpc.health.v1.Health/",
+    "grpc.reflection.v1.ServerReflection/",
+    "grpc.reflection.v1alpha.ServerReflection/",
+];
 
 fn otel_layer<S>(tracer: opentelemetry_sdk::trace::Tracer) -> impl Layer<S>
 where
@@ -819,6 +826,43 @@ mod tests {
         assert!(!decide(SamplerConfig::AlwaysOff, None));
         assert!(!decide(SamplerConfig::ParentBasedAlwaysOff, None));
         assert!(decide(SamplerConfig::default(), None));
+    }
+
+    #[test]
+    fn served_calls_start_traces_and_health_reflection_and_background_work_do_not() {
+        let sampler = ServedCalls(SamplerConfig::default().sampler());
+        let remote = opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
+            TraceId::from_bytes(7u128.to_be_bytes()),
+            SpanId::from_bytes(7u64.to_be_bytes()),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        ));
+        let root = opentelemetry::Context::new();
+        let decide = |cx: &opentelemetry::Context, name: &str, kind: SpanKind| {
+            let r = sampler.should_sample(
+                Some(cx),
+                TraceId::from_bytes(9u128.to_be_bytes()),
+                name,
+                &kind,
+                &[],
+                &[],
+            );
+            r.decision == SamplingDecision::RecordAndSample
+        };
+        assert!(decide(&root, "mesh.data.v1.DataService/Put", SpanKind::Server));
+        assert!(decide(&remote, "mesh.session.v1.SessionService/ValidateSession", SpanKind::Server));
+        assert!(!decide(&root, "outbox.sweep", SpanKind::Internal), "background work");
+        assert!(!decide(&root, "EVALSHA ratelimit_check", SpanKind::Client), "a client call of no call");
+        for name in [
+            "grpc.health.v1.Health/Check",
+            "grpc.health.v1.Health/Watch",
+            "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert!(!decide(&root, name, SpanKind::Server), "{name}");
+            assert!(!decide(&remote, name, SpanKind::Server), "{name} under a sampled caller");
+        }
     }
 
     #[derive(Clone, Default)]

@@ -25,6 +25,12 @@ struct Cli {
     /// List the traces in the file (oldest first): id, spans, duration, root.
     #[arg(long)]
     list: bool,
+    /// How long to wait for a trace id that is not in the file yet, in
+    /// seconds: services export spans in batches (every
+    /// `OTEL_BSP_SCHEDULE_DELAY` ms: 5000 by default, 500 under up.sh), so a
+    /// call answered a moment ago may not have reached the sink.
+    #[arg(long, default_value_t = 6.0, value_name = "SECONDS")]
+    wait: f64,
     /// The sink's span file (deploy/local/up.sh sets MESH_TRACE_FILE in .local/env).
     #[arg(long, env = "MESH_TRACE_FILE")]
     file: Option<PathBuf>,
@@ -86,7 +92,7 @@ fn show(cli: &Cli) -> anyhow::Result<ExitCode> {
             "no span file: pass --file or set MESH_TRACE_FILE (source the env file deploy/local/up.sh names)"
         );
     };
-    let spans = tree::load(file)?;
+    let mut spans = tree::load(file)?;
     if cli.list {
         for t in tree::traces(&spans) {
             println!(
@@ -106,13 +112,24 @@ fn show(cli: &Cli) -> anyhow::Result<ExitCode> {
             None => anyhow::bail!("{} holds no spans yet", file.display()),
         },
     };
-    match tree::render(&spans, &id) {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs_f64(cli.wait.max(0.0));
+    let mut found = tree::render(&spans, &id);
+    while found.is_none() && cli.trace_id.is_some() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        spans = tree::load(file)?;
+        found = tree::render(&spans, &id);
+    }
+    match found {
         Some(text) => {
             print!("{text}");
             Ok(ExitCode::SUCCESS)
         }
         None => {
-            eprintln!("mesh-trace: no span of trace {id} in {} (try --list)", file.display());
+            eprintln!(
+                "mesh-trace: no span of trace {id} in {} after waiting {} s (try --list)",
+                file.display(),
+                cli.wait
+            );
             Ok(ExitCode::from(1))
         }
     }

@@ -205,7 +205,7 @@ async fn a_call_to_a_service_exporting_to_the_sink_prints_as_a_tree_with_its_red
     // --last finds the newest trace; an unknown id is exit 1 with a reason.
     let (ok, _) = mesh_trace(&file, &["--last"]);
     assert!(ok);
-    let (ok, out) = mesh_trace(&file, &[&"0".repeat(32)]);
+    let (ok, out) = mesh_trace(&file, &["--wait", "0.3", &"0".repeat(32)]);
     assert!(!ok && out.contains("no span of trace"), "{out}");
 }
 
