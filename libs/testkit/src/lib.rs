@@ -9,6 +9,7 @@
 //!   gracefully or abruptly; run a service binary as a child process.
 //! - [`bin`]: the service binaries, for tests that run services as processes.
 //! - [`grpc`]: channels, health checks, metrics scraping, grpcurl.
+//! - [`latency`]: a TCP proxy that delays every byte (a slow datastore).
 //! - [`raw`]: gRPC calls with hand-written request bytes and headers (bad-input tests).
 //! - [`otlp`]: an in-process OTLP trace receiver collecting exported spans.
 //! - [`conformance`]: what every mesh service must do (health, reflection, SIGTERM).
@@ -24,6 +25,7 @@ pub mod help;
 pub mod infra;
 pub mod isolate;
 pub mod json;
+pub mod latency;
 pub mod logs;
 pub mod otlp;
 pub mod raw;
@@ -33,6 +35,7 @@ pub mod tls;
 pub use grpc::{channel, grpcurl, health_status, scrape_metrics, wait_for_health};
 pub use infra::{Infra, PrivateInfra, repo_root};
 pub use isolate::{TestDb, redis_prefix};
+pub use latency::LatencyProxy;
 pub use logs::LogBuffer;
 pub use spawn::{Process, Running, free_addr, spawn};
 

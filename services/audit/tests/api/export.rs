@@ -4,22 +4,7 @@ use futures::StreamExt as _;
 use mesh_proto::audit::{EventFilter, ExportRequest, Outcome};
 use mesh_testkit::Infra;
 
-use crate::helpers::{Fixture, append, event};
-
-async fn cli(args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-audit"))
-        .args(args)
-        .env_remove("MESH_DATABASE_WRITE_URL")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::helpers::{Fixture, append, cli_full as cli, event};
 
 #[tokio::test]
 async fn export_streams_json_lines_that_verify_offline() {

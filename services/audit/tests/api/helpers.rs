@@ -129,8 +129,9 @@ pub(crate) async fn psql(url: &str, command: &str) -> (bool, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
-/// Runs `mesh-audit <args>` to completion: (exit code, stdout).
-pub(crate) async fn cli(args: &[&str]) -> (i32, String) {
+/// Runs `mesh-audit <args>` to completion, without the environment's
+/// database URL: (exit code, stdout, stderr).
+pub(crate) async fn cli_full(args: &[&str]) -> (i32, String, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-audit"))
         .args(args)
         .env_remove("MESH_DATABASE_WRITE_URL")
@@ -138,5 +139,15 @@ pub(crate) async fn cli(args: &[&str]) -> (i32, String) {
         .output()
         .await
         .unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// [`cli_full`]'s exit code and stdout.
+pub(crate) async fn cli(args: &[&str]) -> (i32, String) {
+    let (code, out, _) = cli_full(args).await;
+    (code, out)
 }

@@ -10,6 +10,7 @@ mod export;
 mod helpers;
 mod lifecycle;
 mod numbers;
+mod overload;
 mod query;
 mod spans;
 mod storage;
