@@ -8,12 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# cargo-fuzz from crates.io, into the project's tool directory.
-tools=$PWD/.local/tools/cargo
-if [ ! -x "$tools/bin/cargo-fuzz" ]; then
-  cargo install --locked cargo-fuzz --version 0.13.2 --root "$tools"
-fi
-export PATH=$tools/bin:$PATH
+# cargo-fuzz 0.13.2 (installed by .ci/rust-tool.sh on first use).
+fuzz=$(.ci/rust-tool.sh cargo-fuzz 0.13.2)
+export PATH=${fuzz%/*}:$PATH
 # cargo fuzz passes -Z flags to rustc; CI and new machines have only the
 # stable toolchain, which accepts them with RUSTC_BOOTSTRAP. No sanitizer:
 # the stable toolchain ships no sanitizer runtimes, and the code under test

@@ -302,6 +302,51 @@ with_lock() {
   flock 9
 }
 
+# ---------------------------------------------------------------- local mutual TLS (MESH_LOCAL_TLS=1 up.sh)
+
+# The SPIFFE identity of local service account NAME.
+spiffe_id() { echo "spiffe://mesh.local/ns/default/sa/$1"; }
+
+# tls_local_pki DIR NAME...: with openssl, a local CA (DIR/ca.pem, its key
+# DIR/ca-key.pem) and per NAME DIR/NAME.pem + DIR/NAME-key.pem: ECDSA P-256,
+# for server and client use, SANs URI `spiffe_id NAME`, DNS NAME and
+# localhost, IP 127.0.0.1 and ::1. Only what is missing, expires within a
+# day or (for a leaf) is not signed by DIR/ca.pem is made again, so a rerun
+# changes nothing and running services keep their certificates. Keys are
+# readable by this user only.
+tls_local_pki() {
+  local dir=$1 name; shift
+  command -v openssl >/dev/null || apt_install openssl
+  (umask 077 && mkdir -p "$dir")
+  if ! { [ -f "$dir/ca-key.pem" ] && openssl x509 -in "$dir/ca.pem" -noout -checkend 86400 >/dev/null 2>&1; }; then
+    say "making a local CA in $dir"
+    (umask 077 && openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -sha256 -days 365 \
+      -subj "/CN=mesh local CA" -keyout "$dir/ca-key.pem" -out "$dir/ca.pem" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null) \
+      || die "openssl could not make the local CA"
+  fi
+  for name in "$@"; do
+    if [ -f "$dir/$name-key.pem" ] && openssl x509 -in "$dir/$name.pem" -noout -checkend 86400 >/dev/null 2>&1 \
+      && openssl verify -CAfile "$dir/ca.pem" "$dir/$name.pem" >/dev/null 2>&1; then
+      continue
+    fi
+    (umask 077 && openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$name" \
+        -keyout "$dir/$name-key.pem.tmp" -out "$dir/$name.csr" 2>/dev/null \
+      && openssl x509 -req -in "$dir/$name.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca-key.pem" -sha256 -days 90 \
+        -set_serial "0x$(openssl rand -hex 16)" -out "$dir/$name.pem.tmp" 2>/dev/null -extfile <(cat <<EXT
+basicConstraints=critical,CA:FALSE
+keyUsage=critical,digitalSignature
+extendedKeyUsage=serverAuth,clientAuth
+subjectAltName=URI:$(spiffe_id "$name"),DNS:$name,DNS:localhost,IP:127.0.0.1,IP:::1
+EXT
+      )) || die "openssl could not issue the certificate of $name"
+    # Renames: a running service reloading its files never reads half of one.
+    mv "$dir/$name-key.pem.tmp" "$dir/$name-key.pem"
+    mv "$dir/$name.pem.tmp" "$dir/$name.pem"
+    rm -f "$dir/$name.csr"
+  done
+}
+
 # ---------------------------------------------------------------- local services (up.sh, down.sh)
 # Each process up.sh starts has, in $RUN_DIR, NAME.pid, NAME.log and NAME.env:
 # what it was started with besides its binary (for a service, its effective
@@ -320,7 +365,7 @@ svc_alive() { [ -f "$RUN_DIR/$1.pid" ] && pid_alive "$(cat "$RUN_DIR/$1.pid")"; 
 # RUST_LOG and MESH_* as exported here (this script's own settings left out).
 svc_env() {
   env | grep -E '^(OTEL_[A-Z0-9_]*|RUST_LOG|MESH_[A-Z0-9_]*)=' \
-    | grep -vE '^MESH_(LOCAL_DIR|TOOLS_DIR|PROFILE|PG_[A-Z_]*|REDIS_PORTS|TRACE_SINK_ADDR|TRACE_FILE)=' | LC_ALL=C sort || true
+    | grep -vE '^MESH_(LOCAL_[A-Z_]*|TOOLS_DIR|PROFILE|PG_[A-Z_]*|REDIS_PORTS|TRACE_SINK_ADDR|TRACE_FILE)=' | LC_ALL=C sort || true
 }
 
 # svc_stop NAME [SECONDS]: SIGTERM, then SIGKILL after SECONDS (default 30).
@@ -395,17 +440,28 @@ traces_banner() {
   esac
 }
 
-# local_env_file BIN_DIR: writes $MESH_LOCAL_DIR/env, to source in a shell:
-# the stack's binaries (mesh-audit verify|export|retention, mesh-trace) on
-# PATH, the database URL mesh-audit reads, and the trace file.
+# grpcurl_flags [TLS_DIR]: grpcurl's transport flags for the local stack:
+# `-plaintext`, or with TLS_DIR (made by tls_local_pki) its CA and the `ops`
+# identity's certificate and key.
+grpcurl_flags() {
+  if [ -z "${1:-}" ]; then echo -plaintext; else echo "-cacert $1/ca.pem -cert $1/ops.pem -key $1/ops-key.pem"; fi
+}
+
+# local_env_file BIN_DIR [TLS_DIR]: writes $MESH_LOCAL_DIR/env, to source in
+# a shell: the stack's binaries (mesh-audit verify|export|retention,
+# mesh-trace) on PATH, the database URL mesh-audit reads, the trace file,
+# and MESH_LOCAL_GRPCURL (`grpcurl_flags TLS_DIR`), as in
+# `grpcurl $MESH_LOCAL_GRPCURL 127.0.0.1:50052 list`.
 local_env_file() {
-  local f="$MESH_LOCAL_DIR/env"
+  local f="$MESH_LOCAL_DIR/env" grpcurl
+  grpcurl=$(grpcurl_flags "${2:-}")
   (umask 077; cat >"$f" <<ENV
 # Written by deploy/local/up.sh. Use: source $f
 export PATH="$1:\$PATH"
 export MESH_DATABASE_WRITE_URL="postgres://mesh:$MESH_PG_PASSWORD@127.0.0.1:$MESH_PG_PRIMARY_PORT/mesh"
 export MESH_DATABASE_READ_URLS="postgres://mesh:$MESH_PG_PASSWORD@127.0.0.1:$MESH_PG_REPLICA_PORT/mesh"
 export MESH_TRACE_FILE="$MESH_TRACE_FILE"
+export MESH_LOCAL_GRPCURL="$grpcurl"
 ENV
   )
   echo "$f"

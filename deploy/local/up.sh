@@ -12,6 +12,9 @@
 #
 #   MESH_PROFILE=release deploy/local/up.sh    # optimised build (default: dev)
 #   RUST_LOG=debug deploy/local/up.sh          # restarts the services with debug logs
+#   MESH_LOCAL_TLS=1 deploy/local/up.sh        # mutual TLS on every hop: a local CA and one
+#                                              # certificate per service in .local/tls (openssl);
+#                                              # run again without it to go back to plaintext
 #   OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 deploy/local/up.sh   # your own collector
 #                                              # (then set MESH_TRACE_SINK_ADDR to another port)
 source "$(dirname "$0")/lib.sh"
@@ -42,6 +45,19 @@ export MESH_RATELIMIT_RULES="$MESH_REPO/deploy/local/ratelimit.yaml"
 export MESH_SESSION_ADDR=http://127.0.0.1:50051
 export MESH_RATELIMIT_ADDR=http://127.0.0.1:50052
 export MESH_AUDIT_ADDR=http://127.0.0.1:50053
+# MESH_LOCAL_TLS=1: every service presents .local/tls/<service>.pem (identity
+# spiffe://mesh.local/ns/default/sa/<service>), requires a certificate from the
+# local CA of its callers and dials the others over TLS (the addresses above stay
+# as they are: the client dials TLS because MESH_TLS_* are set). Plaintext health
+# for probes stays on each gRPC port + 2000. The `ops` certificate is for you
+# (grpcurl), and the one identity allowed admin RPCs.
+TLS_DIR=""
+if [ "${MESH_LOCAL_TLS:-0}" = 1 ]; then
+  TLS_DIR="$MESH_LOCAL_DIR/tls"
+  tls_local_pki "$TLS_DIR" session ratelimit audit data ops
+  export MESH_TLS_CA_FILE="$TLS_DIR/ca.pem" MESH_REQUIRE_TLS=true
+  export MESH_ADMIN_IDENTITIES=${MESH_ADMIN_IDENTITIES:-$(spiffe_id ops)}
+fi
 # Traces go to the local sink unless this environment names another endpoint.
 export OTEL_EXPORTER_OTLP_ENDPOINT=${OTEL_EXPORTER_OTLP_ENDPOINT:-http://$MESH_TRACE_SINK_ADDR}
 # Spans leave in batches every 500 ms here (the SDK's default is 5 s), so a
@@ -85,14 +101,20 @@ for entry in "${SERVICES[@]}"; do
   else
     unset MESH_AUDIT_CHECKPOINT_DIR MESH_AUDIT_CHECKPOINT_KEY_FILE MESH_AUDIT_CHECKPOINT_INTERVAL_MS
   fi
+  if [ -n "$TLS_DIR" ]; then
+    export MESH_TLS_CERT_FILE="$TLS_DIR/$svc.pem" MESH_TLS_KEY_FILE="$TLS_DIR/$svc-key.pem"
+  fi
   svc_ensure "$svc" "$port" "$(svc_env)" "$BIN_DIR/mesh-$svc"
   action[$svc]=$SVC_ACTION
 done
 
 for entry in "${SERVICES[@]}"; do
   svc=${entry%%:*}; port=${entry##*:}
+  # With TLS, asked over TLS as ops (grpcurl needs reflection, which the
+  # plaintext health-only port does not serve).
+  # shellcheck disable=SC2046  # the flags are words
   for i in $(seq 1 120); do
-    GRPCURL -plaintext -max-time 1 -d '{"service":"readiness"}' "127.0.0.1:$port" grpc.health.v1.Health/Check 2>/dev/null \
+    GRPCURL $(grpcurl_flags "$TLS_DIR") -max-time 1 -d '{"service":"readiness"}' "127.0.0.1:$port" grpc.health.v1.Health/Check 2>/dev/null \
       | grep -q '"SERVING"' && break
     svc_alive "$svc" || { tail -n 20 "$RUN_DIR/$svc.log" >&2; die "mesh-$svc exited"; }
     [ "$i" = 120 ] && { tail -n 20 "$RUN_DIR/$svc.log" >&2; die "mesh-$svc not ready after 60s"; }
@@ -100,7 +122,13 @@ for entry in "${SERVICES[@]}"; do
   done
 done
 
-env_file=$(local_env_file "$BIN_DIR")
+env_file=$(local_env_file "$BIN_DIR" "$TLS_DIR")
+if [ -n "$TLS_DIR" ]; then
+  transport="mutual TLS on every hop (MESH_LOCAL_TLS=1): CA and certificates in $TLS_DIR,
+             admin RPCs for $MESH_ADMIN_IDENTITIES, plaintext health only on each port + 2000"
+else
+  transport="plaintext (MESH_LOCAL_TLS=1 deploy/local/up.sh for mutual TLS)"
+fi
 
 cat <<INFO
 
@@ -113,7 +141,8 @@ mesh is up.
   redis      cluster on 127.0.0.1 ports ${MESH_REDIS_PORTS// /,}
   logs       $RUN_DIR/<service>.log (each service logs at start where its traces go)
   traces     $(traces_banner)
-  grpcurl    $MESH_TOOLS_DIR/venv/bin/grpcurl -plaintext 127.0.0.1:50052 list
+  transport  $transport
+  grpcurl    $MESH_TOOLS_DIR/venv/bin/grpcurl $(grpcurl_flags "$TLS_DIR") 127.0.0.1:50052 list
 
 Tools (mesh-audit verify|export|retention, mesh-trace) with the stack's database URL:
   source $env_file

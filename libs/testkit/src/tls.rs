@@ -225,3 +225,18 @@ fn write_atomic(path: &Path, bytes: &[u8]) {
     std::fs::write(&tmp, bytes).expect("write pem");
     std::fs::rename(&tmp, path).expect("rename pem");
 }
+
+/// Whether a call failed because the connection was refused at the
+/// transport (a TLS handshake refused, or plaintext sent to a TLS port), not
+/// answered by the service: tonic says UNAVAILABLE, UNKNOWN "transport
+/// error" when the server closed it mid-call, or INTERNAL "h2 protocol
+/// error" when the server's TLS alert (plaintext bytes `15 03 03 …`) arrived
+/// first and was read as an HTTP/2 frame far over the size limit.
+pub fn refused_by_transport(err: &tonic::Status) -> bool {
+    match err.code() {
+        tonic::Code::Unavailable => true,
+        tonic::Code::Unknown => err.message().contains("transport error"),
+        tonic::Code::Internal => err.message().contains("h2 protocol error"),
+        _ => false,
+    }
+}

@@ -76,7 +76,11 @@ fn parse_entry(raw: &str) -> Result<Authority, String> {
         Some(("http", rest)) => rest,
         // gRPC name syntax: dns:[//authority/]host:port, the DNS server part ignored.
         Some(("dns", rest)) => rest.split_once('/').map_or(rest, |(_, r)| r),
-        Some(("https", _)) => return Err(format!("{raw:?}: tls is not supported, use http:// or host:port")),
+        Some(("https", _)) => {
+            return Err(format!(
+                "{raw:?}: write http:// or host:port; TLS comes from MESH_TLS_CERT_FILE, MESH_TLS_KEY_FILE and MESH_TLS_CA_FILE, not from the scheme"
+            ));
+        }
         Some((scheme, _)) => return Err(format!("{raw:?}: unknown scheme {scheme:?}")),
     };
     let rest = rest.strip_suffix('/').unwrap_or(rest);
@@ -253,7 +257,7 @@ mod tests {
         assert!(!"http://u:secret@h:1".parse::<Target>().unwrap_err().contains("secret"));
         assert_eq!(
             "https://svc:443".parse::<Target>().unwrap_err(),
-            r#""https://svc:443": tls is not supported, use http:// or host:port"#
+            r#""https://svc:443": write http:// or host:port; TLS comes from MESH_TLS_CERT_FILE, MESH_TLS_KEY_FILE and MESH_TLS_CA_FILE, not from the scheme"#
         );
     }
 

@@ -201,7 +201,9 @@ fn the_env_file_puts_mesh_audit_on_path_with_its_database_url() {
     // A fresh shell that only sources the file.
     let out = Command::new("bash")
         .arg("-c")
-        .arg(format!("source {file} && mesh-audit verify && echo \"trace file $MESH_TRACE_FILE\""))
+        .arg(format!(
+            "source {file} && mesh-audit verify && echo \"trace file $MESH_TRACE_FILE\" && echo \"grpcurl $MESH_LOCAL_GRPCURL\""
+        ))
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
         .output()
@@ -212,4 +214,56 @@ fn the_env_file_puts_mesh_audit_on_path_with_its_database_url() {
         out.contains(&format!("trace file {}", local.dir.path().join("run/traces.jsonl").display())),
         "{out}"
     );
+    // Without TLS, grpcurl speaks plaintext to the stack.
+    assert!(out.contains("grpcurl -plaintext\n"), "{out}");
+}
+
+/// The DER of the first certificate in the PEM file at `path` (openssl).
+fn der(path: &Path) -> Vec<u8> {
+    let out = Command::new("openssl").args(["x509", "-outform", "der", "-in"]).arg(path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+#[test]
+fn the_local_pki_makes_certificates_the_mesh_loads_with_their_identities_once() {
+    use mesh_runtime::tls::{TlsConfig, identity_of, keys};
+    let local = Local::new();
+    let tls = local.dir.path().join("tls");
+    let make = || local.run(&[], &format!("tls_local_pki {} data ops", tls.display())).stderr;
+    assert!(make().contains("making a local CA"));
+    let p = |name: &str| tls.join(name).to_string_lossy().into_owned();
+    for name in ["data", "ops"] {
+        // What a service reads: the pair matches, the CA bundle verifies callers.
+        let env: std::collections::HashMap<&'static str, String> = [
+            (keys::CERT_FILE, p(&format!("{name}.pem"))),
+            (keys::KEY_FILE, p(&format!("{name}-key.pem"))),
+            (keys::CA_FILE, p("ca.pem")),
+        ]
+        .into();
+        TlsConfig::from_lookup(&env).unwrap().expect("tls on");
+        let id = identity_of(&der(&tls.join(format!("{name}.pem")))).expect("a spiffe identity");
+        assert_eq!(id.as_str(), format!("spiffe://mesh.local/ns/default/sa/{name}"));
+        let mode = std::fs::metadata(tls.join(format!("{name}-key.pem"))).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{name}'s key is readable by others: {mode:o}");
+    }
+    // A rerun changes nothing (running services keep their certificates)…
+    let before = std::fs::read(tls.join("data.pem")).unwrap();
+    assert!(!make().contains("making a local CA"));
+    assert_eq!(std::fs::read(tls.join("data.pem")).unwrap(), before);
+    // …but a leaf the CA did not sign (here: the CA was replaced) is issued again.
+    std::fs::remove_file(tls.join("ca-key.pem")).unwrap();
+    assert!(make().contains("making a local CA"));
+    assert_ne!(std::fs::read(tls.join("data.pem")).unwrap(), before);
+    let out = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .args([tls.join("ca.pem"), tls.join("data.pem")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    // The env file gives grpcurl the CA and the ops identity.
+    let file = local.run(&[], &format!("local_env_file /nonexistent {}", tls.display())).stdout;
+    let env = std::fs::read_to_string(file.trim()).unwrap();
+    let flags = format!("-cacert {} -cert {} -key {}", p("ca.pem"), p("ops.pem"), p("ops-key.pem"));
+    assert!(env.contains(&format!("export MESH_LOCAL_GRPCURL=\"{flags}\"")), "{env}");
 }

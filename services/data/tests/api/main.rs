@@ -14,5 +14,6 @@ mod processes;
 mod query;
 mod routing;
 mod secrets;
+mod tls;
 mod trace;
 mod values;

@@ -10,12 +10,16 @@ pub(crate) struct Service {
     process: Process,
     pub(crate) addr: SocketAddr,
     metrics_addr: SocketAddr,
+    /// Its plaintext health-only listener, when `env` turned TLS on.
+    pub(crate) health_addr: Option<SocketAddr>,
 }
 
 /// Starts `binary` with `env` (plus its listen and metrics addresses and
 /// spans exported to `otlp`) and waits until it serves `served`. With
 /// `logs`, it logs everything (dependencies included: sqlx, fred, tonic,
-/// h2) at debug level as JSON, and its output goes there.
+/// h2) at debug level as JSON, and its output goes there. When `env` sets
+/// `MESH_TLS_CERT_FILE`, it also gets a plaintext health listener
+/// (`MESH_HEALTH_LISTEN_ADDR`), and that is where readiness is awaited.
 pub(crate) async fn start(
     binary: &str,
     served: &str,
@@ -31,6 +35,10 @@ pub(crate) async fn start(
         ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
         ("MESH_DATABASE_MIN_CONNECTIONS".into(), "0".into()),
     ]);
+    let health_addr = env.iter().any(|(k, _)| k == "MESH_TLS_CERT_FILE").then(free_addr);
+    if let Some(h) = health_addr {
+        env.push(("MESH_HEALTH_LISTEN_ADDR".into(), h.to_string()));
+    }
     if logs.is_some() {
         env.extend([("MESH_LOG_FORMAT".into(), "json".into()), ("RUST_LOG".into(), "debug".into())]);
     }
@@ -44,8 +52,9 @@ pub(crate) async fn start(
         None => Process::start(path.to_str().unwrap(), &env),
     }
     .unwrap();
-    mesh_testkit::conformance::assert_serving(addr, &[served], Duration::from_secs(30)).await.unwrap();
-    Service { process, addr, metrics_addr }
+    let probed = health_addr.unwrap_or(addr);
+    mesh_testkit::conformance::assert_serving(probed, &[served], Duration::from_secs(30)).await.unwrap();
+    Service { process, addr, metrics_addr, health_addr }
 }
 
 impl Service {

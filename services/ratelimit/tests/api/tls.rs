@@ -8,7 +8,7 @@ use mesh_proto::ratelimit::{CheckRequest, Code, rate_limit_service_client::RateL
 use mesh_runtime::{ServerConfig, tls::TlsConfig};
 use mesh_testkit::{
     Infra, Process, eventually, free_addr, health_status,
-    tls::{TestPki, channel, channel_without_certificate, plaintext_channel},
+    tls::{TestPki, channel, channel_without_certificate, plaintext_channel, refused_by_transport},
 };
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -28,16 +28,6 @@ async fn call(ch: Channel) -> Result<Code, tonic::Status> {
     };
     let resp = RateLimitServiceClient::new(ch).check(req).await?;
     Ok(resp.into_inner().overall_code())
-}
-
-/// The connection failed (the handshake was refused): tonic says
-/// UNAVAILABLE, or UNKNOWN "transport error" when the server closed it mid-call.
-fn refused_by_transport(err: &tonic::Status) -> bool {
-    match err.code() {
-        tonic::Code::Unavailable => true,
-        tonic::Code::Unknown => err.message().contains("transport error"),
-        _ => false,
-    }
 }
 
 /// The service with TLS from `tls` and plaintext health on `health`.
