@@ -164,7 +164,7 @@ def domains_sent(repo):
 
 # ------------------------------------------------------------------ deploy facts
 def k8s_containers(docs):
-    """(where, binary, container, pod spec) of every mesh container."""
+    """(where, binary, container, pod spec) of every mesh container (initContainers included)."""
     for d in docs:
         kind = d["kind"]
         if kind == "Deployment":
@@ -173,9 +173,10 @@ def k8s_containers(docs):
             pod = d["spec"]["jobTemplate"]["spec"]["template"]["spec"]
         else:
             continue
-        for c in pod["containers"]:
+        for what, c in [("initContainer", c) for c in pod.get("initContainers", [])] + [
+                ("container", c) for c in pod["containers"]]:
             binary = os.path.basename((c.get("command") or [""])[0])
-            yield f"{kind} {d['metadata']['name']} container {c['name']}", binary, c, pod
+            yield f"{kind} {d['metadata']['name']} {what} {c['name']}", binary, c, pod
 
 
 def k8s_env(docs, c):

@@ -17,7 +17,9 @@
 #            (probe semantics, preStop + drain + grace + span flush within the
 #            termination grace period, startup window above the migration
 #            timeout, the PostgreSQL connection budget at the HPA maxima,
-#            securityContext, Services, PDBs, HPAs, Secret references,
+#            securityContext, Services, PDBs, HPAs, Secret references, the
+#            schema owners' Secrets read by `migrate` initContainers only (a
+#            serving container gets its serving role and MESH_DATABASE_MIGRATE=verify),
 #            per-overlay expectations); deploy/k8s/envoy-gateway (the Envoy gateway)
 #            rendered and schema-checked the same way
 #   contract deploy/contract.py: the renders and docker-compose.yml against the
@@ -338,7 +340,22 @@ secrets = by_kind.get("Secret", {})
 hpas = {h["spec"]["scaleTargetRef"]["name"]: h for h in by_kind.get("HorizontalPodAutoscaler", {}).values()}
 # Secrets operators create themselves, and the keys the services read from them.
 EXTERNAL = {"mesh-database-data": {"write-url", "read-urls"}, "mesh-database-audit": {"write-url", "read-urls"},
+            "mesh-database-data-owner": {"write-url"}, "mesh-database-audit-owner": {"write-url"},
             "mesh-redis": {"urls"}, "mesh-session": {"audit-hash-key"}}
+# The schema owners' Secrets: only a `migrate` initContainer (and the
+# retention CronJob) may read them, never a serving container.
+OWNER_SECRETS = {"mesh-database-data-owner", "mesh-database-audit-owner"}
+
+def base_name(n):
+    """A Secret's name without the hash suffix dev's secretGenerator adds."""
+    head = n.rsplit("-", 1)[0]
+    return head if n not in EXTERNAL and head in EXTERNAL else n
+
+def secret_refs(c):
+    """(variable, Secret name) of every secretKeyRef and secret envFrom of container c."""
+    refs = [(e["name"], e.get("valueFrom", {}).get("secretKeyRef", {}).get("name")) for e in c.get("env", [])]
+    refs += [("envFrom", src.get("secretRef", {}).get("name")) for src in c.get("envFrom", [])]
+    return [(var, base_name(n)) for var, n in refs if n]
 # Shutdown arithmetic: the longest span flush (the OTLP exporter's timeout,
 # libs/runtime/src/telemetry.rs) and the defaults of the two variables.
 FLUSH_MS = 5000
@@ -389,8 +406,30 @@ for name, d in deps.items():
     for v in volumes.values():
         if "configMap" in v and v["configMap"]["name"] not in cms:
             err(f"{where}: volume {v['name']} uses missing ConfigMap {v['configMap']['name']}")
+    # Migrations run as the schema owner in an initContainer `migrate` only.
+    inits = pod.get("initContainers", [])
+    for c in inits:
+        cw = f"{where} initContainer {c['name']}"
+        sc = c.get("securityContext", {})
+        if not (sc.get("readOnlyRootFilesystem") is True and sc.get("allowPrivilegeEscalation") is False
+                and "ALL" in sc.get("capabilities", {}).get("drop", [])):
+            err(f"{cw}: securityContext must be read-only root, no privilege escalation, drop ALL")
+        if not (c.get("resources", {}).get("requests") and c.get("resources", {}).get("limits", {}).get("memory")):
+            err(f"{cw}: needs requests and a memory limit")
+        owners = [n for _, n in secret_refs(c) if n in OWNER_SECRETS]
+        if owners and c.get("command", [])[1:] != ["migrate"]:
+            err(f"{cw}: reads owner Secret {owners[0]} but does not run `migrate`")
     for c in pod["containers"]:
         cw = f"{where} container {c['name']}"
+        for var, n in secret_refs(c):
+            if n in OWNER_SECRETS:
+                err(f"{cw}: {var} reads the schema owner's Secret {n}: a serving container holds its "
+                    "serving role's credentials only (the owner's are for the `migrate` initContainer)")
+        if any(e["name"] == "MESH_DATABASE_WRITE_URL" for e in c.get("env", [])):
+            if not any(e["name"] == "MESH_DATABASE_MIGRATE" and e.get("value") == "verify" for e in c.get("env", [])):
+                err(f"{cw}: a database server runs MESH_DATABASE_MIGRATE=verify (its role owns nothing)")
+            if not any(i.get("command", [])[1:] == ["migrate"] for i in inits):
+                err(f"{cw}: no initContainer runs `migrate` as the schema owner first")
         image = c.get("image", "")
         if overlay != "base":
             tail = image.rsplit("/", 1)[-1]

@@ -39,6 +39,30 @@ pub mod keys {
     pub const REPLICA_POLL_MS: &str = "MESH_DATABASE_REPLICA_POLL_MS";
     /// How long start-up waits for the primary to run migrations (ms).
     pub const MIGRATE_TIMEOUT_MS: &str = "MESH_DATABASE_MIGRATE_TIMEOUT_MS";
+    /// `on_start` (migrate at start) or `verify` (check, run no DDL).
+    pub const MIGRATE: &str = "MESH_DATABASE_MIGRATE";
+}
+
+/// What a service does with its migrations at start (`MESH_DATABASE_MIGRATE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MigrateMode {
+    /// `on_start`: run them as the login role (which must own the schema).
+    #[default]
+    OnStart,
+    /// `verify`: run no DDL; check that every migration of the binary is
+    /// applied with the same checksum, waiting up to the migrate timeout
+    /// (the owner runs `<binary> migrate` beforehand).
+    Verify,
+}
+
+impl MigrateMode {
+    /// The setting's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OnStart => "on_start",
+            Self::Verify => "verify",
+        }
+    }
 }
 
 /// Defaults of [`DbConfig::from_lookup`], shown by `--help`.
@@ -89,8 +113,11 @@ pub struct DbConfig {
     pub read_wait: Duration,
     /// Poll period of the primary and the replicas.
     pub replica_poll: Duration,
-    /// Start-up wait for the primary.
+    /// Start-up wait for the primary (and, with [`MigrateMode::Verify`], for
+    /// the migrations to be applied).
     pub migrate_timeout: Duration,
+    /// Whether start-up migrates or only checks.
+    pub migrate: MigrateMode,
 }
 
 impl DbConfig {
@@ -125,6 +152,11 @@ impl DbConfig {
             read_wait: l.millis_or(READ_WAIT_MS, defaults::READ_WAIT)?,
             replica_poll: l.millis_or(REPLICA_POLL_MS, defaults::REPLICA_POLL)?,
             migrate_timeout: l.millis_or(MIGRATE_TIMEOUT_MS, defaults::MIGRATE_TIMEOUT)?,
+            migrate: match l.string(MIGRATE).as_deref() {
+                None | Some("on_start") => MigrateMode::OnStart,
+                Some("verify") => MigrateMode::Verify,
+                Some(_) => return Err(ConfigError::new(MIGRATE, "must be on_start or verify")),
+            },
         };
         if c.max_connections == 0 {
             return Err(ConfigError::new(MAX_CONNECTIONS, "must be at least 1"));
@@ -219,7 +251,15 @@ impl DbConfig {
                 Var::millis(
                     MIGRATE_TIMEOUT_MS,
                     defaults::MIGRATE_TIMEOUT,
-                    "how long start-up waits for the primary to run migrations (ms)",
+                    "how long start-up waits for the primary to run (or, with verify, to have) the \
+                     migrations (ms)",
+                ),
+                Var::value(
+                    MIGRATE,
+                    MigrateMode::OnStart.as_str(),
+                    "on_start: run the migrations at start (the login role must own the schema); verify: \
+                     run no DDL, only check that the schema has every migration of this binary, waiting up \
+                     to the migrate timeout, else exit 1 (the owner runs `<binary> migrate` first)",
                 ),
             ],
         )
@@ -244,6 +284,7 @@ impl DbConfig {
             read_wait: Duration::from_millis(50),
             replica_poll: Duration::from_millis(100),
             migrate_timeout: Duration::from_secs(30),
+            migrate: MigrateMode::OnStart,
         }
     }
 }
@@ -304,6 +345,9 @@ mod tests {
             (Duration::from_millis(7), Duration::from_millis(900))
         );
         assert_eq!(c.application_name.as_deref(), Some("data-7f9c"));
+        assert_eq!(c.migrate, MigrateMode::OnStart);
+        let l = map(&[(keys::WRITE_URL, "postgres://h/db"), (keys::MIGRATE, "verify")]);
+        assert_eq!(DbConfig::from_lookup(&l, "svc").unwrap().migrate, MigrateMode::Verify);
     }
 
     #[test]
@@ -329,6 +373,7 @@ mod tests {
             (keys::ACQUIRE_TIMEOUT_MS, "1"),
             (keys::READ_WAIT_MS, "soon"),
             (keys::APPLICATION_NAME, "ünïcode"),
+            (keys::MIGRATE, "on-start"),
         ] {
             let l = map(&[(keys::WRITE_URL, "postgres://h/db"), (key, value)]);
             assert_eq!(DbConfig::from_lookup(&l, "svc").unwrap_err().key, key, "{value}");

@@ -29,10 +29,11 @@ mod lsn;
 mod metrics;
 mod pools;
 
-pub use config::{DbConfig, keys};
+pub use config::{DbConfig, MigrateMode, keys};
 pub use lsn::Lsn;
 pub use pools::{
     Conn, Db, DbError, PING_IDLE_AFTER, Read, Reader, ServedBy, alive_after_idle, is_connection_error,
+    migrate_command,
 };
 pub use sqlx;
 

@@ -47,6 +47,20 @@ pub enum DbError {
     /// The primary did not answer before the deadline (start-up).
     #[error("primary unreachable for {0:?}: {1}")]
     Unreachable(Duration, String),
+    /// The schema lacks migrations of this binary, or has them with other
+    /// contents (see [`Db::check_migrations`]).
+    #[error(
+        "the schema is not migrated for this binary (missing versions {missing:?}, changed versions \
+         {changed:?}): run `{command}` as the schema owner first"
+    )]
+    NotMigrated {
+        /// Versions of the binary the schema has not applied.
+        missing: Vec<i64>,
+        /// Versions applied with another checksum.
+        changed: Vec<i64>,
+        /// The step that migrates, e.g. `mesh-data migrate`.
+        command: &'static str,
+    },
     /// The server behind a pool is known to be down: the call fails at once
     /// instead of waiting for a connection that cannot come.
     #[error("{pool} is unavailable")]
@@ -69,7 +83,7 @@ impl DbError {
         match self {
             Self::Sqlx(e) => is_connection_error(e),
             Self::Unreachable(..) | Self::ServerDown { .. } | Self::PoolTimedOut { .. } => true,
-            Self::Url { .. } | Self::Migrate(_) => false,
+            Self::Url { .. } | Self::Migrate(_) | Self::NotMigrated { .. } => false,
         }
     }
 }
@@ -113,6 +127,84 @@ pub async fn alive_after_idle(conn: &mut PgConnection, idle_for: Duration) -> bo
             false
         }
     }
+}
+
+/// The `migrate` subcommand of a service binary (`mesh-data migrate`,
+/// `mesh-audit migrate`): reads the database settings from the environment
+/// (`MESH_DATABASE_WRITE_URL`, whose login must own the schema, and
+/// `MESH_DATABASE_SCHEMA`, default `default_schema`), runs `migrator` on the
+/// primary (waiting up to `MESH_DATABASE_MIGRATE_TIMEOUT_MS` for it),
+/// prints the versions it applied on stdout and returns the exit code:
+/// 0 done (also when nothing was missing), 64 a bad setting, 1 any other
+/// failure, named on stderr (URLs and passwords never are).
+pub async fn migrate_command(
+    binary: &str,
+    default_schema: &str,
+    migrator: &Migrator,
+) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let config = match DbConfig::from_lookup(&mesh_runtime::Env, default_schema) {
+        Ok(c) => DbConfig { read_urls: Vec::new(), min_connections: 0, max_connections: 2, ..c },
+        Err(e) => {
+            eprintln!("{binary} migrate: bad configuration: {e}");
+            return ExitCode::from(mesh_runtime::EXIT_CONFIG);
+        }
+    };
+    let schema = config.schema.clone().unwrap_or_default();
+    let result = async {
+        let db = Db::connect(&config, &format!("{binary}-migrate"), &mut Registry::default())?;
+        let applied = db.migrate(migrator, config.migrate_timeout).await;
+        db.close().await;
+        applied
+    }
+    .await;
+    match result {
+        Ok(applied) if applied.is_empty() => {
+            println!("{binary} migrate: schema {schema} is up to date: nothing applied");
+            ExitCode::SUCCESS
+        }
+        Ok(applied) => {
+            let versions: Vec<String> = applied.iter().map(i64::to_string).collect();
+            println!("{binary} migrate: schema {schema}: applied versions {}", versions.join(", "));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{binary} migrate: schema {schema}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Makes the migration history (`_sqlx_migrations`, as created by its
+/// owner) readable by every role and writable by its owner only: a default
+/// privilege of the schema may have granted more to a serving role.
+const HISTORY_GRANTS: &str = "do $$
+declare r record;
+begin
+    if not has_table_privilege('public', '_sqlx_migrations', 'select') then
+        grant select on _sqlx_migrations to public;
+    end if;
+    for r in select distinct a.grantee::regrole::text as grantee
+               from pg_class c, aclexplode(c.relacl) a
+              where c.oid = '_sqlx_migrations'::regclass and a.grantee not in (0, c.relowner)
+                and a.privilege_type <> 'SELECT'
+    loop
+        execute format('revoke insert, update, delete, truncate, references, trigger on _sqlx_migrations from %s', r.grantee);
+    end loop;
+end $$";
+
+/// The successfully applied migrations of the schema first in the
+/// connection's `search_path`: (version, checksum); empty when sqlx's
+/// history table does not exist yet.
+async fn applied_migrations(pool: &PgPool) -> Result<Vec<(i64, Vec<u8>)>, sqlx::Error> {
+    let exists: bool =
+        sqlx::query_scalar("select to_regclass('_sqlx_migrations') is not null").fetch_one(pool).await?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    sqlx::query_as("select version, checksum from _sqlx_migrations where success order by version")
+        .fetch_all(pool)
+        .await
 }
 
 /// Whether a statement on a replica was cancelled for a conflict with
@@ -672,12 +764,17 @@ impl Db {
     }
 
     /// Creates the schema (if one is configured) and runs `migrator` on the
-    /// primary, retrying connection failures until `deadline`.
-    pub async fn migrate(&self, migrator: &Migrator, deadline: Duration) -> Result<(), DbError> {
+    /// primary, retrying connection failures until `deadline`. Returns the
+    /// versions it applied (empty: the schema was up to date). The history
+    /// table (`_sqlx_migrations`) is then readable by every role (it holds
+    /// versions and checksums of files shipped with the binary), so a serving
+    /// role that does not own the schema can [`Db::check_migrations`], and
+    /// writable by its owner only.
+    pub async fn migrate(&self, migrator: &Migrator, deadline: Duration) -> Result<Vec<i64>, DbError> {
         let start = Instant::now();
         loop {
             match self.try_migrate(migrator).await {
-                Ok(()) => return Ok(()),
+                Ok(applied) => return Ok(applied),
                 Err(DbError::Sqlx(e)) if is_connection_error(&e) => {
                     if start.elapsed() >= deadline {
                         return Err(DbError::Unreachable(deadline, e.to_string()));
@@ -690,16 +787,71 @@ impl Db {
         }
     }
 
-    async fn try_migrate(&self, migrator: &Migrator) -> Result<(), DbError> {
+    async fn try_migrate(&self, migrator: &Migrator) -> Result<Vec<i64>, DbError> {
         let pool = &self.inner.primary.monitor;
         if let Some(schema) = &self.inner.schema {
             debug_assert!(is_identifier(schema));
             sqlx::query(&format!("create schema if not exists {schema}")).execute(pool).await?;
         }
+        let before = applied_migrations(pool).await?;
         migrator.run(pool).await.map_err(|e| match e {
             sqlx::migrate::MigrateError::Execute(e) => DbError::Sqlx(e),
             other => DbError::Migrate(other),
-        })
+        })?;
+        // Two instances may change the grants at once ("tuple concurrently
+        // updated"); the block is idempotent, so it is simply run again.
+        let mut attempt = 0;
+        while let Err(e) = sqlx::query(HISTORY_GRANTS).execute(pool).await {
+            attempt += 1;
+            if attempt == 3 || is_connection_error(&e) {
+                return Err(e.into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let after = applied_migrations(pool).await?;
+        Ok(after.into_iter().filter(|(v, _)| !before.iter().any(|(b, _)| b == v)).map(|(v, _)| v).collect())
+    }
+
+    /// Checks, without DDL, that the schema has every migration of
+    /// `migrator` applied with the same checksum (migrations the schema has
+    /// beyond the binary's are allowed: a newer release migrated it). Retries
+    /// until `deadline` while the primary does not answer or a migration is
+    /// missing (the owner's `migrate` step may still be running), then fails
+    /// with [`DbError::NotMigrated`] naming `command`, the step to run.
+    pub async fn check_migrations(
+        &self,
+        migrator: &Migrator,
+        deadline: Duration,
+        command: &'static str,
+    ) -> Result<(), DbError> {
+        let pool = &self.inner.primary.monitor;
+        let start = Instant::now();
+        loop {
+            let problem = match applied_migrations(pool).await {
+                Ok(applied) => {
+                    let mut missing = Vec::new();
+                    let mut changed = Vec::new();
+                    for m in migrator.iter().filter(|m| !m.migration_type.is_down_migration()) {
+                        match applied.iter().find(|(v, _)| *v == m.version) {
+                            None => missing.push(m.version),
+                            Some((_, sum)) if sum[..] != m.checksum[..] => changed.push(m.version),
+                            Some(_) => {}
+                        }
+                    }
+                    if missing.is_empty() && changed.is_empty() {
+                        return Ok(());
+                    }
+                    DbError::NotMigrated { missing, changed, command }
+                }
+                Err(e) if is_connection_error(&e) => DbError::Unreachable(deadline, e.to_string()),
+                Err(e) => return Err(e.into()),
+            };
+            if start.elapsed() >= deadline {
+                return Err(problem);
+            }
+            tracing::warn!(error = %problem, "migrations not applied yet, checking again");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     /// Readiness check of the primary (on the monitor's connection, so an

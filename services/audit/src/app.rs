@@ -1,6 +1,6 @@
 use std::{net::SocketAddr, sync::Arc};
 
-use mesh_db::{Db, DbError};
+use mesh_db::{Db, DbError, MigrateMode};
 use mesh_proto::audit::audit_service_server::AuditServiceServer;
 use mesh_runtime::{AdminGuard, AuditSink, ConfigError, Need, ServeError, Server};
 use prometheus_client::registry::Registry;
@@ -99,15 +99,23 @@ fn own_log(appender: Appender, config: &AuditConfig) -> AuditSink {
 }
 
 impl App {
-    /// Binds the listeners, runs migrations on the primary as the login role
-    /// (waiting up to the configured timeout for it to answer), then serves
-    /// as `mesh_audit_writer`, which can append and read but never change or
+    /// `mesh-audit migrate`: runs the migrations as `MESH_DATABASE_WRITE_URL`'s
+    /// login (the schema owner) and exits (see [`mesh_db::migrate_command`]).
+    pub async fn migrate_command() -> std::process::ExitCode {
+        mesh_db::migrate_command("mesh-audit", crate::config::SCHEMA, &MIGRATOR).await
+    }
+
+    /// Binds the listeners; with `MESH_DATABASE_MIGRATE=on_start` runs the
+    /// migrations on the primary as the login role (the schema owner), with
+    /// `verify` only checks that the owner ran them (no DDL), waiting up to
+    /// the configured timeout either way; then serves as
+    /// `mesh_audit_writer`, which can append and read but never change or
     /// remove an event. Readiness follows PostgreSQL only while neither the
     /// primary nor a replica answers (Query goes on without the primary).
     pub async fn build(config: Config) -> Result<Self, StartError> {
         let admin_server = config.server.clone();
         let mut server = Server::bind(config.server).await?;
-        {
+        if config.db.migrate == MigrateMode::OnStart {
             // A pool of its own, with throwaway metrics: only the owner may migrate.
             let small = mesh_db::DbConfig {
                 read_urls: Vec::new(),
@@ -120,6 +128,9 @@ impl App {
             owner.close().await;
         }
         let db = Db::connect_as(&config.db, "mesh-audit", server.registry(), WRITER_ROLE)?;
+        if config.db.migrate == MigrateMode::Verify {
+            db.check_migrations(&MIGRATOR, config.db.migrate_timeout, "mesh-audit migrate").await?;
+        }
         let head = store::read_head(db.primary()).await.map_err(DbError::from)?;
         let sync: String = sqlx::query_scalar("show synchronous_commit")
             .fetch_one(db.primary())

@@ -56,6 +56,11 @@ pub enum Command {
     Retention(RetentionArgs),
     /// Make an Ed25519 key pair for signing checkpoints (signed-note key format).
     Keygen(KeygenArgs),
+    /// Run the service's migrations as MESH_DATABASE_WRITE_URL's login (the
+    /// schema owner), print the versions applied, exit: 0 done, 64 a bad
+    /// setting, 1 a failure. Configured from the environment like the
+    /// service; servers with MESH_DATABASE_MIGRATE=verify need it first.
+    Migrate,
 }
 
 /// `keygen`.
@@ -183,6 +188,7 @@ pub async fn run(command: Command) -> ExitCode {
         Command::Export(a) => run_export(a).await,
         Command::Retention(a) => run_retention(a).await,
         Command::Keygen(a) => run_keygen(&a),
+        Command::Migrate => return crate::App::migrate_command().await,
     };
     match result {
         Ok(code) => code,

@@ -1,5 +1,5 @@
 //! `mesh-audit`: the audit service, and its offline tools
-//! (`mesh-audit verify | export | retention`, see `mesh-audit --help`).
+//! (`mesh-audit verify | export | retention | keygen | migrate`, see `mesh-audit --help`).
 
 use std::process::ExitCode;
 

@@ -1,7 +1,7 @@
 use std::net::SocketAddr;
 
 use mesh_client::{AuditClient, ClientMetrics, RateLimitClient, SessionClient, config::keys as client_keys};
-use mesh_db::{Db, DbError};
+use mesh_db::{Db, DbError, MigrateMode};
 use mesh_proto::data::data_service_server::DataServiceServer;
 use mesh_runtime::{ConfigError, Need, ServeError, Server};
 use sqlx::migrate::Migrator;
@@ -47,8 +47,15 @@ pub struct App {
 }
 
 impl App {
+    /// `mesh-data migrate`: runs the migrations as `MESH_DATABASE_WRITE_URL`'s
+    /// login (the schema owner) and exits (see [`mesh_db::migrate_command`]).
+    pub async fn migrate_command() -> std::process::ExitCode {
+        mesh_db::migrate_command("mesh-data", crate::config::SCHEMA, &MIGRATOR).await
+    }
+
     /// Binds the listeners, creates the pools, runs migrations on the primary
-    /// (waiting up to the configured timeout for it to answer) and connects
+    /// (`MESH_DATABASE_MIGRATE=on_start`) or checks that the owner ran them
+    /// (`verify`: no DDL), waiting up to the configured timeout, and connects
     /// to the session, rate-limit and audit services (lazily: they may come
     /// up later). Readiness follows PostgreSQL only, and only while neither
     /// the primary nor a replica answers: reads go on without the primary.
@@ -58,7 +65,12 @@ impl App {
         let metrics = Metrics::register(server.registry(), c.ratelimit_failure_mode.label());
         let client_metrics = ClientMetrics::register(server.registry());
         let db = Db::connect(&config.db, "mesh-data", server.registry())?;
-        db.migrate(&MIGRATOR, config.db.migrate_timeout).await?;
+        match config.db.migrate {
+            MigrateMode::OnStart => drop(db.migrate(&MIGRATOR, config.db.migrate_timeout).await?),
+            MigrateMode::Verify => {
+                db.check_migrations(&MIGRATOR, config.db.migrate_timeout, "mesh-data migrate").await?;
+            }
+        }
         // Writes need the primary; reads are served by a replica, else the
         // primary: the pod can answer while either is up.
         server.add_dependency(db.primary_check(), Need::AnyOf("postgres"));

@@ -276,7 +276,9 @@ impl Config {
     pub fn help() -> Help {
         Help {
             binary: "mesh-data",
-            about: "the data service, a JSON document store (mesh.data.v1.DataService, gRPC)",
+            about: "the data service, a JSON document store (mesh.data.v1.DataService, gRPC); \
+                    `mesh-data migrate` runs its migrations as MESH_DATABASE_WRITE_URL's login (the schema \
+                    owner) and exits",
             groups: vec![
                 ServerConfig::vars(DEFAULT_PORT),
                 TelemetryConfig::vars("mesh-data"),

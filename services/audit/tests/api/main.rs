@@ -12,6 +12,10 @@ mod lifecycle;
 mod numbers;
 mod overload;
 mod query;
+mod roles;
+// Shared with data's tests: roles.sql run with this test's own names.
+#[path = "../../../data/tests/api/pg_roles.rs"]
+mod pg_roles;
 mod spans;
 mod storage;
 mod tail;
