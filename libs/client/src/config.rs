@@ -422,6 +422,7 @@ mod tests {
         let help = mesh_runtime::config::Help {
             binary: "mesh-test",
             about: "a test",
+            commands: &[],
             groups: vec![ClientConfig::vars([None; 4]), VarGroup::new("TLS", TlsConfig::vars())],
         };
         let problems = mesh_runtime::config::check_help(&help, &[], ClientConfig::from_lookup);

@@ -355,6 +355,7 @@ mod tests {
         let help = mesh_runtime::config::Help {
             binary: "mesh-test",
             about: "a test",
+            commands: &[],
             groups: vec![DbConfig::vars("svc")],
         };
         let problems =

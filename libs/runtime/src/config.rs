@@ -541,6 +541,9 @@ pub struct Help {
     pub binary: &'static str,
     /// One line: what it is.
     pub about: &'static str,
+    /// Subcommands besides serving, each a usage line after the binary's
+    /// name (e.g. `migrate`); empty for a binary that only serves.
+    pub commands: &'static [&'static str],
     /// Every variable the process reads, grouped.
     pub groups: Vec<VarGroup>,
 }
@@ -557,8 +560,9 @@ impl Help {
     /// The whole `--help` text.
     pub fn render(&self) -> String {
         let b = self.binary;
+        let commands: String = self.commands.iter().map(|c| format!("       {b} {c}\n")).collect();
         format!(
-            "{b}: {about}\n\nUsage: {b} [-h | --help]\n\n{vars}",
+            "{b}: {about}\n\nUsage: {b} [-h | --help]\n{commands}\n{vars}",
             about = self.about,
             vars = self.render_vars()
         )
@@ -781,6 +785,7 @@ mod tests {
         Help {
             binary: "mesh-test",
             about: "a test",
+            commands: &[],
             groups: vec![ServerConfig::vars(50052), crate::TelemetryConfig::vars("mesh-test")],
         }
     }

@@ -47,6 +47,13 @@ pub fn assert_help_lists_every_variable(
         let stdout = String::from_utf8(out.stdout)?;
         ensure!(out.status.success(), "{binary} {flag} exited with {}", out.status);
         ensure!(stdout.contains(&table), "{binary} {flag} does not print the variable table:\n{stdout}");
+        for c in help.commands {
+            let usage = format!("{} {c}\n", help.binary);
+            ensure!(
+                stdout.contains(&usage),
+                "{binary} {flag} does not name its command `{usage}`:\n{stdout}"
+            );
+        }
     }
     let listed: Vec<&str> = help.names().collect();
     let root = crate::repo_root();

@@ -117,6 +117,7 @@ impl Config {
         Help {
             binary: "mesh-audit",
             about: "the audit-log service (mesh.audit.v1.AuditService, gRPC)",
+            commands: &[],
             groups: vec![
                 ServerConfig::vars(DEFAULT_PORT),
                 TelemetryConfig::vars("mesh-audit"),

@@ -279,6 +279,7 @@ impl Config {
             about: "the data service, a JSON document store (mesh.data.v1.DataService, gRPC); \
                     `mesh-data migrate` runs its migrations as MESH_DATABASE_WRITE_URL's login (the schema \
                     owner) and exits",
+            commands: &["migrate"],
             groups: vec![
                 ServerConfig::vars(DEFAULT_PORT),
                 TelemetryConfig::vars("mesh-data"),

@@ -208,6 +208,7 @@ impl Config {
             binary: "mesh-ratelimit",
             about: "the rate-limit service (mesh.ratelimit.v1.RateLimitService and Envoy's \
                     envoy.service.ratelimit.v3.RateLimitService, gRPC)",
+            commands: &[],
             groups: vec![
                 ServerConfig::vars(DEFAULT_PORT)
                     .with_default(mesh_runtime::config::keys::MAX_IN_FLIGHT, MAX_IN_FLIGHT)

@@ -495,6 +495,7 @@ impl Config {
         Help {
             binary: "mesh-session",
             about: "the session service (mesh.session.v1.SessionService and Envoy ext_authz, gRPC)",
+            commands: &[],
             groups: vec![
                 ServerConfig::vars(DEFAULT_PORT),
                 TelemetryConfig::vars("mesh-session"),
