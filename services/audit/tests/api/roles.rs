@@ -6,12 +6,12 @@
 use std::time::Duration;
 
 use mesh_proto::audit::{QueryRequest, VerifyRequest, audit_service_client::AuditServiceClient};
-use mesh_testkit::{Infra, LogBuffer, Process, free_addr};
+use mesh_testkit::{Infra, Process, free_addr};
 use sqlx::{Connection as _, PgConnection};
 
 use crate::{
     helpers::{append, event, query_all},
-    pg_roles::{Roles, migrate, refused},
+    pg_roles::{Roles, refused, unmigrated_until_the_owner_migrates},
 };
 
 const BINARY: &str = env!("CARGO_BIN_EXE_mesh-audit");
@@ -27,45 +27,23 @@ fn env(roles: &Roles, role: &str) -> Vec<(String, String)> {
     ]
 }
 
-async fn tables(roles: &Roles) -> usize {
-    let mut c = PgConnection::connect(&Infra::shared().pg_primary_url()).await.unwrap();
-    let n: i64 = sqlx::query_scalar("select count(*) from pg_tables where schemaname = $1")
-        .bind(&roles.audit_schema)
-        .fetch_one(&mut c)
-        .await
-        .unwrap();
-    n as usize
-}
-
 #[tokio::test]
 async fn the_serving_role_runs_no_ddl_and_serves_once_the_owner_migrated() {
     let roles = Roles::create(Infra::shared()).await;
     let mut app_env = env(&roles, &roles.audit_app);
     app_env.push(("MESH_DATABASE_MIGRATE".into(), "verify".into()));
 
-    // (a) Unmigrated: the serving role does not serve, exits 1 naming the step.
-    let output = LogBuffer::default();
-    let mut early = Process::start_captured(BINARY, &app_env, &output).unwrap();
-    let status = early.wait(Duration::from_secs(30)).await.unwrap();
-    let text = output.text();
-    assert_eq!(status.code(), Some(1), "{text}");
-    assert!(text.contains("run `mesh-audit migrate` as the schema owner first"), "{text}");
-    assert!(!text.contains("roles-test-pw"), "{text}");
-    assert_eq!(tables(&roles).await, 0, "verify ran no DDL");
-
-    // The serving role cannot migrate either.
-    let (code, text) = migrate(BINARY, &env(&roles, &roles.audit_app)).await;
-    assert_eq!(code, Some(1), "{text}");
-    assert!(!text.contains("roles-test-pw"), "{text}");
-
-    // (b) The owner migrates; a second run applies nothing.
+    // (a) Unmigrated, the serving role neither serves nor migrates; (b) the owner migrates.
     let owner_env = env(&roles, &roles.audit_owner);
-    let (code, text) = migrate(BINARY, &owner_env).await;
-    assert_eq!(code, Some(0), "{text}");
-    assert!(text.contains("applied versions 1, 2, 3"), "{text}");
-    let (code, text) = migrate(BINARY, &owner_env).await;
-    assert_eq!(code, Some(0), "{text}");
-    assert!(text.contains("nothing applied"), "{text}");
+    unmigrated_until_the_owner_migrates(
+        BINARY,
+        &roles.audit_schema,
+        &app_env,
+        &env(&roles, &roles.audit_app),
+        &owner_env,
+        "1, 2, 3",
+    )
+    .await;
 
     // (c) The serving role now serves Append, Query and Verify.
     let addr = app_env.iter().find(|(k, _)| k == "MESH_LISTEN_ADDR").unwrap().1.parse().unwrap();

@@ -153,3 +153,53 @@ pub(crate) async fn refused(conn: &mut mesh_db::sqlx::PgConnection, sql: &str) -
         Err(e) => panic!("{sql:?}: {e}"),
     }
 }
+
+/// The tables of `schema`, by name (as the superuser sees them).
+pub(crate) async fn tables_in(schema: &str) -> Vec<String> {
+    use mesh_db::sqlx::Connection as _;
+    let mut c = mesh_db::sqlx::PgConnection::connect(&Infra::shared().pg_primary_url()).await.unwrap();
+    mesh_db::sqlx::query_scalar("select tablename::text from pg_tables where schemaname = $1 order by 1")
+        .bind(schema)
+        .fetch_all(&mut c)
+        .await
+        .unwrap()
+}
+
+/// The owner-only migration up to the point where the service may serve,
+/// as every database service must pass it: (a) against the unmigrated
+/// `schema`, `binary` as the serving role with `MESH_DATABASE_MIGRATE=verify`
+/// (`verify_env`) exits 1 naming `binary migrate`, creates nothing and shows
+/// no password; `binary migrate` as the serving role (`app_env`) fails too;
+/// (b) as the owner (`owner_env`) it applies `applied` (e.g. "1, 2"), and a
+/// second run applies nothing.
+pub(crate) async fn unmigrated_until_the_owner_migrates(
+    binary: &str,
+    schema: &str,
+    verify_env: &[(String, String)],
+    app_env: &[(String, String)],
+    owner_env: &[(String, String)],
+    applied: &str,
+) {
+    let name = std::path::Path::new(binary).file_name().unwrap().to_string_lossy().into_owned();
+    let output = mesh_testkit::LogBuffer::default();
+    let mut early = mesh_testkit::Process::start_captured(binary, verify_env, &output).unwrap();
+    let status = early.wait(Duration::from_secs(30)).await.unwrap();
+    let text = output.text();
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(text.contains(&format!("run `{name} migrate` as the schema owner first")), "{text}");
+    assert!(!text.contains("roles-test-pw"), "{text}");
+    assert_eq!(tables_in(schema).await, Vec::<String>::new(), "verify ran no DDL");
+
+    // The serving role cannot migrate either.
+    let (code, text) = migrate(binary, app_env).await;
+    assert_eq!(code, Some(1), "{text}");
+    assert!(!text.contains("roles-test-pw"), "{text}");
+
+    // The owner migrates; a second run applies nothing.
+    let (code, text) = migrate(binary, owner_env).await;
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains(&format!("applied versions {applied}")), "{text}");
+    let (code, text) = migrate(binary, owner_env).await;
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("nothing applied"), "{text}");
+}

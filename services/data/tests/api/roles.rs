@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::{
     helpers::{Mesh, OPEN_RULES, client, doc, eventually},
-    pg_roles::{Roles, migrate, refused},
+    pg_roles::{Roles, refused, tables_in, unmigrated_until_the_owner_migrates},
 };
 
 const BINARY: &str = env!("CARGO_BIN_EXE_mesh-data");
@@ -30,15 +30,6 @@ fn env(roles: &Roles, role: &str, mesh: &Mesh) -> Vec<(String, String)> {
     ]
 }
 
-async fn tables(roles: &Roles) -> Vec<String> {
-    let mut c = sqlx::PgConnection::connect(&Infra::shared().pg_primary_url()).await.unwrap();
-    sqlx::query_scalar("select tablename::text from pg_tables where schemaname = $1 order by 1")
-        .bind(&roles.data_schema)
-        .fetch_all(&mut c)
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn the_serving_role_runs_no_ddl_and_serves_once_the_owner_migrated() {
     let infra = Infra::shared();
@@ -47,29 +38,17 @@ async fn the_serving_role_runs_no_ddl_and_serves_once_the_owner_migrated() {
     let mut app_env = env(&roles, &roles.data_app, &mesh);
     app_env.push(("MESH_DATABASE_MIGRATE".into(), "verify".into()));
 
-    // (a) Unmigrated: the serving role does not serve, exits 1 naming the step.
-    let output = LogBuffer::default();
-    let mut early = Process::start_captured(BINARY, &app_env, &output).unwrap();
-    let status = early.wait(Duration::from_secs(30)).await.unwrap();
-    let text = output.text();
-    assert_eq!(status.code(), Some(1), "{text}");
-    assert!(text.contains("run `mesh-data migrate` as the schema owner first"), "{text}");
-    assert!(!text.contains("roles-test-pw"), "{text}");
-    assert_eq!(tables(&roles).await, Vec::<String>::new(), "verify ran no DDL");
-
-    // The serving role cannot migrate either.
-    let (code, text) = migrate(BINARY, &env(&roles, &roles.data_app, &mesh)).await;
-    assert_eq!(code, Some(1), "{text}");
-    assert!(!text.contains("roles-test-pw"), "{text}");
-
-    // (b) The owner migrates; a second run applies nothing.
+    // (a) Unmigrated, the serving role neither serves nor migrates; (b) the owner migrates.
     let owner_env = env(&roles, &roles.data_owner, &mesh);
-    let (code, text) = migrate(BINARY, &owner_env).await;
-    assert_eq!(code, Some(0), "{text}");
-    assert!(text.contains("applied versions 1, 2"), "{text}");
-    let (code, text) = migrate(BINARY, &owner_env).await;
-    assert_eq!(code, Some(0), "{text}");
-    assert!(text.contains("nothing applied"), "{text}");
+    unmigrated_until_the_owner_migrates(
+        BINARY,
+        &roles.data_schema,
+        &app_env,
+        &env(&roles, &roles.data_app, &mesh),
+        &owner_env,
+        "1, 2",
+    )
+    .await;
 
     // A migration applied with other contents is not the binary's either.
     let mut admin = sqlx::PgConnection::connect(&roles.admin_url()).await.unwrap();
@@ -153,7 +132,7 @@ async fn the_serving_role_runs_no_ddl_and_serves_once_the_owner_migrated() {
     // Nor touch another service's schema.
     let sql = format!("select count(*) from {}.audit_events", roles.audit_schema);
     assert_eq!(refused(&mut conn, &sql).await, "42501");
-    assert_eq!(tables(&roles).await, ["_sqlx_migrations", "audit_outbox", "documents"]);
+    assert_eq!(tables_in(&roles.data_schema).await, ["_sqlx_migrations", "audit_outbox", "documents"]);
     conn.close().await.unwrap();
     owner.close().await;
     drop(mesh);
