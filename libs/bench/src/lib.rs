@@ -169,12 +169,7 @@ where
     report
 }
 
-/// Resident set size of a process in KiB (Linux `/proc/<pid>/status`).
-pub fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
+pub use mesh_testkit::rss_kib;
 
 /// A service binary started by a benchmark, killed (and reaped) on drop.
 #[derive(Debug)]

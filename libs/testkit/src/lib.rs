@@ -37,7 +37,7 @@ pub use infra::{Infra, PrivateInfra, repo_root};
 pub use isolate::{TestDb, redis_prefix};
 pub use latency::LatencyProxy;
 pub use logs::LogBuffer;
-pub use spawn::{Process, Running, free_addr, spawn};
+pub use spawn::{Process, Running, free_addr, rss_kib, spawn};
 
 /// Polls `check` until it returns `Some`, for at most `timeout`, and
 /// returns that value; panics naming `what` when time runs out. The way a

@@ -158,3 +158,11 @@ pub fn free_addr() -> SocketAddr {
         }
     }
 }
+
+/// Resident set size of a process in KiB (`VmRSS` in Linux's
+/// `/proc/<pid>/status`); `None` when the process is gone.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}

@@ -39,14 +39,9 @@ const MAX_OUTSTANDING: usize = 8192;
 /// Longest a caller waits for an answer (a call still unanswered then is a failure).
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Resident set size of `pid` in KiB (`VmRSS` in `/proc/<pid>/status`).
+/// Resident set size of `pid` in KiB.
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
+    mesh_testkit::rss_kib(pid).expect("the service runs: VmRSS")
 }
 
 /// Samples the RSS of `pid` every 200 ms until `stop`; the largest seen.
