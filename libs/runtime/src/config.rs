@@ -431,6 +431,11 @@ impl crate::TelemetryConfig {
                     "log filter (tracing EnvFilter directives, e.g. debug or info,mesh_session=debug)",
                 ),
                 Var::value(LOG_FORMAT, "text", "log format on stdout: text or json"),
+                Var::value(
+                    SDK_DISABLED,
+                    "false",
+                    "true turns tracing off: spans are neither recorded, exported nor propagated (logs stay)",
+                ),
             ],
         )
     }

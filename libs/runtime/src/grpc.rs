@@ -31,6 +31,7 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::{Body, Frame, SizeHint};
+use opentelemetry::trace::{SpanContext, TraceContextExt as _};
 use pin_project_lite::pin_project;
 use tokio::{task::futures::TaskLocalFuture, time::Instant};
 use tower::{Layer, Service};
@@ -77,6 +78,10 @@ pub struct RequestId(pub Arc<str>);
 pub struct CallContext {
     request_id: Arc<str>,
     deadline: Option<Instant>,
+    /// The server span's context when the call is in a trace the sampler
+    /// dropped: its spans are not made at all (the telemetry module's
+    /// filter), and downstream calls and log lines carry this context.
+    unsampled: Option<SpanContext>,
 }
 
 tokio::task_local! {
@@ -87,12 +92,32 @@ impl CallContext {
     /// A context for work that does not start with an RPC (a background job
     /// that wants its downstream calls to share one request id and deadline).
     pub fn new(request_id: impl Into<Arc<str>>, deadline: Option<Instant>) -> Self {
-        Self { request_id: request_id.into(), deadline }
+        Self { request_id: request_id.into(), deadline, unsampled: None }
     }
 
     /// The context of the call being handled by the current task, if any.
     pub fn current() -> Option<Self> {
         CURRENT.try_with(Clone::clone).ok()
+    }
+
+    /// The trace context of the current task's call when the sampler dropped
+    /// its trace (valid ids, sampled flag off); `None` outside a call or
+    /// when the call is sampled.
+    pub fn current_unsampled() -> Option<SpanContext> {
+        CURRENT.try_with(|c| c.unsampled.clone()).ok().flatten()
+    }
+
+    /// This context for a call whose trace the sampler dropped (tests).
+    #[cfg(test)]
+    pub(crate) fn with_unsampled(mut self, sc: SpanContext) -> Self {
+        self.unsampled = Some(sc);
+        self
+    }
+
+    /// Whether the current task handles a call whose trace was dropped (no
+    /// allocation: the telemetry filter asks this for every span).
+    pub(crate) fn in_unsampled_call() -> bool {
+        CURRENT.try_with(|c| c.unsampled.is_some()).unwrap_or(false)
     }
 
     /// The call's request id.
@@ -300,9 +325,6 @@ where
         let timeout = caller_timeout(req.headers());
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let expiry = timeout.and_then(|t| deadline.map(|d| d.checked_sub(deadline_slack(t)).unwrap_or(d)));
-        let context = CallContext { request_id: rid.clone(), deadline };
-        req.extensions_mut().insert(context.clone());
-
         let span = tracing::info_span!(
             "grpc.server",
             otel.name = %format_args!("{service}/{method}"),
@@ -315,6 +337,12 @@ where
             request_id = %rid,
         );
         let _ = span.set_parent(crate::trace_context::extract(req.headers()));
+        // The sampler decides here, once the parent is known; a dropped trace
+        // makes no spans below this one (module docs of `telemetry`).
+        let sc = span.context().span().span_context().clone();
+        let unsampled = (sc.is_valid() && !sc.is_sampled()).then_some(sc);
+        let context = CallContext { request_id: rid.clone(), deadline, unsampled };
+        req.extensions_mut().insert(context.clone());
 
         let labels = MethodLabels { grpc_type: kind, grpc_service: service, grpc_method: method };
         self.shared.metrics.started.get_or_create(&labels).inc();

@@ -374,7 +374,10 @@ pub fn span_at(
     slot: u16,
 ) -> tracing::Span {
     let span = span(operation, script);
-    record_server(&span, client, slot);
+    // Not made (a dropped trace): skip the copy of the cluster's routing.
+    if !span.is_disabled() {
+        record_server(&span, client, slot);
+    }
     span
 }
 

@@ -1,7 +1,7 @@
 //! The one telemetry entry point: `tracing` logs to stdout and spans
 //! exported as the OpenTelemetry SDK environment variables say
 //! (`OTEL_TRACES_EXPORTER`, `OTEL_EXPORTER_OTLP_ENDPOINT`,
-//! `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`).
+//! `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`, `OTEL_SDK_DISABLED`).
 //!
 //! W3C trace context is always propagated (even without an exporter), so a
 //! service in the middle of a call chain never breaks the trace.
@@ -79,6 +79,10 @@ pub mod keys {
     pub const RUST_LOG: &str = "RUST_LOG";
     /// `text` (default) or `json`.
     pub const LOG_FORMAT: &str = "MESH_LOG_FORMAT";
+    /// `true` turns tracing off: no OpenTelemetry layer, so spans are
+    /// neither recorded, exported nor propagated (the specification's
+    /// switch for the whole SDK; any other value, or unset, is `false`).
+    pub const SDK_DISABLED: &str = "OTEL_SDK_DISABLED";
 }
 
 /// The OTLP endpoint the OpenTelemetry specification defaults to, used when
@@ -193,6 +197,8 @@ pub struct TelemetryConfig {
     pub json_logs: bool,
     /// Which spans may start a trace ([`Roots`]).
     pub roots: Roots,
+    /// `OTEL_SDK_DISABLED=true`: no OpenTelemetry layer at all (logs only).
+    pub sdk_disabled: bool,
 }
 
 /// Which spans may start a trace (be sampled without a parent).
@@ -225,6 +231,7 @@ impl Default for TelemetryConfig {
             log_to_stdout: true,
             json_logs: false,
             roots: Roots::Any,
+            sdk_disabled: false,
         }
     }
 }
@@ -277,6 +284,8 @@ impl TelemetryConfig {
             log_to_stdout: true,
             json_logs,
             roots: Roots::Any,
+            // The specification: only `true` (any case) disables.
+            sdk_disabled: l.string(keys::SDK_DISABLED).is_some_and(|v| v.eq_ignore_ascii_case("true")),
         })
     }
 
@@ -284,6 +293,9 @@ impl TelemetryConfig {
     /// `otlp/grpc to http://127.0.0.1:4317, sampler parentbased_always_on`.
     pub fn describe_export(&self) -> String {
         let sampler = &self.sampler;
+        if self.sdk_disabled {
+            return format!("off ({}=true): not recorded, exported or propagated", keys::SDK_DISABLED);
+        }
         match (self.exporter, &self.otlp_endpoint) {
             (TracesExporter::Otlp, Some(e)) => format!("otlp/grpc to {e}, sampler {sampler}"),
             (TracesExporter::Otlp, None) => {
@@ -324,7 +336,9 @@ impl Telemetry {
         // cost two clock reads per poll of every instrumented future, on every
         // hop of every call.
         let dispatch = Dispatch::new(
-            tracing_subscriber::registry().with(fmt.with_filter(filter)).with(otel_layer(tracer)),
+            tracing_subscriber::registry()
+                .with(fmt.with_filter(filter))
+                .with((!config.sdk_disabled).then(|| otel_layer(tracer))),
         );
         let _ = slot.set(dispatch.downgrade());
         let installed = dispatch.try_init().is_ok();
@@ -432,7 +446,41 @@ where
         .with_location(false)
         .with_threads(false)
         .with_tracked_inactivity(false)
-        .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+        // Off: making each span's OpenTelemetry context the thread's current
+        // one on every poll of an instrumented future (an attach and a
+        // detach per poll, per span). Nothing here reads
+        // `opentelemetry::Context::current()`: propagation and the log
+        // lines' ids read the span's own context.
+        .with_context_activation(false)
+        .with_filter(SampledCalls)
+}
+
+/// The OpenTelemetry layer's filter: `info` and above, and nothing inside a
+/// served call whose trace the sampler dropped
+/// ([`crate::grpc::CallContext::current_unsampled`]). Such a call's own
+/// server span is made (it carries the decision and the ids downstream calls
+/// and log lines use), but no span or event below it is: an unsampled call
+/// costs one span, not one per hop, so a low sampling ratio costs little.
+/// Work outside served calls (background roots, which
+/// [`Roots::ServedCalls`] drops) is unaffected.
+struct SampledCalls;
+
+impl<S> tracing_subscriber::layer::Filter<S> for SampledCalls {
+    fn enabled(&self, meta: &tracing::Metadata<'_>, _: &tracing_subscriber::layer::Context<'_, S>) -> bool {
+        *meta.level() <= tracing::Level::INFO && !crate::grpc::CallContext::in_unsampled_call()
+    }
+
+    fn callsite_enabled(&self, meta: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {
+        if *meta.level() <= tracing::Level::INFO {
+            tracing::subscriber::Interest::sometimes()
+        } else {
+            tracing::subscriber::Interest::never()
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<tracing_subscriber::filter::LevelFilter> {
+        Some(tracing_subscriber::filter::LevelFilter::INFO)
+    }
 }
 
 /// The subscriber the JSON formatter asks for the spans' OpenTelemetry ids
@@ -677,6 +725,12 @@ where
                 sc.is_valid().then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
             })
         });
+        // A call whose trace was dropped has no spans below its server span:
+        // its lines carry the server span's ids.
+        let ids = ids.or_else(|| {
+            let sc = crate::grpc::CallContext::current_unsampled()?;
+            Some((sc.trace_id().to_string(), sc.span_id().to_string()))
+        });
         if let Some(scope) = ctx.event_scope() {
             let mut names = Vec::new();
             for (i, span) in scope.enumerate() {
@@ -724,6 +778,7 @@ mod tests {
 
     use opentelemetry::trace::{SpanContext, SpanId, SpanKind, TraceFlags, TraceId, TraceState};
     use opentelemetry_sdk::trace::{SamplingDecision, ShouldSample as _};
+    use tracing::Instrument as _;
     use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
     use super::*;
@@ -760,6 +815,21 @@ mod tests {
 
         let e = config(&[(keys::TRACES_EXPORTER, "jaeger")]).unwrap_err();
         assert_eq!(e.to_string(), "OTEL_TRACES_EXPORTER: expected otlp, console or none, got \"jaeger\"");
+    }
+
+    #[test]
+    fn only_true_disables_the_sdk_as_the_specification_says() {
+        for (value, disabled) in
+            [("true", true), ("TRUE", true), ("false", false), ("1", false), ("yes", false)]
+        {
+            let c = config(&[(keys::SDK_DISABLED, value), (keys::OTLP_ENDPOINT, "http://127.0.0.1:4317")])
+                .unwrap();
+            assert_eq!(c.sdk_disabled, disabled, "OTEL_SDK_DISABLED={value}");
+        }
+        assert!(!config(&[]).unwrap().sdk_disabled);
+        let c =
+            config(&[(keys::SDK_DISABLED, "true"), (keys::OTLP_ENDPOINT, "http://127.0.0.1:4317")]).unwrap();
+        assert_eq!(c.describe_export(), "off (OTEL_SDK_DISABLED=true): not recorded, exported or propagated");
     }
 
     #[test]
@@ -863,6 +933,66 @@ mod tests {
             assert!(!decide(&root, name, SpanKind::Server), "{name}");
             assert!(!decide(&remote, name, SpanKind::Server), "{name} under a sampled caller");
         }
+    }
+
+    #[tokio::test]
+    async fn a_dropped_call_makes_no_span_below_its_server_span_and_hands_its_ids_on() {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let sampler = ServedCalls(SamplerConfig::ParentBasedTraceIdRatio(0.0).sampler());
+        let provider = SdkTracerProvider::builder().with_sampler(sampler).build();
+        let slot = DispatchSlot::default();
+        let dispatch = Dispatch::new(
+            tracing_subscriber::registry()
+                .with(fmt_layer(true, false, move || writer.clone(), &slot))
+                .with(otel_layer(provider.tracer("test"))),
+        );
+        let _ = slot.set(dispatch.downgrade());
+        let _default = tracing::dispatcher::set_default(&dispatch);
+        global::set_text_map_propagator(TraceContextPropagator::new());
+
+        let server = tracing::info_span!("grpc.server", otel.name = "mesh.x.v1.X/Y", otel.kind = "server");
+        let sc = server.context().span().span_context().clone();
+        assert!(sc.is_valid() && !sc.is_sampled(), "the ratio-0 sampler drops the root: {sc:?}");
+        let call = crate::grpc::CallContext::new("rid", None).with_unsampled(sc.clone());
+        let headers = call
+            .scope(
+                async {
+                    let child = tracing::info_span!("EVALSHA ratelimit_check", otel.kind = "client");
+                    let _g = child.enter();
+                    // No OpenTelemetry span was made for the child...
+                    assert!(!child.context().span().span_context().is_valid(), "a span below a dropped call");
+                    tracing::info!("inside");
+                    // ...yet what leaves the process names the call's trace.
+                    let mut headers = http::HeaderMap::new();
+                    crate::trace_context::inject_current(&mut headers);
+                    assert_eq!(crate::trace_context::current_trace_id(), Some(sc.trace_id().to_string()));
+                    headers
+                }
+                .instrument(server.clone()),
+            )
+            .await;
+        assert_eq!(
+            headers.get("traceparent").and_then(|v| v.to_str().ok()),
+            Some(format!("00-{}-{}-00", sc.trace_id(), sc.span_id()).as_str()),
+            "downstream calls carry the dropped decision"
+        );
+        let out = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let line: Value = serde_json::from_str(out.lines().last().expect("a log line")).unwrap();
+        assert_eq!(line["trace_id"], sc.trace_id().to_string(), "{line}");
+        assert_eq!(line["span_id"], sc.span_id().to_string(), "{line}");
+
+        // A sampled call's spans are all made, as before.
+        let provider = SdkTracerProvider::builder().build();
+        let dispatch =
+            Dispatch::new(tracing_subscriber::registry().with(otel_layer(provider.tracer("test"))));
+        let _default = tracing::dispatcher::set_default(&dispatch);
+        let server = tracing::info_span!("grpc.server", otel.kind = "server");
+        assert!(server.context().span().span_context().is_sampled());
+        let child = crate::grpc::CallContext::new("rid", None)
+            .scope(async { tracing::info_span!("EVALSHA ratelimit_check") }.instrument(server.clone()))
+            .await;
+        assert!(child.context().span().span_context().is_sampled());
     }
 
     #[derive(Clone, Default)]

@@ -55,17 +55,32 @@ pub fn inject(cx: &Context, headers: &mut HeaderMap) {
     global::get_text_map_propagator(|p| p.inject_context(cx, &mut Writer(headers)));
 }
 
-/// Writes the current `tracing` span's context into outgoing headers.
-pub fn inject_current(headers: &mut HeaderMap) {
-    use tracing_opentelemetry::OpenTelemetrySpanExt;
-    inject(&tracing::Span::current().context(), headers);
-}
-
-/// The trace id of the current span as 32 hex digits, if it is sampled into a trace.
-pub fn current_trace_id() -> Option<String> {
+/// The trace context a downstream call or a log line of `span` carries:
+/// the span's own when it is recorded, else that of the call the task
+/// handles when its trace was dropped by the sampler (whose spans are not
+/// made: see [`crate::telemetry`]), else none.
+pub fn context_of(span: &tracing::Span) -> Context {
     use opentelemetry::trace::TraceContextExt;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let cx = tracing::Span::current().context();
+    let cx = span.context();
+    if cx.span().span_context().is_valid() {
+        return cx;
+    }
+    match crate::grpc::CallContext::current_unsampled() {
+        Some(sc) => Context::new().with_remote_span_context(sc),
+        None => cx,
+    }
+}
+
+/// Writes the current `tracing` span's context ([`context_of`]) into outgoing headers.
+pub fn inject_current(headers: &mut HeaderMap) {
+    inject(&context_of(&tracing::Span::current()), headers);
+}
+
+/// The trace id of the current span ([`context_of`]) as 32 hex digits, if it has one.
+pub fn current_trace_id() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    let cx = context_of(&tracing::Span::current());
     let sc = cx.span().span_context().clone();
     sc.is_valid().then(|| sc.trace_id().to_string())
 }

@@ -26,7 +26,6 @@ use pin_project_lite::pin_project;
 use tonic::Code;
 use tower::{Layer, Service};
 use tracing::{Instrument, Span, field::Empty, instrument::Instrumented};
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
     error::{BoxError, into_status},
@@ -117,7 +116,10 @@ where
             network.peer.port = Empty,
             request_id = &*rid,
         );
-        mesh_runtime::trace_context::inject(&span.context(), req.headers_mut());
+        mesh_runtime::trace_context::inject(
+            &mesh_runtime::trace_context::context_of(&span),
+            req.headers_mut(),
+        );
         self.metrics.started.get_or_create(&labels).inc();
         // The layers below do their work when polled, inside the span.
         let fut = self.inner.call(req);
