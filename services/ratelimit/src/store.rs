@@ -3,8 +3,14 @@
 //! # Keys
 //! One key per descriptor: `<prefix>rl:{<domain>|<k>=<v>|…}:<algorithm>:<unit>`.
 //! The hash tag is the descriptor's identity, so descriptors spread over the
-//! cluster; a window counter is a hash (`w`, `c`, `p`: window, count,
-//! previous count), a token bucket a theoretical arrival time. Every write
+//! cluster. A fixed window (`fc`) is one integer, the window's number mod
+//! 1024 × 2^32 plus its count, so a decision costs Redis a GET and an INCRBY
+//! (a SET with its expiry for a window's first hit); a sliding window (`sw`)
+//! is a hash (`w`, `c`, `p`: window, count, previous count); a token bucket
+//! (`tb`) a theoretical arrival time. Fixed windows were hashes under `fw`
+//! before: during a rolling upgrade from that layout, old and new instances
+//! count a fixed window apart, so it can admit up to twice its limit until
+//! every instance runs the new one (at most one window). Every write
 //! sets a TTL that ends when the state no longer matters (a fixed window's
 //! end, a sliding window's next window's end, a full bucket) plus 1 s.
 //!

@@ -12,6 +12,12 @@
 --          sliding_window, 3 token_bucket), limit, period_ms, burst, hits,
 --          shadow (0/1).
 --
+-- Storage per algorithm: a fixed window is one integer, the window's tag
+-- (its number mod WRAP) times SPAN plus its count, expiring a second after
+-- the window ends; so a decision is GET, then INCRBY (or one SET … PX for
+-- a window's first hit). A sliding window is a hash {w, c, p}; a token
+-- bucket a string holding its theoretical arrival time.
+--
 -- Decides every descriptor first; writes only when every enforced (non-shadow)
 -- descriptor fits, so a refused group consumes nothing. A shadow descriptor
 -- that is over is reported but neither blocks nor consumes (as it would if
@@ -23,6 +29,48 @@
 -- reset_ms, retry_ms (-1: never, the hits exceed the capacity), retry1_ms
 -- (until a single hit fits), and remaining and reset_ms without this call's
 -- hits (what the call reports once they are given back)}.
+-- A fixed-window counter: tag * SPAN + count. The count stays below SPAN (a
+-- limit is a u32 and only hits that fit are written); WRAP tags tell a
+-- window from its predecessor exactly (a key outlives its window by 1 s),
+-- and the value stays far below 2^53, exact in Lua's numbers.
+local SPAN = 4294967296
+local WRAP = 1024
+
+-- The helpers are top-level functions, not closures made per descriptor:
+-- Lua allocates a closure each time one is created, on every call.
+
+-- Token bucket (GCRA): ms until `h` hits fit (0 now, -1 never).
+local function tb_wait(h, burst, tat, T, dvt, now)
+  if h > burst then return -1 end
+  local at = tat + h * T - dvt
+  if at <= now + 0.001 then return 0 end
+  return at - now
+end
+
+-- Fixed (alg 1) or sliding (alg 2) window: ms until `h` hits fit.
+local function win_wait(h, alg, limit, period, est, c, prev, left)
+  if h > limit then return -1 end
+  if est + h <= limit + 1e-9 then return 0 end
+  if c + h <= limit then
+    -- The previous window's weight has to decay far enough.
+    return left - (limit - c - h) * period / prev
+  end
+  -- Only the next window, where this window's count is the previous one.
+  if alg == 1 then return left end
+  local into = period - (limit - h) * period / c
+  if into < 0 then into = 0 end
+  return left + into
+end
+
+-- Fully recovered: a fixed window at its end; a sliding window once
+-- neither this window's count nor the previous one's weighs any more.
+local function win_reset(count, alg, period, prev, left)
+  if alg == 1 then return left end
+  if count > 0 then return left + period end
+  if prev > 0 then return left end
+  return 0
+end
+
 local now
 if ARGV[3] ~= '' then
   now = tonumber(ARGV[3])
@@ -64,19 +112,28 @@ for i = 1, n do
     local dvt = T * burst
     local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
     if tat < now then tat = now end
-    local function wait(h)
-      if h > burst then return -1 end
-      local at = tat + h * T - dvt
-      if at <= now + 0.001 then return 0 end
-      return at - now
-    end
-    p.wait = wait(need)
-    p.retry1 = wait(1)
+    p.wait = tb_wait(need, burst, tat, T, dvt, now)
+    p.retry1 = tb_wait(1, burst, tat, T, dvt, now)
     p.new_tat = tat + hits * T
     p.rem_now = math.floor((dvt - (tat - now)) / T + 1e-9)
     p.reset_now = tat - now
     p.rem_after = math.floor((dvt - (p.new_tat - now)) / T + 1e-9)
     p.reset_after = p.new_tat - now
+  elseif alg == 1 then
+    local w = math.floor(now / period)
+    local tag = w % WRAP
+    local v = tonumber(redis.call('GET', KEYS[i]) or '0')
+    local sw = math.floor(v / SPAN)
+    local c = 0
+    if sw == tag then c = v - sw * SPAN end
+    local left = (w + 1) * period - now
+    p.wait = win_wait(need, alg, limit, period, c, c, 0, left)
+    p.retry1 = win_wait(1, alg, limit, period, c, c, 0, left)
+    p.w, p.c, p.prev, p.tag = w, c, 0, tag
+    p.rem_now = math.floor(limit - c + 1e-9)
+    p.rem_after = math.floor(limit - c - hits + 1e-9)
+    p.reset_now = left
+    p.reset_after = left
   else
     local w = math.floor(now / period)
     local h = redis.call('HMGET', KEYS[i], 'w', 'c', 'p')
@@ -88,37 +145,15 @@ for i = 1, n do
     elseif sw ~= w then
       c, prev = 0, 0
     end
-    if alg == 1 then prev = 0 end
     local left = (w + 1) * period - now
     local est = prev * left / period + c
-    local function wait(h)
-      if h > limit then return -1 end
-      if est + h <= limit + 1e-9 then return 0 end
-      if c + h <= limit then
-        -- The previous window's weight has to decay far enough.
-        return left - (limit - c - h) * period / prev
-      end
-      -- Only the next window, where this window's count is the previous one.
-      if alg == 1 then return left end
-      local into = period - (limit - h) * period / c
-      if into < 0 then into = 0 end
-      return left + into
-    end
-    p.wait = wait(need)
-    p.retry1 = wait(1)
+    p.wait = win_wait(need, alg, limit, period, est, c, prev, left)
+    p.retry1 = win_wait(1, alg, limit, period, est, c, prev, left)
     p.w, p.c, p.prev = w, c, prev
     p.rem_now = math.floor(limit - est + 1e-9)
     p.rem_after = math.floor(limit - est - hits + 1e-9)
-    -- Fully recovered: a fixed window at its end; a sliding window once
-    -- neither this window's count nor the previous one's weighs any more.
-    local function reset(count)
-      if alg == 1 then return left end
-      if count > 0 then return left + period end
-      if prev > 0 then return left end
-      return 0
-    end
-    p.reset_now = reset(c)
-    p.reset_after = reset(c + hits)
+    p.reset_now = win_reset(c, alg, period, prev, left)
+    p.reset_after = win_reset(c + hits, alg, period, prev, left)
   end
   if p.wait ~= 0 and not shadow then all_fit = false end
   plans[i] = p
@@ -135,12 +170,19 @@ for i = 1, n do
     if p.alg == 3 then
       local px = math.ceil(p.new_tat - now) + 1000
       redis.call('SET', KEYS[i], string.format('%.3f', p.new_tat), 'PX', px)
+    elseif p.alg == 1 then
+      if p.c == 0 then
+        -- The window's first hit (or the key held an older window).
+        -- PX, not PXAT: relative to `now`, which tests may set.
+        redis.call('SET', KEYS[i], string.format('%d', p.tag * SPAN + p.hits), 'PX',
+          math.ceil((p.w + 1) * p.period - now) + 1000)
+      else
+        redis.call('INCRBY', KEYS[i], p.hits)
+      end
     else
       redis.call('HSET', KEYS[i], 'w', p.w, 'c', p.c + p.hits, 'p', p.prev)
       -- A sliding window still needs this window's count during the next one.
-      local keep = p.period
-      if p.alg == 2 then keep = 2 * p.period end
-      redis.call('PEXPIRE', KEYS[i], math.ceil((p.w * p.period + keep) - now) + 1000)
+      redis.call('PEXPIRE', KEYS[i], math.ceil((p.w * p.period + 2 * p.period) - now) + 1000)
     end
     if id ~= '' then
       redis.call('ZADD', KEYS[n + i], math.floor(now), id)

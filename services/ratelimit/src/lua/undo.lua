@@ -13,7 +13,7 @@
 --
 -- Per key: the call's record gone → nothing to do; present → remove it and
 -- take the hits back from the window the record's time falls in (still
--- current or now the previous one), or for a token bucket move the
+-- current or, for a sliding window, now the previous one), or for a token bucket move the
 -- theoretical arrival time back by hits × emission. Where the call has no
 -- record yet a tombstone `<id>:x` is left, so a check that arrives later
 -- writes nothing. Returns the hits given back.
@@ -24,6 +24,8 @@ else
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 end
+local SPAN = 4294967296
+local WRAP = 1024
 local id = ARGV[1]
 local ttl = tonumber(ARGV[2])
 local n = #KEYS / 2
@@ -45,6 +47,14 @@ for i = 1, n do
       local tat = tonumber(redis.call('GET', KEYS[i]))
       if tat then
         redis.call('SET', KEYS[i], string.format('%.3f', tat - hits * emission), 'KEEPTTL')
+      end
+    elseif alg == 1 then
+      -- tag * SPAN + count (check.lua): only the record's own window gives back.
+      local v = tonumber(redis.call('GET', KEYS[i]) or '0')
+      local sw = math.floor(v / SPAN)
+      if sw == math.floor(at / period) % WRAP then
+        local back = math.min(hits, v - sw * SPAN)
+        if back > 0 then redis.call('DECRBY', KEYS[i], back) end
       end
     else
       local marker = math.floor(at / period)

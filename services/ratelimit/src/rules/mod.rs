@@ -75,7 +75,8 @@ impl Algorithm {
     /// instead of misreading another algorithm's state.
     pub(crate) fn tag(self) -> &'static str {
         match self {
-            Self::FixedWindow => "fw",
+            // "fw" held a hash {w, c, p}; "fc" is one integer (check.lua).
+            Self::FixedWindow => "fc",
             Self::SlidingWindow => "sw",
             Self::TokenBucket => "tb",
         }
