@@ -37,6 +37,7 @@ use mesh_proto::ratelimit::{
 
 const CHECK_LUA: &str = include_str!("../../../../services/ratelimit/src/lua/check.lua");
 
+/// The bench's rules; `{algorithm}` is `--algorithm`.
 const RULES: &str = r#"
 domain: bench
 descriptors:
@@ -44,9 +45,9 @@ descriptors:
     value: chat
     descriptors:
       - key: user_id
-        rate_limit: { unit: minute, requests_per_unit: 100000000, name: chat_per_user }
+        rate_limit: { unit: minute, requests_per_unit: 100000000, name: chat_per_user, algorithm: {algorithm} }
   - key: endpoint
-    rate_limit: { unit: minute, requests_per_unit: 1000000000, name: endpoint_global }
+    rate_limit: { unit: minute, requests_per_unit: 1000000000, name: endpoint_global, algorithm: {algorithm} }
 "#;
 
 #[derive(Debug, Parser)]
@@ -82,6 +83,20 @@ struct Args {
     /// `TOKIO_WORKER_THREADS` for the service only (default: one per core).
     #[arg(long)]
     service_workers: Option<usize>,
+    /// The rules' algorithm: fixed_window (the peers' and the issue's
+    /// comparison), sliding_window (the service's default) or token_bucket.
+    #[arg(long, default_value = "fixed_window")]
+    algorithm: String,
+    /// Extra `KEY=VALUE` environment for the service (repeatable), e.g.
+    /// `OTEL_TRACES_SAMPLER=always_off`.
+    #[arg(long = "service-env", value_parser = key_value)]
+    service_env: Vec<(String, String)>,
+    /// Also measure the service's CPU per Check (1 descriptor) as shipped,
+    /// with tracing sampled at 1 % (`parentbased_traceidratio` 0.01) and
+    /// with the OpenTelemetry layer off (`OTEL_SDK_DISABLED=true`): three
+    /// processes, five alternating rounds of a third of `--duration` each.
+    #[arg(long)]
+    tracing: bool,
     /// The node redis-benchmark runs the script on.
     #[arg(long, default_value_t = 7000)]
     redis_bench_port: u16,
@@ -93,9 +108,14 @@ struct Service {
     _rules: tempfile::TempDir,
 }
 
-async fn start_service(args: &Args, prefix: &str) -> anyhow::Result<Service> {
+fn key_value(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+async fn start_service(args: &Args, prefix: &str, env: &[(&str, &str)]) -> anyhow::Result<Service> {
     let rules = tempfile::tempdir()?;
-    std::fs::write(rules.path().join("bench.yaml"), RULES)?;
+    std::fs::write(rules.path().join("bench.yaml"), RULES.replace("{algorithm}", &args.algorithm))?;
     let mut cmd = Command::new(&args.binary);
     cmd.env_clear();
     if let Some(ms) = args.redis_timeout_ms {
@@ -111,6 +131,8 @@ async fn start_service(args: &Args, prefix: &str) -> anyhow::Result<Service> {
         .env("MESH_REDIS_KEY_PREFIX", prefix)
         .env("MESH_RATELIMIT_RULES", rules.path())
         .env("RUST_LOG", "warn");
+    cmd.envs(args.service_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    cmd.envs(env.iter().copied());
     Ok(Service { child: ChildService::start(cmd).await?, _rules: rules })
 }
 
@@ -190,15 +212,70 @@ fn bench_redis(args: &Args, prefix: &str, requests: u64) -> anyhow::Result<(f64,
         })
         .context("no hash tag found on the node")?;
     let key = format!("{prefix}rb:{{{tag}}}:__rand_int__");
+    // check.lua's arguments (see its header) for one descriptor as the
+    // service sends them: no call id (one slot group, no give-back record),
+    // the server's clock, the rules' algorithm, 100,000,000 per minute (burst
+    // the same, for a token bucket), 1 hit.
+    let algorithm = match args.algorithm.as_str() {
+        "fixed_window" => "1",
+        "sliding_window" => "2",
+        "token_bucket" => "3",
+        other => bail!("unknown --algorithm {other:?}"),
+    };
+    let script_args = ["", "60000", "", algorithm, "100000000", "60000", "100000000", "1", "0"];
+    // Once by hand first: the answer must be a decision that counted the hit
+    // (applied, then 7 integers), or redis-benchmark would time a script
+    // that does nothing (an earlier argument layout did exactly that).
+    let probe = Command::new("redis-cli")
+        .args(["-p", &port, "EVALSHA", &sha, "1", &key.replace("__rand_int__", "probe")])
+        .args(script_args)
+        .output()?;
+    let probe = String::from_utf8_lossy(&probe.stdout).into_owned();
+    let lines: Vec<&str> = probe.lines().collect();
+    if lines.len() != 8 || lines[0] != "1" || lines[2] != "99999999" {
+        bail!("check.lua did not count a hit with the benchmark's arguments: {probe:?}");
+    }
     let out = Command::new("redis-benchmark")
         .args(["-p", &port, "-c", &args.concurrency.to_string(), "-n", &requests.to_string()])
         .args(["-r", &args.users.to_string(), "-q", "--csv"])
-        .args(["EVALSHA", &sha, "1", &key, "2", "100000000", "60000", "0", "1", "0"])
+        .args(["EVALSHA", &sha, "1", &key])
+        .args(script_args)
         .output()
         .context("running redis-benchmark")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let row = text.lines().last().context("no redis-benchmark output")?;
     redis_benchmark_row(row)
+}
+
+/// Service CPU per Check (µs) as shipped, sampled at 1 % and without the
+/// OpenTelemetry layer: five rounds, each measuring the three in turn.
+async fn tracing_rounds(args: &Args, prefix: &str, load: Load) -> anyhow::Result<Vec<[f64; 3]>> {
+    let settings: [&[(&str, &str)]; 3] = [
+        &[],
+        &[("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"), ("OTEL_TRACES_SAMPLER_ARG", "0.01")],
+        &[("OTEL_SDK_DISABLED", "true")],
+    ];
+    let mut services = Vec::new();
+    for env in settings {
+        services.push(start_service(args, prefix, env).await?);
+    }
+    let slice = Load {
+        duration: Duration::from_secs((args.duration / 3).max(2)),
+        warmup: Duration::from_secs(1),
+        ..load
+    };
+    let mut rounds = Vec::new();
+    for _ in 0..5 {
+        let mut round = [0.0; 3];
+        for (i, service) in services.iter().enumerate() {
+            let (r, _) =
+                bench_check("tracing round", slice, service, args.connections, args.users, false).await;
+            let pid = service.child.child.id();
+            round[i] = r.us_per_call(r.cpu.seconds(|p| p.pid == pid));
+        }
+        rounds.push(round);
+    }
+    Ok(rounds)
 }
 
 #[tokio::main]
@@ -215,7 +292,7 @@ async fn main() -> anyhow::Result<()> {
     let payload = b"ratelimit-sized payload: domain, two entries".to_vec();
     let echo = run_echo("plain tonic echo", load, echo_addr, args.connections, payload).await;
 
-    let service = start_service(&args, &prefix).await?;
+    let service = start_service(&args, &prefix, &[]).await?;
     let (one, rss_one) =
         bench_check("Check, 1 descriptor", load, &service, args.connections, args.users, false).await;
     let (two, rss_two) =
@@ -224,6 +301,11 @@ async fn main() -> anyhow::Result<()> {
     let service_pid = service.child.child.id();
     let idle_rss = rss_kib(service_pid).unwrap_or(0);
     drop(service);
+
+    // Tracing: three service processes (as shipped, sampled at 1 %, no
+    // OpenTelemetry layer) measured in alternating rounds, so the machine's
+    // drift (shared cores, steal time) falls on all three alike.
+    let tracing_rounds = if args.tracing { tracing_rounds(&args, &prefix, load).await? } else { Vec::new() };
 
     let requests = (one.throughput() * args.duration as f64).max(100_000.0) as u64;
     let (redis_rps, redis_detail) = bench_redis(&args, &prefix, requests)?;
@@ -253,6 +335,34 @@ async fn main() -> anyhow::Result<()> {
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in [&echo, &one, &two] {
         println!("{}", cpu_row(r, service_pid));
+    }
+    if !tracing_rounds.is_empty() {
+        println!();
+        println!("Service CPU per Check (1 descriptor), µs, by tracing setting, in alternating rounds:");
+        println!();
+        println!(
+            "| round | as shipped (all sampled) | sampled 1 % | OpenTelemetry off | 1 % / off | shipped / off |"
+        );
+        println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
+        for (i, [shipped, sampled, off]) in tracing_rounds.iter().enumerate() {
+            println!(
+                "| {} | {shipped:.1} | {sampled:.1} | {off:.1} | {:.2} | {:.2} |",
+                i + 1,
+                sampled / off,
+                shipped / off
+            );
+        }
+        let median = |f: &dyn Fn(&[f64; 3]) -> f64| {
+            let mut v: Vec<f64> = tracing_rounds.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        println!();
+        println!(
+            "Median of the rounds: sampled 1 % costs {:.2}× no OpenTelemetry layer, all sampled {:.2}×.",
+            median(&|r| r[1] / r[2]),
+            median(&|r| r[0] / r[2])
+        );
     }
     println!();
     let me = std::process::id();
