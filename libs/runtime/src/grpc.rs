@@ -49,11 +49,8 @@ pub const REQUEST_ID: &str = "x-request-id";
 /// can look its own call up (`mesh-trace <trace id>`, Jaeger).
 pub const TRACE_RESPONSE: &str = "traceresponse";
 
-/// The `traceresponse` value of a sampled server span.
-fn trace_response(span: &Span) -> Option<HeaderValue> {
-    use opentelemetry::trace::TraceContextExt as _;
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
+/// The `traceresponse` value of a sampled server span's context.
+fn trace_response(sc: &SpanContext) -> Option<HeaderValue> {
     (sc.is_valid() && sc.is_sampled())
         .then(|| HeaderValue::from_str(&format!("00-{}-{}-01", sc.trace_id(), sc.span_id())).ok())
         .flatten()
@@ -339,8 +336,8 @@ where
         let _ = span.set_parent(crate::trace_context::extract(req.headers()));
         // The sampler decides here, once the parent is known; a dropped trace
         // makes no spans below this one (module docs of `telemetry`).
-        let sc = span.context().span().span_context().clone();
-        let unsampled = (sc.is_valid() && !sc.is_sampled()).then_some(sc);
+        let span_context = span.context().span().span_context().clone();
+        let unsampled = (span_context.is_valid() && !span_context.is_sampled()).then(|| span_context.clone());
         let context = CallContext { request_id: rid.clone(), deadline, unsampled };
         req.extensions_mut().insert(context.clone());
 
@@ -363,6 +360,7 @@ where
                 start,
                 expiry,
                 span,
+                span_context,
                 done: false,
             }),
             rid,
@@ -390,6 +388,8 @@ struct Recorder {
     /// From when an unfinished call counts as DEADLINE_EXCEEDED.
     expiry: Option<Instant>,
     span: Span,
+    /// The server span's OpenTelemetry context, taken once when the call arrived.
+    span_context: SpanContext,
     done: bool,
 }
 
@@ -530,7 +530,7 @@ where
                 if let Ok(v) = HeaderValue::from_str(this.rid) {
                     parts.headers.insert(REQUEST_ID, v);
                 }
-                if let Some(v) = trace_response(&recorder.span) {
+                if let Some(v) = trace_response(&recorder.span_context) {
                     parts.headers.insert(TRACE_RESPONSE, v);
                 }
                 undecodable_is_invalid_argument(&mut parts.headers);

@@ -938,16 +938,8 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_call_makes_no_span_below_its_server_span_and_hands_its_ids_on() {
         let buffer = Buffer::default();
-        let writer = buffer.clone();
         let sampler = ServedCalls(SamplerConfig::ParentBasedTraceIdRatio(0.0).sampler());
-        let provider = SdkTracerProvider::builder().with_sampler(sampler).build();
-        let slot = DispatchSlot::default();
-        let dispatch = Dispatch::new(
-            tracing_subscriber::registry()
-                .with(fmt_layer(true, false, move || writer.clone(), &slot))
-                .with(otel_layer(provider.tracer("test"))),
-        );
-        let _ = slot.set(dispatch.downgrade());
+        let dispatch = subscriber(true, &buffer, &SdkTracerProvider::builder().with_sampler(sampler).build());
         let _default = tracing::dispatcher::set_default(&dispatch);
         global::set_text_map_propagator(TraceContextPropagator::new());
 
@@ -1012,8 +1004,15 @@ mod tests {
     /// logging to a buffer; returns the log.
     fn logged(json: bool, f: impl FnOnce()) -> String {
         let buffer = Buffer::default();
+        let dispatch = subscriber(json, &buffer, &SdkTracerProvider::builder().build());
+        tracing::dispatcher::with_default(&dispatch, f);
+        String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap()
+    }
+
+    /// The subscriber [`Telemetry::init`] makes, logging to `buffer`, its
+    /// spans going to `provider`.
+    fn subscriber(json: bool, buffer: &Buffer, provider: &SdkTracerProvider) -> Dispatch {
         let writer = buffer.clone();
-        let provider = SdkTracerProvider::builder().build();
         let slot = DispatchSlot::default();
         let dispatch = Dispatch::new(
             tracing_subscriber::registry()
@@ -1021,8 +1020,7 @@ mod tests {
                 .with(otel_layer(provider.tracer("test"))),
         );
         let _ = slot.set(dispatch.downgrade());
-        tracing::dispatcher::with_default(&dispatch, f);
-        String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap()
+        dispatch
     }
 
     #[test]
