@@ -29,6 +29,7 @@
 -- reset_ms, retry_ms (-1: never, the hits exceed the capacity), retry1_ms
 -- (until a single hit fits), and remaining and reset_ms without this call's
 -- hits (what the call reports once they are given back)}.
+
 -- A fixed-window counter: tag * SPAN + count. The count stays below SPAN (a
 -- limit is a u32 and only hits that fit are written); WRAP tags tell a
 -- window from its predecessor exactly (a key outlives its window by 1 s),
@@ -62,10 +63,9 @@ local function win_wait(h, alg, limit, period, est, c, prev, left)
   return left + into
 end
 
--- Fully recovered: a fixed window at its end; a sliding window once
--- neither this window's count nor the previous one's weighs any more.
-local function win_reset(count, alg, period, prev, left)
-  if alg == 1 then return left end
+-- A sliding window is fully recovered once neither this window's count nor
+-- the previous one's weighs any more (a fixed window: at its end, `left`).
+local function sliding_reset(count, period, prev, left)
   if count > 0 then return left + period end
   if prev > 0 then return left end
   return 0
@@ -152,8 +152,8 @@ for i = 1, n do
     p.w, p.c, p.prev = w, c, prev
     p.rem_now = math.floor(limit - est + 1e-9)
     p.rem_after = math.floor(limit - est - hits + 1e-9)
-    p.reset_now = win_reset(c, alg, period, prev, left)
-    p.reset_after = win_reset(c + hits, alg, period, prev, left)
+    p.reset_now = sliding_reset(c, period, prev, left)
+    p.reset_after = sliding_reset(c + hits, period, prev, left)
   end
   if p.wait ~= 0 and not shadow then all_fit = false end
   plans[i] = p
