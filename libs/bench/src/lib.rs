@@ -298,6 +298,57 @@ fn tokio_stream_listener(
     })
 }
 
+/// The calling program in `--serve-echo` mode, as a process of its own: the
+/// plain tonic echo server where a service runs, across a process boundary
+/// from the load generator, so that its CPU time per call is known apart
+/// (the "server CPU per echo call" the services are compared with). The
+/// program must answer `--serve-echo` with [`serve_echo`]. Killed on drop.
+#[derive(Debug)]
+pub struct EchoProcess {
+    child: std::process::Child,
+    /// Its gRPC address.
+    pub addr: SocketAddr,
+}
+
+impl EchoProcess {
+    /// Starts it and reads the address it prints.
+    pub fn start() -> anyhow::Result<Self> {
+        use std::io::BufRead as _;
+
+        use anyhow::Context as _;
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .arg("--serve-echo")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting the echo process")?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().context("no stdout")?;
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        let addr = line.trim().parse().with_context(|| format!("echo process said {line:?}"))?;
+        Ok(Self { child, addr })
+    }
+
+    /// Its process id (for [`cpu::Usage::seconds`]).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for EchoProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The body of `--serve-echo`: serves the plain echo, prints its address
+/// on one line of stdout, and never returns.
+pub async fn serve_echo() -> ! {
+    println!("{}", spawn_plain_echo().await);
+    futures::future::pending().await
+}
+
 /// Runs the echo baseline: `load` against the echo server at `addr` over
 /// `connections` HTTP/2 connections, each call carrying `payload` bytes
 /// (sized like the request it is compared with).

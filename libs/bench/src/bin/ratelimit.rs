@@ -2,7 +2,9 @@
 //! against two baselines measured in the same run:
 //!
 //! - the plain tonic echo server (`mesh_bench::spawn_plain_echo`): the cost
-//!   of gRPC alone on this machine;
+//!   of gRPC alone on this machine, in this process and in a process of its
+//!   own (`mesh_bench::EchoProcess`), whose CPU per call is a gRPC server's
+//!   floor to compare the service's with;
 //! - `redis-benchmark` running the service's own check script (`EVALSHA`) on
 //!   one cluster node at the same concurrency: the cost of Redis alone.
 //!
@@ -28,8 +30,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use mesh_bench::{
-    ChildService, Load, PeakRss, Report, TABLE_HEADER, channels, redis_benchmark_row, rss_kib, run, run_echo,
-    spawn_plain_echo,
+    ChildService, EchoProcess, Load, PeakRss, Report, TABLE_HEADER, channels, redis_benchmark_row, rss_kib,
+    run, run_echo, spawn_plain_echo,
 };
 use mesh_proto::ratelimit::{
     CheckRequest, Code, Descriptor, Entry, rate_limit_service_client::RateLimitServiceClient,
@@ -100,6 +102,10 @@ struct Args {
     /// The node redis-benchmark runs the script on.
     #[arg(long, default_value_t = 7000)]
     redis_bench_port: u16,
+    /// Serve the plain echo server, print its address, and do nothing else
+    /// (how the out-of-process baseline runs).
+    #[arg(long, hide = true)]
+    serve_echo: bool,
 }
 
 /// The service binary as a child process, with its rules file.
@@ -281,6 +287,9 @@ async fn tracing_rounds(args: &Args, prefix: &str, load: Load) -> anyhow::Result
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.serve_echo {
+        mesh_bench::serve_echo().await;
+    }
     let load = Load {
         concurrency: args.concurrency,
         duration: Duration::from_secs(args.duration),
@@ -290,7 +299,14 @@ async fn main() -> anyhow::Result<()> {
 
     let echo_addr = spawn_plain_echo().await;
     let payload = b"ratelimit-sized payload: domain, two entries".to_vec();
-    let echo = run_echo("plain tonic echo", load, echo_addr, args.connections, payload).await;
+    let echo = run_echo("plain tonic echo", load, echo_addr, args.connections, payload.clone()).await;
+    // The same echo server as a process of its own, as the service runs:
+    // its CPU per call is a gRPC server's floor on this machine.
+    let echo_process = EchoProcess::start()?;
+    let echo_pid = echo_process.pid();
+    let echo_out =
+        run_echo("plain tonic echo (own process)", load, echo_process.addr, args.connections, payload).await;
+    drop(echo_process);
 
     let service = start_service(&args, &prefix, &[]).await?;
     let (one, rss_one) =
@@ -311,7 +327,7 @@ async fn main() -> anyhow::Result<()> {
     let (redis_rps, redis_detail) = bench_redis(&args, &prefix, requests)?;
 
     println!("{TABLE_HEADER}");
-    for r in [&echo, &one, &two] {
+    for r in [&echo, &echo_out, &one, &two] {
         println!("{r}");
     }
     println!();
@@ -331,11 +347,22 @@ async fn main() -> anyhow::Result<()> {
     println!();
     println!("CPU per call in the measured windows (µs of CPU time, all processes on the machine):");
     println!();
-    println!("| target | machine busy | load generator | service | Redis (all nodes) | other | total |");
+    println!(
+        "| target | machine busy | load generator | service (echo: its own process) | Redis (all nodes) | other | total |"
+    );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for r in [&echo, &one, &two] {
-        println!("{}", cpu_row(r, service_pid));
+    for (r, pid) in [(&echo, service_pid), (&echo_out, echo_pid), (&one, service_pid), (&two, service_pid)] {
+        println!("{}", cpu_row(r, pid));
     }
+    let server_cpu = |r: &Report, pid: u32| r.us_per_call(r.cpu.seconds(|p| p.pid == pid));
+    println!();
+    println!(
+        "Service CPU per Check (1 descriptor) {:.0} µs = {:.2}× the echo server's CPU per call in its own \
+         process ({:.0} µs).",
+        server_cpu(&one, service_pid),
+        server_cpu(&one, service_pid) / server_cpu(&echo_out, echo_pid).max(0.001),
+        server_cpu(&echo_out, echo_pid)
+    );
     if !tracing_rounds.is_empty() {
         println!();
         println!("Service CPU per Check (1 descriptor), µs, by tracing setting, in alternating rounds:");
@@ -366,8 +393,10 @@ async fn main() -> anyhow::Result<()> {
     }
     println!();
     let me = std::process::id();
-    for r in [&echo, &one, &two] {
-        let other = r.cpu.busiest(|p| p.pid != me && p.pid != service_pid && p.comm != "redis-server");
+    for r in [&echo, &echo_out, &one, &two] {
+        let other = r.cpu.busiest(|p| {
+            p.pid != me && p.pid != service_pid && p.pid != echo_pid && p.comm != "redis-server"
+        });
         println!("- other processes during {}: {other}", r.name);
     }
     // A Check needs at least what an echo call needs (client and server
@@ -386,7 +415,7 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "service RSS: peak {rss_one} KiB (1 descriptor), {rss_two} KiB (2 descriptors), {idle_rss} KiB after"
     );
-    for r in [&echo, &one, &two] {
+    for r in [&echo, &echo_out, &one, &two] {
         if let Some(e) = &r.first_error {
             println!("{}: {} errors, first: {e}", r.name, r.errors);
         }

@@ -27,9 +27,8 @@
 //! ```
 
 use std::{
-    net::SocketAddr,
     path::PathBuf,
-    process::{Command, Stdio},
+    process::Command,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -41,8 +40,8 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use futures::{StreamExt as _, stream};
 use mesh_bench::{
-    ChildService, Load, PeakRss, Report, TABLE_HEADER, channels, redis_benchmark_row, rss_kib, run, run_echo,
-    spawn_plain_echo,
+    ChildService, EchoProcess, Load, PeakRss, Report, TABLE_HEADER, channels, redis_benchmark_row, rss_kib,
+    run, run_echo, spawn_plain_echo,
 };
 use mesh_proto::{
     envoy_authz::{
@@ -282,36 +281,6 @@ fn cpu_row(r: &Report, service_pid: Option<u32>) -> String {
     r.cpu_row(&[r.cpu.this_process(), service, r.cpu.named("redis-server")])
 }
 
-/// This program in `--serve-echo` mode, killed on drop.
-struct EchoProcess {
-    child: std::process::Child,
-    addr: SocketAddr,
-}
-
-impl EchoProcess {
-    fn start() -> anyhow::Result<Self> {
-        use std::io::BufRead as _;
-        let mut child = Command::new(std::env::current_exe()?)
-            .arg("--serve-echo")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting the echo process")?;
-        let mut line = String::new();
-        let stdout = child.stdout.take().context("no stdout")?;
-        std::io::BufReader::new(stdout).read_line(&mut line)?;
-        let addr = line.trim().parse().with_context(|| format!("echo process said {line:?}"))?;
-        Ok(Self { child, addr })
-    }
-}
-
-impl Drop for EchoProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// About a ValidateSession request's size (a 59-character token).
 fn echo_payload() -> Vec<u8> {
     vec![b'x'; 64]
@@ -334,8 +303,7 @@ fn bench_redis(args: &Args, requests: u64) -> anyhow::Result<(f64, String)> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.serve_echo {
-        println!("{}", spawn_plain_echo().await);
-        return futures::future::pending().await;
+        mesh_bench::serve_echo().await;
     }
     let load = Load {
         concurrency: args.concurrency,
@@ -351,6 +319,7 @@ async fn main() -> anyhow::Result<()> {
     let echo_out =
         run_echo("plain tonic echo (own process)", load, echo_process.addr, args.connections, echo_payload())
             .await;
+    let echo_pid = echo_process.pid();
     drop(echo_process);
 
     let cached = start_service(&args, &prefix, true).await?;
@@ -438,10 +407,13 @@ async fn main() -> anyhow::Result<()> {
     println!();
     println!("CPU per call in the measured windows (µs of CPU time, all processes on the machine):");
     println!();
-    println!("| target | machine busy | load generator | service | Redis (all nodes) | other | total |");
+    println!(
+        "| target | machine busy | load generator | service (echo: its own process) | Redis (all nodes) | other | total |"
+    );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (r, pid) in [
         (&echo, None),
+        (&echo_out, Some(echo_pid)),
         (&hit, Some(cached_pid)),
         (&touch, Some(cached_pid)),
         (&authz_hit, Some(cached_pid)),
