@@ -378,3 +378,37 @@ pub async fn channels(addr: SocketAddr, n: usize) -> Vec<tonic::transport::Chann
     }
     out
 }
+
+/// The Check of the rate-limit benchmarks' caller `n`, domain `bench`:
+/// `[route=chat, user_id=u<n mod users>]`, plus `[endpoint=/v1/e<n mod 16>]`
+/// (another hash slot) when `two_descriptors`.
+pub fn check_request(n: u64, users: u64, two_descriptors: bool) -> mesh_proto::ratelimit::CheckRequest {
+    use mesh_proto::ratelimit::{CheckRequest, Descriptor, Entry};
+    let entry = |key: &str, value: String| Entry { key: key.into(), value };
+    let mut descriptors = vec![Descriptor {
+        entries: vec![entry("route", "chat".into()), entry("user_id", format!("u{}", n % users))],
+        hits_addend: None,
+    }];
+    if two_descriptors {
+        descriptors.push(Descriptor {
+            entries: vec![entry("endpoint", format!("/v1/e{}", n % 16))],
+            hits_addend: None,
+        });
+    }
+    CheckRequest { domain: "bench".into(), descriptors, hits_addend: 0 }
+}
+
+/// A Check answer counts only if allowed and decided by Redis
+/// (`x-mesh-ratelimit-decided-by: redis`); else why not.
+pub fn decided_by_redis(
+    answer: Result<tonic::Response<mesh_proto::ratelimit::CheckResponse>, tonic::Status>,
+) -> Result<(), String> {
+    let resp = answer.map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+    if resp.get_ref().overall_code() != mesh_proto::ratelimit::Code::Ok {
+        return Err("over limit".to_owned());
+    }
+    match resp.metadata().get(mesh_ratelimit::DECIDED_BY).and_then(|v| v.to_str().ok()) {
+        Some("redis") => Ok(()),
+        other => Err(format!("decided by {other:?}, not redis")),
+    }
+}

@@ -33,9 +33,7 @@ use mesh_bench::{
     ChildService, EchoProcess, Load, PeakRss, Report, TABLE_HEADER, channels, redis_benchmark_row, rss_kib,
     run, run_echo, spawn_plain_echo,
 };
-use mesh_proto::ratelimit::{
-    CheckRequest, Code, Descriptor, Entry, rate_limit_service_client::RateLimitServiceClient,
-};
+use mesh_proto::ratelimit::rate_limit_service_client::RateLimitServiceClient;
 
 const CHECK_LUA: &str = include_str!("../../../../services/ratelimit/src/lua/check.lua");
 
@@ -142,10 +140,6 @@ async fn start_service(args: &Args, prefix: &str, env: &[(&str, &str)]) -> anyho
     Ok(Service { child: ChildService::start(cmd).await?, _rules: rules })
 }
 
-fn entry(k: &str, v: String) -> Entry {
-    Entry { key: k.to_owned(), value: v }
-}
-
 /// Runs Check with `descriptors(n)` descriptors per call; returns the report and peak RSS.
 async fn bench_check(
     name: &str,
@@ -162,28 +156,9 @@ async fn bench_check(
         let mut client = RateLimitServiceClient::new(chans[worker % chans.len()].clone());
         let n = counter.fetch_add(1, Ordering::Relaxed);
         async move {
-            let mut descriptors = vec![Descriptor {
-                entries: vec![entry("route", "chat".into()), entry("user_id", format!("u{}", n % users))],
-                hits_addend: None,
-            }];
-            if two_descriptors {
-                descriptors.push(Descriptor {
-                    entries: vec![entry("endpoint", format!("/v1/e{}", n % 16))],
-                    hits_addend: None,
-                });
-            }
-            let resp = client
-                .check(CheckRequest { domain: "bench".into(), descriptors, hits_addend: 0 })
-                .await
-                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
-            let decided_by = resp.metadata().get(mesh_ratelimit::DECIDED_BY).cloned();
-            if resp.get_ref().overall_code() != Code::Ok {
-                return Err("over limit".to_owned());
-            }
-            match decided_by.as_ref().and_then(|v| v.to_str().ok()) {
-                Some("redis") => Ok(()),
-                other => Err(format!("decided by {other:?}, not redis")),
-            }
+            mesh_bench::decided_by_redis(
+                client.check(mesh_bench::check_request(n, users, two_descriptors)).await,
+            )
         }
     })
     .await;

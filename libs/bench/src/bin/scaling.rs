@@ -57,12 +57,9 @@ use clap::{Parser, ValueEnum};
 use futures::{StreamExt as _, stream};
 use mesh_bench::{ChildService, Load, Report, run, run_echo, spawn_plain_echo};
 use mesh_client::{ClientConfig, ClientMetrics, RateLimitClient, SessionClient, config::keys};
-use mesh_proto::{
-    ratelimit::{CheckRequest, Code, Descriptor, Entry},
-    session::{
-        ClientInfo, CreateSessionRequest, RevokeUserSessionsRequest, ValidateSessionRequest,
-        session_service_client::SessionServiceClient,
-    },
+use mesh_proto::session::{
+    ClientInfo, CreateSessionRequest, RevokeUserSessionsRequest, ValidateSessionRequest,
+    session_service_client::SessionServiceClient,
 };
 
 /// The bench's rules (as `ratelimit.rs`); `{algorithm}` is `--algorithm`.
@@ -310,10 +307,6 @@ where
     }
 }
 
-fn entry(k: &str, v: String) -> Entry {
-    Entry { key: k.to_owned(), value: v }
-}
-
 /// Check, one descriptor, at each concurrency through one balanced client.
 async fn ratelimit_rows(args: &Args, fleet: &Fleet, loads: &[Load]) -> anyhow::Result<Vec<Row>> {
     let config = client_config(keys::RATELIMIT_ADDR, fleet)?;
@@ -330,22 +323,7 @@ async fn ratelimit_rows(args: &Args, fleet: &Fleet, loads: &[Load]) -> anyhow::R
             let mut client = raw.clone();
             let n = counter.fetch_add(1, Ordering::Relaxed);
             async move {
-                let descriptors = vec![Descriptor {
-                    entries: vec![entry("route", "chat".into()), entry("user_id", format!("u{}", n % users))],
-                    hits_addend: None,
-                }];
-                let resp = client
-                    .check(CheckRequest { domain: "bench".into(), descriptors, hits_addend: 0 })
-                    .await
-                    .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
-                let decided_by = resp.metadata().get(mesh_ratelimit::DECIDED_BY).cloned();
-                if resp.get_ref().overall_code() != Code::Ok {
-                    return Err("over limit".to_owned());
-                }
-                match decided_by.as_ref().and_then(|v| v.to_str().ok()) {
-                    Some("redis") => Ok(()),
-                    other => Err(format!("decided by {other:?}, not redis")),
-                }
+                mesh_bench::decided_by_redis(client.check(mesh_bench::check_request(n, users, false)).await)
             }
         })
         .await;
