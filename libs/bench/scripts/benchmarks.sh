@@ -3,14 +3,18 @@
 # infrastructure if it is down, builds the benchmark programs and the service
 # binaries once (release), runs each program in libs/bench/src/bin in turn
 # with one short shape, and writes their Markdown output under a header that
-# names the commit, the machine and the toolchain.
+# names the commit, the machine and the toolchain. Every program also appends
+# its CPU-per-call rows as JSON lines to target/benchmarks/results.jsonl
+# (MESH_BENCH_JSON), and the last one, capacity, computes the capacity model
+# from them. The peer comparison runs only with LIMITADOR_BIN set (a
+# limitador-server built outside this repository: libs/bench/src/bin/peer.rs).
 #
-#   libs/bench/scripts/benchmarks.sh                                  # all, ~10 min on 2 cores
+#   libs/bench/scripts/benchmarks.sh                                  # all, ~20 min on 2 cores
 #   BENCH_ONLY="ratelimit session" libs/bench/scripts/benchmarks.sh   # a subset
 #   BENCH_DURATION=2 BENCH_WARMUP=1 libs/bench/scripts/benchmarks.sh  # a quick check
 #
 # Environment (defaults):
-#   BENCH_ONLY          benchmarks to run, in this order    ("ratelimit session audit client data")
+#   BENCH_ONLY          benchmarks to run, in this order    ("ratelimit session audit client data scaling peer capacity")
 #   BENCH_DURATION      measured seconds per target          (5)
 #   BENCH_WARMUP        warm-up seconds per target           (2; audit's is fixed at 2)
 #   BENCH_CONCURRENCY   concurrent callers                   (64; client runs 1 and this)
@@ -18,6 +22,7 @@
 #   BENCH_DATA_DOCS     documents seeded for data's queries  (100000)
 #   BENCH_CLIENT_ROUNDS alternating rounds per client level  (3)
 #   BENCH_TIMEOUT       seconds before a benchmark is killed (900)
+#   LIMITADOR_BIN       the peer's limitador-server binary  (unset: peer is skipped)
 #
 # A benchmark that fails gets its exit status and the end of its stderr in its
 # section; the others still run, the file is still written, and the script
@@ -27,7 +32,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../../.."
 ROOT=$PWD
 
-ALL="ratelimit session audit client data"
+ALL="ratelimit session audit client data scaling peer capacity"
 ONLY=${BENCH_ONLY:-$ALL}
 DURATION=${BENCH_DURATION:-5}
 WARMUP=${BENCH_WARMUP:-2}
@@ -36,8 +41,10 @@ AUDIT_ROWS=${BENCH_AUDIT_ROWS:-100000}
 DATA_DOCS=${BENCH_DATA_DOCS:-100000}
 CLIENT_ROUNDS=${BENCH_CLIENT_ROUNDS:-3}
 TIMEOUT=${BENCH_TIMEOUT:-900}
+LIMITADOR=${LIMITADOR_BIN:-}
 OUT=BENCHMARKS.md
 LOGS=target/benchmarks
+JSON=$LOGS/results.jsonl
 
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -62,6 +69,12 @@ bench_args() {
       echo "--concurrency 1,$CONCURRENCY --duration-secs $DURATION --warmup-secs $WARMUP --rounds $CLIENT_ROUNDS" ;;
     data)
       echo "--concurrency $CONCURRENCY --seconds $DURATION --warmup $WARMUP --docs $DATA_DOCS" ;;
+    scaling)
+      echo "--duration $DURATION --warmup $WARMUP" ;;
+    peer)
+      echo "--limitador $LIMITADOR --concurrency $CONCURRENCY --duration $DURATION --warmup 1" ;;
+    capacity)
+      echo "--input $JSON" ;;
   esac
 }
 
@@ -73,6 +86,8 @@ loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 nest_headings() { awk '/^```/ { fence = !fence } !fence && /^#/ { $0 = "#" $0 } { print }'; }
 
 mkdir -p "$LOGS"
+: >"$JSON"
+export MESH_BENCH_JSON=$JSON
 tmp=$(mktemp "$LOGS/BENCHMARKS.md.XXXXXX")
 body=$(mktemp "$LOGS/body.XXXXXX")
 trap 'rm -f "$tmp" "$body"' EXIT
@@ -110,6 +125,19 @@ rustc_version=$(rustc --version)
 failed=()
 summary=""
 for b in "${benches[@]}"; do
+  if [[ $b == peer && -z $LIMITADOR ]]; then
+    say "peer: skipped (LIMITADOR_BIN is not set)"
+    {
+      echo "## peer"
+      echo
+      echo "Skipped: \`LIMITADOR_BIN\` was not set. The peer, Kuadrant's limitador-server, is built outside" \
+        "this repository (how: [\`libs/bench/src/bin/peer.rs\`](libs/bench/src/bin/peer.rs)); the last" \
+        "comparison is in [\`libs/bench/results/peer.md\`](libs/bench/results/peer.md)."
+      echo
+    } >>"$body"
+    summary+="| [peer](#peer) | skipped (LIMITADOR_BIN unset) | 0 s |"$'\n'
+    continue
+  fi
   read -r -a args <<<"$(bench_args "$b")"
   cmd="target/release/$b ${args[*]}"
   log="$LOGS/$b.log"

@@ -69,16 +69,67 @@ impl Report {
     }
 
     /// A Markdown row of where the CPU went per call: name, how busy the
-    /// machine was, the µs per call of each of `groups` (CPU seconds of
-    /// disjoint sets of processes), everything else, and the total.
-    pub fn cpu_row(&self, groups: &[f64]) -> String {
+    /// machine was, the µs per call of each of `groups` (a label and the CPU
+    /// seconds of a set of processes, the sets disjoint), everything else,
+    /// and the total. The row also goes to [`record`] (JSON lines).
+    pub fn cpu_row(&self, groups: &[(&str, f64)]) -> String {
         let total = self.cpu.total();
-        let other = total - groups.iter().sum::<f64>();
+        let other = total - groups.iter().map(|(_, s)| s).sum::<f64>();
         let mut row = format!("| {} | {:.0} % |", self.name, self.cpu.machine_busy * 100.0);
-        for seconds in groups.iter().chain([&other, &total]) {
+        for seconds in groups.iter().map(|(_, s)| s).chain([&other, &total]) {
             row.push_str(&format!(" {:.0} |", self.us_per_call(*seconds)));
         }
+        let cpu: serde_json::Map<String, serde_json::Value> = groups
+            .iter()
+            .map(|(label, s)| (*label, *s))
+            .chain([("other", other), ("total", total)])
+            .map(|(label, s)| (label.to_owned(), self.us_per_call(s).into()))
+            .collect();
+        record(&serde_json::json!({
+            "target": self.name,
+            "calls_per_second": self.throughput(),
+            "ok": self.ok,
+            "errors": self.errors,
+            "latency_us": {
+                "p50": self.quantile_us(0.50),
+                "p90": self.quantile_us(0.90),
+                "p99": self.quantile_us(0.99),
+                "p99.9": self.quantile_us(0.999),
+            },
+            "machine_busy": self.cpu.machine_busy,
+            "cpu_us_per_call": cpu,
+        }));
         row
+    }
+}
+
+/// The environment variable naming the JSON-lines file [`record`] appends to.
+pub const JSON_ENV: &str = "MESH_BENCH_JSON";
+
+/// Appends `value`, with `"program"` (this benchmark's file name) added, as
+/// one line to the file `MESH_BENCH_JSON` names; nothing when it is unset.
+/// `libs/bench/scripts/benchmarks.sh` collects every program's rows this way
+/// and `target/release/capacity` reads them. A write error is printed to
+/// stderr, never fatal (the Markdown output is the benchmark's result).
+pub fn record(value: &serde_json::Value) {
+    use std::io::Write as _;
+    let Some(path) = std::env::var_os(JSON_ENV) else { return };
+    let mut value = value.clone();
+    if let Some(map) = value.as_object_mut() {
+        let program = std::env::args()
+            .next()
+            .and_then(|a| std::path::Path::new(&a).file_name().map(|f| f.to_string_lossy().into_owned()))
+            .unwrap_or_default();
+        map.insert("program".to_owned(), program.into());
+    }
+    let line = format!("{value}\n");
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        eprintln!("cannot append to {JSON_ENV}={}: {e}", path.to_string_lossy());
     }
 }
 

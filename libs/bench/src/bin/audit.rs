@@ -501,7 +501,11 @@ const CPU_HEADER: &str = "| target | machine busy | this process | PostgreSQL | 
 /// backends, WAL writer, walsender, the replica's walreceiver and startup),
 /// pgbench, everything else.
 fn cpu_row(r: &Report) -> String {
-    r.cpu_row(&[r.cpu.this_process(), r.cpu.named("postgres"), r.cpu.named("pgbench")])
+    r.cpu_row(&[
+        ("load generator", r.cpu.this_process()),
+        ("PostgreSQL", r.cpu.named("postgres")),
+        ("pgbench", r.cpu.named("pgbench")),
+    ])
 }
 
 /// pgbench: `clients` connections, each one INSERT per transaction into a

@@ -597,16 +597,16 @@ fn cpu_row(r: &Report, p: Pids) -> String {
     let pid = |id: u32| r.cpu.seconds(|x| x.pid == id);
     let pg = |role: PgRole| r.cpu.seconds(|x| x.comm == "postgres" && pg_role(&x.title) == role);
     r.cpu_row(&[
-        r.cpu.this_process(),
-        pid(p.data),
-        pid(p.session),
-        pid(p.ratelimit),
-        pid(p.audit),
-        r.cpu.named("redis-server"),
-        pg(PgRole::Queries),
-        pg(PgRole::Wal),
-        pg(PgRole::Upkeep),
-        r.cpu.named("pgbench"),
+        ("load generator", r.cpu.this_process()),
+        ("data", pid(p.data)),
+        ("session", pid(p.session)),
+        ("ratelimit", pid(p.ratelimit)),
+        ("audit", pid(p.audit)),
+        ("Redis", r.cpu.named("redis-server")),
+        ("PostgreSQL queries", pg(PgRole::Queries)),
+        ("PostgreSQL WAL", pg(PgRole::Wal)),
+        ("PostgreSQL upkeep", pg(PgRole::Upkeep)),
+        ("pgbench", r.cpu.named("pgbench")),
     ])
 }
 

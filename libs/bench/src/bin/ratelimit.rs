@@ -170,7 +170,11 @@ async fn bench_check(
 /// running the script, replicas applying its effects), everything else.
 fn cpu_row(r: &Report, service_pid: u32) -> String {
     let service = r.cpu.seconds(|p| p.pid == service_pid);
-    r.cpu_row(&[r.cpu.this_process(), service, r.cpu.named("redis-server")])
+    r.cpu_row(&[
+        ("load generator", r.cpu.this_process()),
+        ("service", service),
+        ("Redis", r.cpu.named("redis-server")),
+    ])
 }
 
 /// redis-benchmark running the service's check script on one node (keys in

@@ -278,7 +278,11 @@ async fn bench_check(
 /// for echo also the echo server), the service, every Redis node, the rest.
 fn cpu_row(r: &Report, service_pid: Option<u32>) -> String {
     let service = service_pid.map_or(0.0, |pid| r.cpu.seconds(|p| p.pid == pid));
-    r.cpu_row(&[r.cpu.this_process(), service, r.cpu.named("redis-server")])
+    r.cpu_row(&[
+        ("load generator", r.cpu.this_process()),
+        ("service", service),
+        ("Redis", r.cpu.named("redis-server")),
+    ])
 }
 
 /// About a ValidateSession request's size (a 59-character token).
