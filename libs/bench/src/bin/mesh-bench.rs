@@ -249,6 +249,8 @@ struct Measured {
     dropped: u64,
     elapsed: Duration,
     hist: Histogram<u64>,
+    /// How long the failed calls took (made on the first error).
+    error_hist: Option<Hist>,
     cpu: cpu::Usage,
     sample: Option<Bytes>,
 }
@@ -264,6 +266,7 @@ fn histogram() -> Hist {
 struct Tally {
     ok: u64,
     errors: BTreeMap<String, u64>,
+    error_hist: Option<Hist>,
     sample: Option<Bytes>,
 }
 
@@ -307,7 +310,13 @@ fn tally(t: &mut Tally, hist: &mut Hist, r: Result<Bytes, tonic::Status>, starte
                 t.sample = Some(body);
             }
         }
-        Err(s) => *t.errors.entry(format!("{:?}", s.code())).or_default() += 1,
+        Err(s) => {
+            *t.errors.entry(format!("{:?}", s.code())).or_default() += 1;
+            let _ = t
+                .error_hist
+                .get_or_insert_with(histogram)
+                .record(started.elapsed().as_micros().max(1) as u64);
+        }
     }
 }
 
@@ -345,6 +354,7 @@ async fn closed_loop(caller: Arc<Caller>, load: Load) -> Measured {
         dropped: 0,
         elapsed,
         hist: histogram(),
+        error_hist: None,
         cpu,
         sample: None,
     };
@@ -362,6 +372,9 @@ fn merge(m: &mut Measured, t: Tally, hist: &Hist) {
     }
     if m.sample.is_none() {
         m.sample = t.sample;
+    }
+    if let Some(e) = t.error_hist {
+        m.error_hist.get_or_insert_with(histogram).add(&e).expect("same bounds");
     }
     m.hist.add(hist).expect("same bounds");
 }
@@ -412,8 +425,16 @@ async fn open_loop(caller: Arc<Caller>, rate: f64, max_in_flight: usize, load: L
     let elapsed = started.elapsed();
     let cpu = cpu::Usage::between(&snapshot, &cpu::Snapshot::take(), elapsed);
     drop(tx);
-    let mut m =
-        Measured { ok: 0, errors: BTreeMap::new(), dropped, elapsed, hist: histogram(), cpu, sample: None };
+    let mut m = Measured {
+        ok: 0,
+        errors: BTreeMap::new(),
+        dropped,
+        elapsed,
+        hist: histogram(),
+        error_hist: None,
+        cpu,
+        sample: None,
+    };
     // The calls still in flight finish (and are counted) before the collector ends.
     let (t, hist) = collector.await.expect("collector panicked");
     merge(&mut m, t, &hist);
@@ -542,6 +563,14 @@ async fn main() -> anyhow::Result<()> {
             "Errors by status: {}",
             m.errors.iter().map(|(c, n)| format!("{c} {n}")).collect::<Vec<_>>().join(", ")
         );
+        if let Some(e) = &m.error_hist {
+            println!(
+                "Failed calls took p50 {} µs, p99 {} µs, max {} µs (how fast excess is shed).",
+                e.value_at_quantile(0.5),
+                e.value_at_quantile(0.99),
+                e.max()
+            );
+        }
     }
     println!();
     println!("CPU per successful call, by process (those above 1 % of a core):");
@@ -596,6 +625,7 @@ async fn main() -> anyhow::Result<()> {
         "calls_per_second": m.ok as f64 / secs,
         "ok": m.ok,
         "errors": m.errors,
+        "error_latency_us": m.error_hist.as_ref().map(|e| serde_json::json!({"p50": e.value_at_quantile(0.5), "p99": e.value_at_quantile(0.99), "max": e.max()})),
         "dropped": m.dropped,
         "latency_us": { "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p99.9": q(0.999), "max": m.hist.max() },
         "machine_busy": m.cpu.machine_busy,

@@ -319,15 +319,16 @@ async fn main() -> anyhow::Result<()> {
     };
     let redis = single_node_cluster().await?;
     let redis_pid = redis.child.id();
-    let files = tempfile::tempdir()?;
-    std::fs::write(files.path().join("bench.yaml"), MESH_RULES)?;
-    let limits = files.path().join("limits.yaml");
+    // Two directories: mesh reads every file of its rules directory.
+    let (rules, peer_files) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    std::fs::write(rules.path().join("bench.yaml"), MESH_RULES)?;
+    let limits = peer_files.path().join("limits.yaml");
     std::fs::write(&limits, LIMITADOR_LIMITS)?;
 
     let mut cmd = Command::new(&args.binary);
     cmd.env_clear()
         .env("MESH_REDIS_URLS", format!("127.0.0.1:{}", redis.port))
-        .env("MESH_RATELIMIT_RULES", files.path())
+        .env("MESH_RATELIMIT_RULES", rules.path())
         .env("RUST_LOG", "warn");
     let mesh = ChildService::start(cmd).await?;
     let (mut limitador, limitador_addr) = start_limitador(&args.limitador, redis.port, &limits).await?;
