@@ -9,7 +9,7 @@
 # from them. The peer comparison runs only with LIMITADOR_BIN set (a
 # limitador-server built outside this repository: libs/bench/src/bin/peer.rs).
 #
-#   libs/bench/scripts/benchmarks.sh                                  # all, ~20 min on 2 cores
+#   libs/bench/scripts/benchmarks.sh                                  # all, ~13 min on 2 cores + the build
 #   BENCH_ONLY="ratelimit session" libs/bench/scripts/benchmarks.sh   # a subset
 #   BENCH_DURATION=2 BENCH_WARMUP=1 libs/bench/scripts/benchmarks.sh  # a quick check
 #

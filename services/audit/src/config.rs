@@ -25,6 +25,17 @@ pub const DEFAULT_PORT: u16 = 50053;
 /// Default schema of the service's tables (`MESH_DATABASE_SCHEMA`).
 pub(crate) const SCHEMA: &str = "audit";
 
+/// `MESH_QUEUE_WAIT_MS` when unset: how long an Append past
+/// `MESH_MAX_IN_FLIGHT` waits for a slot before it is shed (the runtime's
+/// default is 20 ms). Measured with `mesh-bench` (libs/bench/results/audit.md,
+/// "2026-12-01: the Append ladder"): at 1024 callers that come straight back
+/// after a refusal, 20 ms shed 23–28k Appends in 5 s and served 9.2–11.8k/s;
+/// 250 ms shed none and served 12.7–12.9k/s (about 90 % of the peak at 256
+/// callers), because a shed call costs about as much CPU as an answered one.
+/// A caller's shorter `grpc-timeout` still shortens the wait. As rate-limit's
+/// (`mesh_ratelimit` config).
+pub(crate) const QUEUE_WAIT: Duration = Duration::from_millis(250);
+
 /// Keys read by [`Config::from_lookup`] beyond the server and database ones.
 pub mod keys {
     /// Most events per group commit.
@@ -119,7 +130,8 @@ impl Config {
             about: "the audit-log service (mesh.audit.v1.AuditService, gRPC)",
             commands: &[],
             groups: vec![
-                ServerConfig::vars(DEFAULT_PORT),
+                ServerConfig::vars(DEFAULT_PORT)
+                    .with_default(mesh_runtime::config::keys::QUEUE_WAIT_MS, QUEUE_WAIT.as_millis()),
                 TelemetryConfig::vars("mesh-audit"),
                 DbConfig::vars(SCHEMA),
                 AuditConfig::vars(),
@@ -135,7 +147,11 @@ impl Config {
     /// Reads any [`Lookup`].
     pub fn from_lookup(l: &impl Lookup) -> Result<Self, ConfigError> {
         Ok(Self {
-            server: ServerConfig::from_lookup(l, DEFAULT_PORT)?,
+            server: ServerConfig::from_lookup_with(
+                l,
+                DEFAULT_PORT,
+                mesh_runtime::Limits { queue_wait: QUEUE_WAIT, ..Default::default() },
+            )?,
             db: DbConfig::from_lookup(l, SCHEMA)?,
             audit: AuditConfig::from_lookup(l)?,
         })

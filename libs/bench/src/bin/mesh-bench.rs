@@ -7,7 +7,8 @@
 //! calls over `--keys` users). Every variant is encoded once before the run
 //! and sent as pre-encoded bytes, so the driver's own CPU per call is the
 //! same whatever the message. The answers are read as bytes; the first one
-//! is decoded and printed, to show the call did what was meant.
+//! is decoded and printed, to show the call did what was meant (string
+//! fields named like `token`, `secret` or `password` redacted).
 //!
 //! - Closed loop (`--concurrency N`): N callers back to back; or open loop
 //!   (`--rate R`): R calls/s at fixed intervals whatever the answers do,
@@ -526,7 +527,7 @@ async fn main() -> anyhow::Result<()> {
         None => format!("closed loop, {} callers", args.concurrency),
     };
     let sample = m.sample.as_ref().map(|b| match DynamicMessage::decode(method.output.clone(), b.clone()) {
-        Ok(msg) => serde_json::to_string(&msg).unwrap_or_default(),
+        Ok(msg) => serde_json::to_value(&msg).map(|v| redact(v).to_string()).unwrap_or_default(),
         Err(e) => format!("(not a {}: {e})", method.output.full_name()),
     });
     let mut procs: Vec<&cpu::ProcUse> = m.cpu.procs.iter().filter(|p| p.seconds / secs > 0.01).collect();
@@ -641,6 +642,27 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// `v` with the value of every field whose name says it holds a secret
+/// (`token`, `secret`, `password`, any case) replaced by `"<redacted>"`: the
+/// first answer is printed and may be pasted into results.
+fn redact(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| {
+                    let lower = k.to_ascii_lowercase();
+                    let secret = ["token", "secret", "password"].iter().any(|s| lower.contains(s));
+                    let v = if secret && v.is_string() { Value::from("<redacted>") } else { redact(v) };
+                    (k, v)
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.into_iter().map(redact).collect()),
+        other => other,
+    }
 }
 
 fn caller_keys(args: &Args) -> u64 {
