@@ -7,6 +7,7 @@
 //! redis-benchmark, vs pgbench): absolute numbers drift on shared machines.
 
 use std::{
+    collections::BTreeMap,
     fmt,
     net::SocketAddr,
     sync::{
@@ -43,15 +44,98 @@ pub struct Report {
     pub errors: u64,
     /// The first error seen, if any.
     pub first_error: Option<String>,
+    /// Failed calls by their error's text (`mesh-bench`'s: the gRPC status
+    /// code's name).
+    pub errors_by: BTreeMap<String, u64>,
     /// Measured wall time.
     pub elapsed: Duration,
     /// Latency of successful calls, in microseconds.
     pub latency_us: Histogram<u64>,
+    /// Latency of failed calls, in microseconds (`None`: none failed).
+    pub error_latency_us: Option<Histogram<u64>>,
     /// CPU time of every process on the machine during the measured window.
     pub cpu: cpu::Usage,
 }
 
+/// A latency histogram of 1 µs to 60 s, 3 significant figures.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds")
+}
+
+/// One caller's (or one collector's) counts in a measured window, added to
+/// a [`Report`] with [`Report::add`].
+#[derive(Debug)]
+pub struct Tally {
+    ok: u64,
+    errors_by: BTreeMap<String, u64>,
+    first_error: Option<String>,
+    latency_us: Histogram<u64>,
+    error_latency_us: Option<Histogram<u64>>,
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Self {
+            ok: 0,
+            errors_by: BTreeMap::new(),
+            first_error: None,
+            latency_us: histogram(),
+            error_latency_us: None,
+        }
+    }
+}
+
+impl Tally {
+    /// Counts one call that started (or was due) at `started` and ended now.
+    pub fn record<E: fmt::Display>(&mut self, result: Result<(), E>, started: Instant) {
+        let us = started.elapsed().as_micros().max(1) as u64;
+        match result {
+            Ok(()) => {
+                self.ok += 1;
+                let _ = self.latency_us.record(us);
+            }
+            Err(e) => {
+                let e = e.to_string();
+                self.first_error.get_or_insert_with(|| e.clone());
+                *self.errors_by.entry(e).or_default() += 1;
+                let _ = self.error_latency_us.get_or_insert_with(histogram).record(us);
+            }
+        }
+    }
+}
+
 impl Report {
+    /// An empty report of a window `elapsed` long with its CPU use.
+    pub fn new(name: &str, elapsed: Duration, cpu: cpu::Usage) -> Self {
+        Self {
+            name: name.to_owned(),
+            ok: 0,
+            errors: 0,
+            first_error: None,
+            errors_by: BTreeMap::new(),
+            elapsed,
+            latency_us: histogram(),
+            error_latency_us: None,
+            cpu,
+        }
+    }
+
+    /// Adds one tally's calls.
+    pub fn add(&mut self, t: Tally) {
+        self.ok += t.ok;
+        for (e, n) in t.errors_by {
+            self.errors += n;
+            *self.errors_by.entry(e).or_default() += n;
+        }
+        if self.first_error.is_none() {
+            self.first_error = t.first_error;
+        }
+        self.latency_us.add(&t.latency_us).expect("same bounds");
+        if let Some(h) = t.error_latency_us {
+            self.error_latency_us.get_or_insert_with(histogram).add(&h).expect("same bounds");
+        }
+    }
+
     /// Successful calls per second.
     pub fn throughput(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64()
@@ -167,26 +251,15 @@ where
         let call = call.clone();
         let (measuring, stop) = (measuring.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
-            let (mut ok, mut errors, mut first_error) = (0u64, 0u64, None);
+            let mut tally = Tally::default();
             while !stop.load(Ordering::Relaxed) {
                 let start = Instant::now();
                 let result = call(worker).await;
-                if !measuring.load(Ordering::Relaxed) {
-                    continue;
-                }
-                match result {
-                    Ok(()) => {
-                        ok += 1;
-                        let _ = hist.record(start.elapsed().as_micros().max(1) as u64);
-                    }
-                    Err(e) => {
-                        errors += 1;
-                        first_error.get_or_insert_with(|| e.to_string());
-                    }
+                if measuring.load(Ordering::Relaxed) {
+                    tally.record(result, start);
                 }
             }
-            (hist, ok, errors, first_error)
+            tally
         }));
     }
     tokio::time::sleep(load.warmup).await;
@@ -199,23 +272,9 @@ where
     let cpu = cpu::Usage::between(&cpu_before, &cpu::Snapshot::take(), elapsed);
     stop.store(true, Ordering::Relaxed);
 
-    let mut report = Report {
-        name: name.to_owned(),
-        ok: 0,
-        errors: 0,
-        first_error: None,
-        elapsed,
-        latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
-        cpu,
-    };
+    let mut report = Report::new(name, elapsed, cpu);
     for t in tasks {
-        let (hist, ok, errors, first_error) = t.await.expect("worker panicked");
-        report.latency_us.add(&hist).expect("same bounds");
-        report.ok += ok;
-        report.errors += errors;
-        if report.first_error.is_none() {
-            report.first_error = first_error;
-        }
+        report.add(t.await.expect("worker panicked"));
     }
     report
 }

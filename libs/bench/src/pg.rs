@@ -124,15 +124,7 @@ fn read_logs(name: &str, dir: &Path, from_epoch: f64, cpu: cpu::Usage) -> anyhow
             ok += 1;
         }
     }
-    Ok(Report {
-        name: name.to_owned(),
-        ok,
-        errors: 0,
-        first_error: None,
-        elapsed: duration,
-        latency_us: hist,
-        cpu,
-    })
+    Ok(Report { ok, latency_us: hist, ..Report::new(name, duration, cpu) })
 }
 
 /// Waits (up to 5 minutes) until the replica at `replica_url` has replayed

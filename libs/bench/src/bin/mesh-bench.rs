@@ -37,12 +37,11 @@
 //! ```
 
 use std::{
-    collections::BTreeMap,
     net::SocketAddr,
     path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -50,8 +49,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use bytes::{Buf as _, BufMut as _, Bytes};
 use clap::Parser;
-use hdrhistogram::Histogram;
-use mesh_bench::{EchoProcess, Load, PeakRss, cpu, run_echo};
+use mesh_bench::{EchoProcess, Load, PeakRss, Report, Tally, cpu, run_echo};
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
@@ -245,30 +243,16 @@ fn encode_requests(method: &Method, template: &str, keys: u64) -> anyhow::Result
 
 /// What one run measured.
 struct Measured {
-    ok: u64,
-    errors: BTreeMap<String, u64>,
+    report: Report,
+    /// Open loop: calls not sent, `--max-in-flight` being reached.
     dropped: u64,
-    elapsed: Duration,
-    hist: Histogram<u64>,
-    /// How long the failed calls took (made on the first error).
-    error_hist: Option<Hist>,
-    cpu: cpu::Usage,
+    /// The first successful answer.
     sample: Option<Bytes>,
 }
 
-type Hist = Histogram<u64>;
-
-fn histogram() -> Hist {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds")
-}
-
-/// One worker's tallies.
-#[derive(Default)]
-struct Tally {
-    ok: u64,
-    errors: BTreeMap<String, u64>,
-    error_hist: Option<Hist>,
-    sample: Option<Bytes>,
+/// A failed call's name in the counts: its gRPC status code (`Unavailable`).
+fn code_name(s: &tonic::Status) -> String {
+    format!("{:?}", s.code())
 }
 
 struct Caller {
@@ -302,96 +286,36 @@ impl Caller {
     }
 }
 
-fn tally(t: &mut Tally, hist: &mut Hist, r: Result<Bytes, tonic::Status>, started: Instant) {
-    match r {
-        Ok(body) => {
-            t.ok += 1;
-            let _ = hist.record(started.elapsed().as_micros().max(1) as u64);
-            if t.sample.is_none() {
-                t.sample = Some(body);
-            }
-        }
-        Err(s) => {
-            *t.errors.entry(format!("{:?}", s.code())).or_default() += 1;
-            let _ = t
-                .error_hist
-                .get_or_insert_with(histogram)
-                .record(started.elapsed().as_micros().max(1) as u64);
-        }
-    }
-}
-
 async fn closed_loop(caller: Arc<Caller>, load: Load) -> Measured {
-    let measuring = Arc::new(AtomicBool::new(false));
-    let stop = Arc::new(AtomicBool::new(false));
-    let tasks: Vec<_> = (0..load.concurrency)
-        .map(|worker| {
-            let (caller, measuring, stop) = (caller.clone(), measuring.clone(), stop.clone());
-            tokio::spawn(async move {
-                let (mut t, mut hist) = (Tally::default(), histogram());
-                while !stop.load(Ordering::Relaxed) {
-                    let started = Instant::now();
-                    let r = caller.call(worker).await;
-                    if measuring.load(Ordering::Relaxed) {
-                        tally(&mut t, &mut hist, r, started);
-                    }
-                }
-                (t, hist)
-            })
-        })
-        .collect();
-    tokio::time::sleep(load.warmup).await;
-    let before = cpu::Snapshot::take();
-    measuring.store(true, Ordering::Relaxed);
-    let started = Instant::now();
-    tokio::time::sleep(load.duration).await;
-    measuring.store(false, Ordering::Relaxed);
-    let elapsed = started.elapsed();
-    let cpu = cpu::Usage::between(&before, &cpu::Snapshot::take(), elapsed);
-    stop.store(true, Ordering::Relaxed);
-    let mut m = Measured {
-        ok: 0,
-        errors: BTreeMap::new(),
-        dropped: 0,
-        elapsed,
-        hist: histogram(),
-        error_hist: None,
-        cpu,
-        sample: None,
-    };
-    for task in tasks {
-        let (t, hist) = task.await.expect("caller panicked");
-        merge(&mut m, t, &hist);
-    }
-    m
-}
-
-fn merge(m: &mut Measured, t: Tally, hist: &Hist) {
-    m.ok += t.ok;
-    for (code, n) in t.errors {
-        *m.errors.entry(code).or_default() += n;
-    }
-    if m.sample.is_none() {
-        m.sample = t.sample;
-    }
-    if let Some(e) = t.error_hist {
-        m.error_hist.get_or_insert_with(histogram).add(&e).expect("same bounds");
-    }
-    m.hist.add(hist).expect("same bounds");
+    let sample = Arc::new(std::sync::OnceLock::new());
+    let first = sample.clone();
+    let report = mesh_bench::run("mesh-bench", load, move |worker| {
+        let (caller, first) = (caller.clone(), first.clone());
+        async move {
+            let body = caller.call(worker).await.map_err(|s| code_name(&s))?;
+            let _ = first.set(body);
+            Ok::<(), String>(())
+        }
+    })
+    .await;
+    Measured { report, dropped: 0, sample: sample.get().cloned() }
 }
 
 async fn open_loop(caller: Arc<Caller>, rate: f64, max_in_flight: usize, load: Load) -> Measured {
     let interval = Duration::from_secs_f64(1.0 / rate);
     let in_flight = Arc::new(tokio::sync::Semaphore::new(max_in_flight));
     // Each measured call's answer and when it was due; one collector tallies
-    // them into one histogram (a histogram per call would cost more than the call).
+    // them (a histogram per call would cost more than the call).
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Result<Bytes, tonic::Status>, Instant)>();
     let collector = tokio::spawn(async move {
-        let (mut t, mut hist) = (Tally::default(), histogram());
+        let (mut tally, mut sample) = (Tally::default(), None);
         while let Some((r, due)) = rx.recv().await {
-            tally(&mut t, &mut hist, r, due);
+            let r = r.map(|body| {
+                sample.get_or_insert(body);
+            });
+            tally.record(r.map_err(|s| code_name(&s)), due);
         }
-        (t, hist)
+        (tally, sample)
     });
     let first = Instant::now();
     let measure_from = first + load.warmup;
@@ -426,20 +350,11 @@ async fn open_loop(caller: Arc<Caller>, rate: f64, max_in_flight: usize, load: L
     let elapsed = started.elapsed();
     let cpu = cpu::Usage::between(&snapshot, &cpu::Snapshot::take(), elapsed);
     drop(tx);
-    let mut m = Measured {
-        ok: 0,
-        errors: BTreeMap::new(),
-        dropped,
-        elapsed,
-        hist: histogram(),
-        error_hist: None,
-        cpu,
-        sample: None,
-    };
     // The calls still in flight finish (and are counted) before the collector ends.
-    let (t, hist) = collector.await.expect("collector panicked");
-    merge(&mut m, t, &hist);
-    m
+    let (tally, sample) = collector.await.expect("collector panicked");
+    let mut report = Report::new("mesh-bench", elapsed, cpu);
+    report.add(tally);
+    Measured { report, dropped, sample }
 }
 
 /// The processes named `comm` now.
@@ -520,8 +435,8 @@ async fn main() -> anyhow::Result<()> {
         None
     };
 
-    let secs = m.elapsed.as_secs_f64().max(1e-9);
-    let q = |v: f64| m.hist.value_at_quantile(v);
+    let secs = m.report.elapsed.as_secs_f64().max(1e-9);
+    let q = |v: f64| m.report.latency_us.value_at_quantile(v);
     let shape = match args.rate {
         Some(r) => format!("open loop at {r} calls/s (at most {} in flight)", args.max_in_flight),
         None => format!("closed loop, {} callers", args.concurrency),
@@ -530,9 +445,10 @@ async fn main() -> anyhow::Result<()> {
         Ok(msg) => serde_json::to_value(&msg).map(|v| redact(v).to_string()).unwrap_or_default(),
         Err(e) => format!("(not a {}: {e})", method.output.full_name()),
     });
-    let mut procs: Vec<&cpu::ProcUse> = m.cpu.procs.iter().filter(|p| p.seconds / secs > 0.01).collect();
+    let mut procs: Vec<&cpu::ProcUse> =
+        m.report.cpu.procs.iter().filter(|p| p.seconds / secs > 0.01).collect();
     procs.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
-    let per_call = |s: f64| s * 1e6 / m.ok.max(1) as f64;
+    let per_call = |s: f64| s * 1e6 / m.report.ok.max(1) as f64;
 
     println!(
         "`{method_name}` on {target}, {shape}, {} HTTP/2 connections, {} key(s), request {request_size} bytes; warm-up {} s, measured {:.1} s.",
@@ -546,27 +462,27 @@ async fn main() -> anyhow::Result<()> {
         "| calls/s | p50 µs | p90 µs | p99 µs | p99.9 µs | ok | errors | dropped (generator behind) | machine busy |"
     );
     println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    let errors: u64 = m.errors.values().sum();
+    let errors: u64 = m.report.errors_by.values().sum();
     println!(
         "| {:.0} | {} | {} | {} | {} | {} | {errors} | {} | {:.0} % |",
-        m.ok as f64 / secs,
+        m.report.ok as f64 / secs,
         q(0.5),
         q(0.9),
         q(0.99),
         q(0.999),
-        m.ok,
+        m.report.ok,
         m.dropped,
-        m.cpu.machine_busy * 100.0
+        m.report.cpu.machine_busy * 100.0
     );
-    if !m.errors.is_empty() {
+    if !m.report.errors_by.is_empty() {
         println!();
         println!(
             "Errors by status: {}",
-            m.errors.iter().map(|(c, n)| format!("{c} {n}")).collect::<Vec<_>>().join(", ")
+            m.report.errors_by.iter().map(|(c, n)| format!("{c} {n}")).collect::<Vec<_>>().join(", ")
         );
-        if let Some(e) = &m.error_hist {
+        if let Some(e) = &m.report.error_latency_us {
             println!(
-                "Failed calls took p50 {} µs, p99 {} µs, max {} µs (how fast excess is shed).",
+                "Failed calls took p50 {} µs, p99 {} µs, max {} µs (for shed calls: how fast overload is refused).",
                 e.value_at_quantile(0.5),
                 e.value_at_quantile(0.99),
                 e.max()
@@ -586,7 +502,7 @@ async fn main() -> anyhow::Result<()> {
         };
         println!("| {who} | {} | {:.1} | {:.0} |", p.pid, per_call(p.seconds), p.seconds / secs * 100.0);
     }
-    println!("| **all** | | {:.1} | |", per_call(m.cpu.total()));
+    println!("| **all** | | {:.1} | |", per_call(m.report.cpu.total()));
     if !rss.is_empty() {
         println!();
         println!(
@@ -604,7 +520,7 @@ async fn main() -> anyhow::Result<()> {
             args.concurrency
         );
         for (comm, pid, _) in &rss {
-            let s = m.cpu.seconds(|p| p.pid == *pid);
+            let s = m.report.cpu.seconds(|p| p.pid == *pid);
             println!(
                 "- {comm} ({pid}): {:.1} µs per call = {:.2}× the echo server's",
                 per_call(s),
@@ -623,15 +539,15 @@ async fn main() -> anyhow::Result<()> {
         "keys": caller_keys(&args),
         "request_bytes": request_size,
         "measured_seconds": secs,
-        "calls_per_second": m.ok as f64 / secs,
-        "ok": m.ok,
-        "errors": m.errors,
-        "error_latency_us": m.error_hist.as_ref().map(|e| serde_json::json!({"p50": e.value_at_quantile(0.5), "p99": e.value_at_quantile(0.99), "max": e.max()})),
+        "calls_per_second": m.report.ok as f64 / secs,
+        "ok": m.report.ok,
+        "errors": m.report.errors_by,
+        "error_latency_us": m.report.error_latency_us.as_ref().map(|e| serde_json::json!({"p50": e.value_at_quantile(0.5), "p99": e.value_at_quantile(0.99), "max": e.max()})),
         "dropped": m.dropped,
-        "latency_us": { "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p99.9": q(0.999), "max": m.hist.max() },
-        "machine_busy": m.cpu.machine_busy,
+        "latency_us": { "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p99.9": q(0.999), "max": m.report.latency_us.max() },
+        "machine_busy": m.report.cpu.machine_busy,
         "cpu_us_per_call": procs.iter().map(|p| serde_json::json!({"comm": p.comm, "pid": p.pid, "us": per_call(p.seconds)})).collect::<Vec<_>>(),
-        "cpu_us_per_call_total": per_call(m.cpu.total()),
+        "cpu_us_per_call_total": per_call(m.report.cpu.total()),
         "peak_rss_kib": rss.iter().map(|(c, p, k)| serde_json::json!({"comm": c, "pid": p, "kib": k})).collect::<Vec<_>>(),
         "baseline_echo": baseline.map(|(t, p, s)| serde_json::json!({"calls_per_second": t, "p99_us": p, "server_cpu_us_per_call": s})),
         "first_answer": sample,

@@ -242,7 +242,7 @@ impl Sum {
             errors: 0,
             first_error: None,
             seconds: 0.0,
-            hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
+            hist: mesh_bench::histogram(),
             server: 0.0,
             redis: 0.0,
             load_generator: 0.0,
