@@ -489,6 +489,22 @@ pub async fn channels(addr: SocketAddr, n: usize) -> Vec<tonic::transport::Chann
     out
 }
 
+/// The rules file of the rate-limit benchmarks (domain `bench`), the limits
+/// [`check_request`]'s descriptors meet: 10^8 a minute per `route=chat,
+/// user_id`, 10^9 a minute per `endpoint`, so nothing is refused;
+/// `{algorithm}` is to be replaced by the algorithm's name (`fixed_window`, …).
+pub const CHECK_RULES: &str = r#"
+domain: bench
+descriptors:
+  - key: route
+    value: chat
+    descriptors:
+      - key: user_id
+        rate_limit: { unit: minute, requests_per_unit: 100000000, name: chat_per_user, algorithm: {algorithm} }
+  - key: endpoint
+    rate_limit: { unit: minute, requests_per_unit: 1000000000, name: endpoint_global, algorithm: {algorithm} }
+"#;
+
 /// The Check of the rate-limit benchmarks' caller `n`, domain `bench`:
 /// `[route=chat, user_id=u<n mod users>]`, plus `[endpoint=/v1/e<n mod 16>]`
 /// (another hash slot) when `two_descriptors`.

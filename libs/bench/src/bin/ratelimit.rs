@@ -37,19 +37,6 @@ use mesh_proto::ratelimit::rate_limit_service_client::RateLimitServiceClient;
 
 const CHECK_LUA: &str = include_str!("../../../../services/ratelimit/src/lua/check.lua");
 
-/// The bench's rules; `{algorithm}` is `--algorithm`.
-const RULES: &str = r#"
-domain: bench
-descriptors:
-  - key: route
-    value: chat
-    descriptors:
-      - key: user_id
-        rate_limit: { unit: minute, requests_per_unit: 100000000, name: chat_per_user, algorithm: {algorithm} }
-  - key: endpoint
-    rate_limit: { unit: minute, requests_per_unit: 1000000000, name: endpoint_global, algorithm: {algorithm} }
-"#;
-
 #[derive(Debug, Parser)]
 #[command(about = "Check throughput and latency vs plain tonic echo and redis-benchmark EVALSHA")]
 struct Args {
@@ -119,7 +106,10 @@ fn key_value(s: &str) -> Result<(String, String), String> {
 
 async fn start_service(args: &Args, prefix: &str, env: &[(&str, &str)]) -> anyhow::Result<Service> {
     let rules = tempfile::tempdir()?;
-    std::fs::write(rules.path().join("bench.yaml"), RULES.replace("{algorithm}", &args.algorithm))?;
+    std::fs::write(
+        rules.path().join("bench.yaml"),
+        mesh_bench::CHECK_RULES.replace("{algorithm}", &args.algorithm),
+    )?;
     let mut cmd = Command::new(&args.binary);
     cmd.env_clear();
     if let Some(ms) = args.redis_timeout_ms {

@@ -62,17 +62,6 @@ use mesh_proto::session::{
     session_service_client::SessionServiceClient,
 };
 
-/// The bench's rules (as `ratelimit.rs`); `{algorithm}` is `--algorithm`.
-const RULES: &str = r#"
-domain: bench
-descriptors:
-  - key: route
-    value: chat
-    descriptors:
-      - key: user_id
-        rate_limit: { unit: minute, requests_per_unit: 100000000, name: chat_per_user, algorithm: {algorithm} }
-"#;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Service {
     Ratelimit,
@@ -155,7 +144,10 @@ impl Fleet {
         let rules = match service {
             Service::Ratelimit => {
                 let dir = tempfile::tempdir()?;
-                std::fs::write(dir.path().join("bench.yaml"), RULES.replace("{algorithm}", &args.algorithm))?;
+                std::fs::write(
+                    dir.path().join("bench.yaml"),
+                    mesh_bench::CHECK_RULES.replace("{algorithm}", &args.algorithm),
+                )?;
                 Some(dir)
             }
             Service::Session => None,
