@@ -533,7 +533,14 @@ pub fn decided_by_redis(
     if resp.get_ref().overall_code() != mesh_proto::ratelimit::Code::Ok {
         return Err("over limit".to_owned());
     }
-    match resp.metadata().get(mesh_ratelimit::DECIDED_BY).and_then(|v| v.to_str().ok()) {
+    redis_decided(resp.metadata())
+}
+
+/// Whether mesh-ratelimit's answer says Redis decided it
+/// (`x-mesh-ratelimit-decided-by: redis`), for its own API and Envoy's alike;
+/// else who did.
+pub fn redis_decided(metadata: &tonic::metadata::MetadataMap) -> Result<(), String> {
+    match metadata.get(mesh_ratelimit::DECIDED_BY).and_then(|v| v.to_str().ok()) {
         Some("redis") => Ok(()),
         other => Err(format!("decided by {other:?}, not redis")),
     }

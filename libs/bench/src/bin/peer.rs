@@ -181,13 +181,7 @@ fn verdict(
     if resp.get_ref().overall_code() != Code::Ok {
         return Err(format!("{:?}", resp.get_ref().overall_code()));
     }
-    if mesh {
-        match resp.metadata().get(mesh_ratelimit::DECIDED_BY).and_then(|v| v.to_str().ok()) {
-            Some("redis") => {}
-            other => return Err(format!("decided by {other:?}, not redis")),
-        }
-    }
-    Ok(())
+    if mesh { mesh_bench::redis_decided(resp.metadata()) } else { Ok(()) }
 }
 
 async fn start_limitador(
