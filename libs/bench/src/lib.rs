@@ -492,8 +492,8 @@ pub async fn channels(addr: SocketAddr, n: usize) -> Vec<tonic::transport::Chann
 /// The rules file of the rate-limit benchmarks (domain `bench`), the limits
 /// [`check_request`]'s descriptors meet: 10^8 a minute per `route=chat,
 /// user_id`, 10^9 a minute per `endpoint`, so nothing is refused;
-/// `{algorithm}` is to be replaced by the algorithm's name (`fixed_window`, …).
-pub const CHECK_RULES: &str = r#"
+/// `{algorithm}` is replaced by [`check_rules_dir`].
+const CHECK_RULES: &str = r#"
 domain: bench
 descriptors:
   - key: route
@@ -504,6 +504,15 @@ descriptors:
   - key: endpoint
     rate_limit: { unit: minute, requests_per_unit: 1000000000, name: endpoint_global, algorithm: {algorithm} }
 "#;
+
+/// A directory for `MESH_RATELIMIT_RULES` holding the rate-limit benchmarks'
+/// rules ([`CHECK_RULES`]) with `algorithm` (`fixed_window`, `sliding_window`,
+/// `token_bucket`); removed when dropped.
+pub fn check_rules_dir(algorithm: &str) -> std::io::Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("bench.yaml"), CHECK_RULES.replace("{algorithm}", algorithm))?;
+    Ok(dir)
+}
 
 /// The Check of the rate-limit benchmarks' caller `n`, domain `bench`:
 /// `[route=chat, user_id=u<n mod users>]`, plus `[endpoint=/v1/e<n mod 16>]`

@@ -105,11 +105,7 @@ fn key_value(s: &str) -> Result<(String, String), String> {
 }
 
 async fn start_service(args: &Args, prefix: &str, env: &[(&str, &str)]) -> anyhow::Result<Service> {
-    let rules = tempfile::tempdir()?;
-    std::fs::write(
-        rules.path().join("bench.yaml"),
-        mesh_bench::CHECK_RULES.replace("{algorithm}", &args.algorithm),
-    )?;
+    let rules = mesh_bench::check_rules_dir(&args.algorithm)?;
     let mut cmd = Command::new(&args.binary);
     cmd.env_clear();
     if let Some(ms) = args.redis_timeout_ms {

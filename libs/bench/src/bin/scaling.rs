@@ -142,14 +142,7 @@ struct Fleet {
 impl Fleet {
     async fn start(args: &Args, service: Service, prefix: &str, n: usize) -> anyhow::Result<Self> {
         let rules = match service {
-            Service::Ratelimit => {
-                let dir = tempfile::tempdir()?;
-                std::fs::write(
-                    dir.path().join("bench.yaml"),
-                    mesh_bench::CHECK_RULES.replace("{algorithm}", &args.algorithm),
-                )?;
-                Some(dir)
-            }
+            Service::Ratelimit => Some(mesh_bench::check_rules_dir(&args.algorithm)?),
             Service::Session => None,
         };
         let mut instances = Vec::with_capacity(n);
